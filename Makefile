@@ -1,0 +1,45 @@
+# FinetunerExecutor: `make demo` and `make test` work from a fresh clone; each installs into .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export JINA_OPTOUT_TELEMETRY := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install test test-slow test-all demo bench lock clean
+
+install: $(STAMP)
+
+# The stamp depends on the requirements and the lock: an unchanged .venv is reused as it is.
+$(STAMP): requirements.txt requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# This machine's pip 23.2 gives up on the pinned set (ResolutionImpossible); pip 26 resolves it.
+	$(PIP) install -q --upgrade 'pip>=26'
+	$(PIP) install -q -r requirements.txt -c requirements.lock
+	@touch $(STAMP)
+	@echo ".venv is ready"
+
+# Re-resolve requirements.txt and record every version (run after editing requirements.txt).
+lock:
+	$(PIP) install -q -r requirements.txt
+	$(PIP) freeze --exclude-editable | grep -v '^-e ' > requirements.lock
+
+test: install
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-slow: install
+	$(PY) -m pytest -m "slow and not gpu"
+
+test-all: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m executor.demo
+
+bench: install
+	$(PY) bench/train_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,135 @@
+"""Data sources: a CSV file, an image folder, or in-memory items, all read as a list of ``Item``."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from executor.tuning.data.images import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+
+
+@dataclass
+class Item:
+    """One example: exactly one of ``uri`` / ``blob`` / ``tensor`` / ``text`` is the content."""
+
+    id: str
+    uri: str | None = None
+    blob: bytes | None = None
+    tensor: np.ndarray | None = None
+    text: str | None = None
+    label: str | None = None
+
+    @property
+    def content(self) -> Any:
+        for value in (self.tensor, self.blob, self.uri):
+            if value is not None:
+                return value
+        return self.text
+
+    @property
+    def kind(self) -> str:
+        return 'text' if self.tensor is None and self.blob is None and self.uri is None else 'image'
+
+
+def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None, what: str) -> Path:
+    """Resolve ``path`` (symlinks included) and check that it lies under one of ``roots`` (``None``: anywhere)."""
+    resolved = Path(path).expanduser().resolve()
+    if roots is None:
+        return resolved
+    allowed = [Path(r).expanduser().resolve() for r in roots]
+    if not any(resolved == r or r in resolved.parents for r in allowed):
+        raise DataError(
+            f'{what}: {str(path)!r} resolves to {str(resolved)!r}, outside the data roots {[str(r) for r in allowed]}; '
+            f'move the data under a data root or start the executor with data_roots including its folder'
+        )
+    return resolved
+
+
+def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
+    """``uri,label`` or ``text,label`` (header row; ``label`` optional). Relative uris are relative to the file."""
+    path = check_under_roots(path, roots, 'train/eval data')
+    if not path.is_file():
+        raise DataError(f'CSV file {str(path)!r} does not exist')
+    with open(path, newline='', encoding='utf-8') as fh:
+        reader = csv.DictReader(fh)
+        columns = set(reader.fieldnames or [])
+        if not columns & {'uri', 'text'}:
+            raise DataError(f'{str(path)!r}: the header must name a "uri" or a "text" column (and optionally "label"); '
+                            f'found {sorted(columns)}')
+        items = []
+        for line, row in enumerate(reader, start=2):
+            name = f'{path.name} line {line}'
+            label = (row.get('label') or '').strip() or None
+            if 'uri' in columns:
+                uri = (row.get('uri') or '').strip()
+                if not uri:
+                    raise DataError(f'{name}: empty uri')
+                if '://' not in uri:
+                    uri = str(check_under_roots(path.parent / uri, roots, name))
+                items.append(Item(id=name, uri=uri, label=label))
+            else:
+                text = (row.get('text') or '').strip()
+                if not text:
+                    raise DataError(f'{name}: empty text')
+                items.append(Item(id=name, text=text, label=label))
+    if not items:
+        raise DataError(f'{str(path)!r} has a header but no rows')
+    return items
+
+
+def from_folder(root: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
+    """``root/<label>/*.jpg`` (labelled), or image files directly in ``root`` (unlabelled)."""
+    root = check_under_roots(root, roots, 'train/eval data')
+    if not root.is_dir():
+        raise DataError(f'image folder {str(root)!r} does not exist')
+    items = [Item(id=str(p.relative_to(root)), uri=str(p)) for p in sorted(root.iterdir())
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        items += [Item(id=str(p.relative_to(root)), uri=str(p), label=class_dir.name)
+                  for p in sorted(class_dir.rglob('*')) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise DataError(f'{str(root)!r} holds no images ({", ".join(sorted(IMAGE_SUFFIXES))}) directly or in class folders')
+    return items
+
+
+def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
+    """Items from dicts or objects with ``uri`` / ``blob`` / ``tensor`` / ``text`` / ``label`` (and ``id``)."""
+    items = []
+    for i, rec in enumerate(records):
+        get = rec.get if isinstance(rec, dict) else (lambda k, r=rec: getattr(r, k, None))
+        ident = str(get('id') or i)
+        name = f'document {ident!r}'
+        uri, blob, tensor, text = get('uri'), get('blob'), get('tensor'), get('text')
+        if uri is not None and '://' not in str(uri) and not str(uri).startswith('data:'):
+            uri = str(check_under_roots(uri, roots, name))
+        if isinstance(text, str) and not text.strip() and uri is None and blob is None and tensor is None:
+            raise DataError(f'{name}: text is empty; send non-empty text or an image')
+        if all(v is None for v in (uri, blob, tensor, text)):
+            raise DataError(f'{name}: has no content; set one of uri, blob, tensor or text')
+        label = get('label')
+        items.append(Item(id=ident, uri=uri, blob=blob, tensor=None if tensor is None else np.asarray(tensor),
+                          text=text, label=None if label in (None, '') else str(label)))
+    return items
+
+
+def load_items(source: Any, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
+    """A CSV path, a folder path, or a sequence of records/``Item`` -> items."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.suffix.lower() == '.csv':
+            return from_csv(path, roots)
+        return from_folder(path, roots)
+    if isinstance(source, Sequence) and source and all(isinstance(s, Item) for s in source):
+        return list(source)
+    if isinstance(source, Sequence):
+        return from_records(source, roots)
+    raise DataError(f'data must be a CSV path, an image folder or a list of documents; got {type(source).__name__}')

@@ -1,0 +1,128 @@
+"""Losses and miners by name, over pytorch-metric-learning, plus cross-entropy classification.
+
+``build_loss('TripletMarginLoss', {'margin': 0.2}, ...)`` and ``build_miner('TripletMarginMiner', {...})`` return the
+PML objects; losses that hold parameters (ArcFace, CosFace, proxies...) are trained by their own optimizer.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from torch import nn
+
+Task = Literal['metric', 'classification', 'self_supervised']
+CROSS_ENTROPY = 'CrossEntropyLoss'
+# Losses that can train on unlabelled data, with two augmented views of each image as the positive pair.
+SELF_SUPERVISED = {'NTXentLoss', 'SupConLoss'}
+# PML classes that are bases or need inputs other than (embeddings, labels).
+EXCLUDED_LOSSES = {'BaseMetricLossFunction', 'GenericPairLoss', 'VICRegLoss'}
+EXCLUDED_MINERS = {'BaseMiner', 'BaseTupleMiner', 'BaseSubsetBatchMiner', 'EmbeddingsAlreadyPackagedAsTriplets'}
+# Options without a default in PML, filled so that naming the loss is enough.
+LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
+    'RankedListLoss': {'margin': 0.4, 'Tn': 1.0},
+    'NTXentLoss': {'temperature': 0.1},
+}
+
+
+@lru_cache(maxsize=1)
+def list_losses() -> list[str]:
+    names = [n for n, c in vars(pml_losses).items()
+             if inspect.isclass(c) and issubclass(c, pml_losses.BaseMetricLossFunction) and n not in EXCLUDED_LOSSES]
+    return sorted(names + [CROSS_ENTROPY])
+
+
+@lru_cache(maxsize=1)
+def list_miners() -> list[str]:
+    return sorted(n for n, c in vars(pml_miners).items()
+                  if inspect.isclass(c) and issubclass(c, pml_miners.BaseMiner) and n not in EXCLUDED_MINERS)
+
+
+def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ''
+    return ValueError(f'unknown {kind} {name!r}{hint} Valid {kind}s: {", ".join(valid)}')
+
+
+def _accepted(cls: type) -> set[str]:
+    """Keyword arguments a PML class takes, through its MRO (subclasses often forward ``**kwargs``)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object or '__init__' not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {p for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)} - {'self'}
+        if not any(v.kind == v.VAR_KEYWORD for v in params.values()):
+            break
+    return names
+
+
+def _construct(kind: str, cls: type, options: dict[str, Any]) -> Any:
+    accepted = _accepted(cls)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f'{kind} {cls.__name__} has no option {unknown}; it takes {sorted(accepted)}')
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f'{kind} {cls.__name__} rejected its options {options}: {err}') from err
+
+
+@dataclass
+class LossSpec:
+    name: str
+    module: nn.Module
+    task: Task
+
+    @property
+    def has_parameters(self) -> bool:
+        return any(p.requires_grad for p in self.module.parameters())
+
+
+def loss_task(name: str, labelled: bool) -> Task:
+    """What a loss trains: classification (cross-entropy), self-supervised (unlabelled + NTXent), or metric."""
+    if name == CROSS_ENTROPY:
+        return 'classification'
+    if not labelled:
+        if name not in SELF_SUPERVISED:
+            raise ValueError(f'loss {name!r} needs labels, but the training data has none; label the data or use a '
+                             f'self-supervised loss ({", ".join(sorted(SELF_SUPERVISED))})')
+        return 'self_supervised'
+    return 'metric'
+
+
+def build_loss(name: str, options: dict[str, Any] | None = None, *, num_classes: int | None = None,
+               embedding_size: int | None = None, labelled: bool = True) -> LossSpec:
+    """The loss ``name`` with ``options``; ``num_classes``/``embedding_size`` go to losses that hold class weights."""
+    if name not in list_losses():
+        raise _unknown('loss', name, list_losses())
+    task = loss_task(name, labelled)
+    options = {**LOSS_DEFAULTS.get(name, {}), **(options or {})}
+    if name == CROSS_ENTROPY:
+        return LossSpec(name, _construct('loss', nn.CrossEntropyLoss, options), task)
+    cls = getattr(pml_losses, name)
+    accepted = _accepted(cls)
+    sizes = {'num_classes': num_classes, 'embedding_size': embedding_size, 'descriptors_dim': embedding_size,
+             'l': embedding_size}
+    for key, value in sizes.items():
+        if key in accepted and key not in options and value is not None:
+            options[key] = value
+    module = _construct('loss', cls, options)
+    if task == 'self_supervised':
+        module = pml_losses.SelfSupervisedLoss(module, symmetric=True)
+    return LossSpec(name, module, task)
+
+
+def build_miner(name: str | None, options: dict[str, Any] | None = None) -> nn.Module | None:
+    """The miner ``name`` with ``options``, or ``None`` (Finetuner's default: the loss sees every tuple)."""
+    if name is None:
+        if options:
+            raise ValueError(f'miner_options {options} given without a miner; name the miner or drop the options')
+        return None
+    if name not in list_miners():
+        raise _unknown('miner', name, list_miners())
+    return _construct('miner', getattr(pml_miners, name), dict(options or {}))
