@@ -19,8 +19,8 @@ Task = Literal['metric', 'classification', 'self_supervised']
 CROSS_ENTROPY = 'CrossEntropyLoss'
 # Losses that can train on unlabelled data, with two augmented views of each image as the positive pair.
 SELF_SUPERVISED = {'NTXentLoss', 'SupConLoss'}
-# PML classes that are bases or need inputs other than (embeddings, labels).
-EXCLUDED_LOSSES = {'BaseMetricLossFunction', 'GenericPairLoss', 'VICRegLoss'}
+# PML classes that are bases or take no labels (VICReg, Manifold): they need inputs other than (embeddings, labels).
+EXCLUDED_LOSSES = {'BaseMetricLossFunction', 'GenericPairLoss', 'VICRegLoss', 'ManifoldLoss'}
 EXCLUDED_MINERS = {'BaseMiner', 'BaseTupleMiner', 'BaseSubsetBatchMiner', 'EmbeddingsAlreadyPackagedAsTriplets'}
 # Options without a default in PML, filled so that naming the loss is enough.
 LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -42,10 +42,10 @@ def list_miners() -> list[str]:
                   if inspect.isclass(c) and issubclass(c, pml_miners.BaseMiner) and n not in EXCLUDED_MINERS)
 
 
-def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
+def unknown_name(kind: str, name: str, valid: list[str]) -> ValueError:
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ''
-    return ValueError(f'unknown {kind} {name!r}{hint} Valid {kind}s: {", ".join(valid)}')
+    return ValueError(f'unknown {kind} {name!r}{hint} Valid {kind} names: {", ".join(valid)}')
 
 
 def _accepted(cls: type) -> set[str]:
@@ -99,7 +99,7 @@ def build_loss(name: str, options: dict[str, Any] | None = None, *, num_classes:
                embedding_size: int | None = None, labelled: bool = True) -> LossSpec:
     """The loss ``name`` with ``options``; ``num_classes``/``embedding_size`` go to losses that hold class weights."""
     if name not in list_losses():
-        raise _unknown('loss', name, list_losses())
+        raise unknown_name('loss', name, list_losses())
     task = loss_task(name, labelled)
     options = {**LOSS_DEFAULTS.get(name, {}), **(options or {})}
     if name == CROSS_ENTROPY:
@@ -124,5 +124,5 @@ def build_miner(name: str | None, options: dict[str, Any] | None = None) -> nn.M
             raise ValueError(f'miner_options {options} given without a miner; name the miner or drop the options')
         return None
     if name not in list_miners():
-        raise _unknown('miner', name, list_miners())
+        raise unknown_name('miner', name, list_miners())
     return _construct('miner', getattr(pml_miners, name), dict(options or {}))

@@ -1,0 +1,167 @@
+"""Training callbacks: evaluation, best model, early stopping, progress, TensorBoard.
+
+A callback sees the trainer at four points (fit start, batch end, epoch end, fit end); ``logs`` is the epoch's row
+of the metrics history. Callbacks with state (best score, patience) save it in the checkpoint for exact resume.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from executor.tuning.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ('loss',)
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(metric.endswith(s) for s in LOWER_IS_BETTER)
+
+
+class Callback:
+    """Base class: override the hooks you need; ``state_dict``/``load_state_dict`` for what must survive a resume."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+
+    def on_batch_end(self, trainer: Trainer, loss: float) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EvaluationCallback(Callback):
+    """Embeds ``query_items`` and ``index_items`` each epoch and adds the retrieval metrics to the epoch's logs.
+
+    Runs before the other callbacks so that best-model and early stopping can monitor its metrics.
+    """
+
+    def __init__(self, query_items: list, index_items: list | None = None, limit: int = 20, batch_size: int = 64) -> None:
+        self.query_items = query_items
+        self.index_items = index_items
+        self.limit = limit
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        logs.update(trainer.evaluate(self.query_items, self.index_items, self.limit, self.batch_size))
+
+
+class BestModel(Callback):
+    """Keeps the weights of the epoch with the best ``monitor`` value; the trainer saves them as the final model."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        value = logs.get(self.monitor)
+        if value is None:
+            raise ValueError(f'monitor {self.monitor!r} is not among the logged metrics {sorted(logs)}; '
+                             'choose one of those')
+        if self.best is None or (value > self.best if higher_is_better(self.monitor) else value < self.best):
+            self.best, self.best_epoch = float(value), int(logs['epoch'])
+            self.best_state = {k: v.detach().clone().cpu() for k, v in trainer.raw_model.state_dict().items()}
+            logger.info('best %s so far: %.4f (epoch %d)', self.monitor, value, self.best_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'best': self.best, 'best_epoch': self.best_epoch, 'best_state': self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.best_state = state['best'], state['best_epoch'], state['best_state']
+
+
+class EarlyStopping(Callback):
+    """Stops the run when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    def __init__(self, monitor: str, patience: int = 3, min_delta: float = 0.0) -> None:
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.best: float | None = None
+        self.wait = 0
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        value = logs.get(self.monitor)
+        if value is None or math.isnan(value):
+            return
+        sign = 1.0 if higher_is_better(self.monitor) else -1.0
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.wait = float(value), 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            logger.info('early stopping: %s did not improve for %d epochs', self.monitor, self.patience)
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'best': self.best, 'wait': self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state['best'], state['wait']
+
+
+class ProgressBar(Callback):
+    """A rich progress bar over all steps, with the running loss and the last epoch's metrics."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        self.task = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn('[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}'), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(), TextColumn('{task.fields[info]}'),
+                                 transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task('train', total=trainer.total_steps, completed=trainer.step,
+                                           epoch=trainer.epoch + 1, epochs=trainer.epochs, info='')
+
+    def on_batch_end(self, trainer: Trainer, loss: float) -> None:
+        self.progress.update(self.task, completed=trainer.step, epoch=trainer.epoch + 1, info=f'loss {loss:.4f}')
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        shown = {k: v for k, v in logs.items() if k != 'epoch'}
+        info = ' '.join(f'{k} {v:.4f}' for k, v in list(shown.items())[:4])
+        self.progress.update(self.task, info=info)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class TensorBoardLogger(Callback):
+    """Writes the batch loss and every epoch metric as TensorBoard scalars under ``<output_dir>/tensorboard``."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self.writer = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.log_dir)
+
+    def on_batch_end(self, trainer: Trainer, loss: float) -> None:
+        self.writer.add_scalar('train/batch_loss', loss, trainer.step)
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        for key, value in logs.items():
+            if key != 'epoch' and np.isfinite(value):
+                self.writer.add_scalar(f'epoch/{key}', value, int(logs['epoch']))
+        self.writer.flush()
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,138 @@
+"""The training configuration: Finetuner's parameter names, validated (a misspelt key is an error)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from executor.tuning.losses import CROSS_ENTROPY, SELF_SUPERVISED, list_losses, list_miners, unknown_name
+
+Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
+Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
+
+# Sensible defaults per task, so that naming the loss is enough (see README "Defaults").
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    'metric': {'learning_rate': 1e-4, 'epochs': 5, 'batch_size': 64},
+    'classification': {'learning_rate': 1e-3, 'epochs': 5, 'batch_size': 64},
+    'linear_probe': {'learning_rate': 1e-2, 'epochs': 20, 'batch_size': 128},
+    'self_supervised': {'learning_rate': 3e-4, 'epochs': 10, 'batch_size': 64},
+}
+
+
+class SchedulerOptions(BaseModel):
+    """``num_warmup_steps`` (batches, or a fraction of all steps when < 1), cycles and power of the schedule."""
+
+    model_config = ConfigDict(extra='forbid')
+    num_warmup_steps: float = Field(0, ge=0)
+    num_cycles: float = Field(0.5, gt=0)
+    power: float = Field(1.0, gt=0)
+    lr_end: float = Field(0.0, ge=0)
+
+
+class TrainConfig(BaseModel):
+    """Everything a run needs. Field names are Finetuner's ``fit`` arguments where it had them."""
+
+    model_config = ConfigDict(extra='forbid', arbitrary_types_allowed=True, protected_namespaces=())
+
+    # what to train
+    model: str = Field('efficientnet_lite0', description='registry name, or an artifact path / run id to start from')
+    weights: Optional[str] = Field(None, description='local checkpoint file for the backbone')
+    pretrained: bool = True
+    freeze: Union[bool, int, list[str]] = Field(False, description='True, leading stages, or layer names/prefixes')
+    embedding_layer: Optional[str] = None
+    output_dim: Optional[int] = Field(None, ge=1, le=65536)
+    pooler: Literal['avg', 'gem'] = 'avg'
+    image_size: Optional[int] = Field(None, ge=16, le=2048, description='override the model input size (pixels)')
+    projection_layers: int = Field(2, ge=1, le=4, description='layers of the SimCLR projection head')
+
+    # data
+    train_data: Any = Field(None, description='CSV path, image folder, or a list of documents')
+    eval_data: Any = Field(None, description='labelled data evaluated each epoch (queries = index, self excluded)')
+    query_data: Any = None
+    index_data: Any = None
+    augmentation: Literal['none', 'light', 'strong'] = Field('none', description='training augmentation')
+    limit: int = Field(20, ge=1, le=1000, description='k of the retrieval metrics')
+
+    # objective
+    loss: str = 'TripletMarginLoss'
+    loss_options: dict[str, Any] = Field(default_factory=dict)
+    miner: Optional[str] = None
+    miner_options: dict[str, Any] = Field(default_factory=dict)
+
+    # optimisation
+    optimizer: Literal['Adam', 'AdamW', 'SGD'] = 'Adam'
+    optimizer_options: dict[str, Any] = Field(default_factory=dict)
+    learning_rate: Optional[float] = Field(None, gt=0, le=10, description='default depends on the task')
+    loss_optimizer: Literal['Adam', 'AdamW', 'SGD'] = 'Adam'
+    loss_optimizer_options: dict[str, Any] = Field(default_factory=lambda: {'lr': 1e-3})
+    scheduler: Optional[Scheduler] = None
+    scheduler_options: SchedulerOptions = Field(default_factory=SchedulerOptions)
+    epochs: Optional[int] = Field(None, ge=1, le=10000, description='default depends on the task')
+    batch_size: Optional[int] = Field(None, ge=2, le=65536, description='default depends on the task')
+    auto_batch_size: bool = Field(False, description='find the largest batch that fits in memory')
+    num_items_per_class: int = Field(4, ge=2, le=1024)
+    sampler: Literal['auto', 'class', 'random'] = 'auto'
+    accumulate_grad_batches: int = Field(1, ge=1, le=1024)
+    gradient_clip: Optional[float] = Field(None, gt=0)
+    seed: int = Field(42, ge=0)
+
+    # machinery
+    device: Device = 'auto'
+    amp: bool = Field(True, description='mixed precision on CUDA (ignored on CPU)')
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0, le=64)
+    monitor: Optional[str] = Field(None, description='metric for best-model and early stopping')
+    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    save_best: bool = True
+    tensorboard: bool = True
+    to_onnx: bool = False
+    output_dir: Optional[Path] = None
+    data_roots: Optional[list[str]] = None
+    callbacks: list[Any] = Field(default_factory=list, exclude=True)
+
+    @field_validator('loss')
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in list_losses():
+            raise unknown_name('loss', value, list_losses())
+        return value
+
+    @field_validator('miner')
+    @classmethod
+    def _known_miner(cls, value: str | None) -> str | None:
+        if value is not None and value not in list_miners():
+            raise unknown_name('miner', value, list_miners())
+        return value
+
+    @field_validator('device')
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ('auto', 'cpu', 'cuda') and not (value.startswith('cuda:') and value[5:].isdigit()):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @model_validator(mode='after')
+    def _consistent(self) -> TrainConfig:
+        if self.query_data is not None and self.index_data is None or self.index_data is not None and self.query_data is None:
+            raise ValueError('query_data and index_data go together: give both, or eval_data alone')
+        if self.early_stopping_patience is not None and not self.has_evaluation and self.monitor not in (None, 'train_loss'):
+            raise ValueError(f'monitor={self.monitor!r} needs evaluation data (eval_data, or query_data + index_data)')
+        return self
+
+    @property
+    def has_evaluation(self) -> bool:
+        return self.eval_data is not None or self.query_data is not None
+
+    def task(self, labelled: bool) -> str:
+        if self.loss == CROSS_ENTROPY:
+            return 'linear_probe' if self.freeze is True else 'classification'
+        if not labelled and self.loss in SELF_SUPERVISED:
+            return 'self_supervised'
+        return 'metric'
+
+    def resolved(self, labelled: bool) -> TrainConfig:
+        """A copy with the task's defaults filled in where the caller left ``None``."""
+        defaults = TASK_DEFAULTS[self.task(labelled)]
+        updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return self.model_copy(update=updates)

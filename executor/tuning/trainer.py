@@ -1,0 +1,413 @@
+"""The training loop: class-balanced batches, AMP, channels_last, schedulers, callbacks, checkpoint and exact resume.
+
+``fit(model=..., train_data=..., loss=..., epochs=...)`` is the whole API: Finetuner's names, run on this machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from executor.tuning import callbacks as cb
+from executor.tuning.config import TrainConfig
+from executor.tuning.data import (BatchSampler, DataError, ImageDataset, Item, eval_transform, load_items,
+                                  simclr_transform, train_transform)
+from executor.tuning.losses import build_loss, build_miner
+from executor.tuning.models import EmbeddingModel, ProjectionHead, build_model, save_model
+from executor.tuning.schedulers import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = 'checkpoints/last.pt'
+MODEL_FILE = 'model.pt'
+HISTORY_FILE = 'history.jsonl'
+SSL_PROJECTION_DIM = 128
+
+
+@dataclass
+class FitResult:
+    """What a finished run leaves: the trained model and where its artifact lies."""
+
+    model: EmbeddingModel
+    output_dir: Path
+    artifact: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    onnx: Path | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'device={device!r} but no CUDA device is visible; use device="cpu" or "auto"')
+    return torch.device(device)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def describe_data(data: Any) -> Any:
+    """A JSON-able description of a data argument (paths as they are, documents as a count)."""
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return None if data is None else str(data)
+    return f'<{len(data)} documents>'
+
+
+def check_labels(items: Sequence[Item], task: str) -> list[str] | None:
+    """The sorted class names, after checking that supervised data is fully labelled and usable."""
+    labelled = [it for it in items if it.label is not None]
+    if task == 'self_supervised':
+        return None
+    missing = [it.id for it in items if it.label is None]
+    if missing:
+        raise DataError(f'{len(missing)} training items have no label ({missing[:3]}...), but the loss is supervised; '
+                        'label every item or use loss="NTXentLoss" on unlabelled data')
+    classes = sorted({it.label for it in labelled})
+    if len(classes) < 2:
+        raise DataError(f'training data has {len(classes)} class ({classes}); supervised training needs at least 2')
+    if task == 'metric':
+        counts = {c: 0 for c in classes}
+        for it in labelled:
+            counts[it.label] += 1
+        single = [c for c, n in counts.items() if n < 2]
+        if single:
+            raise DataError(f'classes {single[:5]} have a single item: metric learning needs at least 2 items per '
+                            'class (a positive pair); add items or drop those classes')
+    return classes
+
+
+class Trainer:
+    """Trains one run described by a ``TrainConfig``; see ``fit`` for the usual entry point."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        torch.manual_seed(config.seed)  # before the model exists: random heads and inits are part of the run
+        self.device = resolve_device(config.device)
+        roots = config.data_roots
+        if config.train_data is None:
+            raise DataError('train_data is missing: pass a CSV path, an image folder or a list of documents')
+        self.items = load_items(config.train_data, roots)
+        if len(self.items) < 2:
+            raise DataError(f'training data has {len(self.items)} item; training needs at least 2 (one batch)')
+        labelled = any(it.label is not None for it in self.items)
+        self.config = config = config.resolved(labelled)
+        self.task = config.task(labelled)
+        self.class_names = check_labels(self.items, 'self_supervised' if self.task == 'self_supervised' else
+                                        'classification' if self.task in ('classification', 'linear_probe') else 'metric')
+        self.output_dir = Path(config.output_dir or Path('runs') / time.strftime('run-%Y%m%d-%H%M%S'))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        self.model = build_model(
+            config.model, weights=config.weights, pretrained=config.pretrained, freeze=config.freeze,
+            embedding_layer=config.embedding_layer, output_dim=config.output_dim, pooler=config.pooler,
+            class_names=self.class_names if self.task in ('classification', 'linear_probe') else None,
+        )
+        if config.image_size is not None:
+            self.model.data_config['input_size'] = (3, config.image_size, config.image_size)
+        self.ssl_head = (ProjectionHead(self.model.embed_dim, SSL_PROJECTION_DIM, config.projection_layers)
+                         if self.task == 'self_supervised' else None)
+
+        batch_size = config.batch_size
+        if batch_size > len(self.items):
+            logger.warning('batch_size=%d is larger than the %d training items; using %d', batch_size, len(self.items),
+                           len(self.items))
+            batch_size = len(self.items)
+        self.batch_size = batch_size
+        transform = (simclr_transform(self.model.data_config) if self.task == 'self_supervised' else
+                     train_transform(self.model.data_config, config.augmentation))
+        self.dataset = ImageDataset(self.items, transform, self.class_names,
+                                    views=2 if self.task == 'self_supervised' else 1)
+        use_class = self.task == 'metric' and config.sampler in ('auto', 'class')
+        self.sampler = BatchSampler(self.dataset.labels, batch_size, 'class' if use_class else 'random',
+                                    config.num_items_per_class, config.seed)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.num_workers,
+                                 pin_memory=self.device.type == 'cuda', persistent_workers=config.num_workers > 0)
+
+        self.loss = build_loss(config.loss, config.loss_options, num_classes=len(self.class_names or []) or None,
+                               embedding_size=self.model.embed_dim, labelled=self.task != 'self_supervised')
+        self.miner = build_miner(config.miner, config.miner_options)
+
+        self.model.to(self.device)
+        self.channels_last = config.channels_last and any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.loss.module.to(self.device)
+        if self.ssl_head is not None:
+            self.ssl_head.to(self.device)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ssl_head is not None:
+            params += list(self.ssl_head.parameters())
+        if not params:
+            raise ValueError('every parameter is frozen: nothing to train; freeze fewer layers')
+        self.optimizer = _optimizer(config.optimizer, params, config.learning_rate, config.optimizer_options, 'optimizer')
+        self.loss_optimizer = (_optimizer(config.loss_optimizer, self.loss.module.parameters(), None,
+                                          config.loss_optimizer_options, 'loss_optimizer')
+                               if self.loss.has_parameters else None)
+        self.steps_per_epoch = max(1, len(self.sampler) // config.accumulate_grad_batches)
+        self.epochs = config.epochs
+        self.total_steps = self.steps_per_epoch * self.epochs
+        self.scheduler = build_scheduler(config.scheduler, self.optimizer, self.total_steps, config.scheduler_options)
+
+        cuda = self.device.type == 'cuda'
+        self.amp_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16)
+        self.use_amp = config.amp and cuda
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.should_stop = False
+        self.callbacks = self._callbacks()
+
+    @property
+    def raw_model(self) -> EmbeddingModel:
+        return self.model
+
+    def _callbacks(self) -> list[cb.Callback]:
+        config = self.config
+        callbacks: list[cb.Callback] = []
+        if config.query_data is not None:
+            callbacks.append(cb.EvaluationCallback(load_items(config.query_data, config.data_roots),
+                                                   load_items(config.index_data, config.data_roots), config.limit))
+        elif config.eval_data is not None:
+            callbacks.append(cb.EvaluationCallback(load_items(config.eval_data, config.data_roots), None, config.limit))
+        self.monitor = config.monitor or (self.default_monitor() if callbacks else 'train_loss')
+        if config.save_best and callbacks:
+            callbacks.append(cb.BestModel(self.monitor))
+        if config.early_stopping_patience is not None:
+            callbacks.append(cb.EarlyStopping(self.monitor, config.early_stopping_patience))
+        callbacks += list(config.callbacks)
+        if config.tensorboard:
+            callbacks.append(cb.TensorBoardLogger(str(self.output_dir / 'tensorboard')))
+        if logger.isEnabledFor(logging.INFO) and os.environ.get('FINETUNER_PROGRESS', '1') != '0':
+            callbacks.append(cb.ProgressBar())
+        return callbacks
+
+    def default_monitor(self) -> str:
+        return 'accuracy' if self.task in ('classification', 'linear_probe') else 'ndcg@10'
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if images.ndim == 5:  # (B, views, 3, H, W) -> (views * B, 3, H, W), view-major so halves are the views
+            images = images.transpose(0, 1).flatten(0, 1)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        embeddings = self.model(images)  # (B, D)
+        if self.task == 'self_supervised':
+            projected = self.ssl_head(embeddings)  # (2B, P)
+            first, second = projected.chunk(2)
+            return self.loss.module(first, second)
+        if self.task in ('classification', 'linear_probe'):
+            return self.loss.module(self.model.classifier(embeddings), labels)
+        embeddings = embeddings.float()
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss.module(embeddings, labels, indices)
+
+    def _optimizer_step(self) -> None:
+        if self.config.gradient_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group['params']]
+            torch.nn.utils.clip_grad_norm_(params, self.config.gradient_clip)
+        self.scaler.step(self.optimizer)
+        if self.loss_optimizer is not None:
+            self.scaler.step(self.loss_optimizer)
+            self.loss_optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        self.sampler.set_epoch(self.epoch)
+        accumulate = self.config.accumulate_grad_batches
+        autocast = torch.autocast('cuda', dtype=self.amp_dtype) if self.use_amp else nullcontext()
+        total, count = 0.0, 0
+        for i, (images, labels) in enumerate(self.loader):
+            images, labels = self._to_device(images), labels.to(self.device, non_blocking=True)
+            with autocast:
+                loss = self.compute_loss(images, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'loss is {loss.item()} at epoch {self.epoch + 1}, batch {i}: lower '
+                                         'learning_rate or set gradient_clip')
+            self.scaler.scale(loss / accumulate).backward()
+            value = loss.item()
+            total, count = total + value, count + 1
+            if (i + 1) % accumulate == 0:
+                self._optimizer_step()
+                for callback in self.callbacks:
+                    callback.on_batch_end(self, value)
+        return total / max(1, count)
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train ``epochs`` epochs (continuing from the last checkpoint when ``resume``) and save the artifact."""
+        if resume:
+            self.load_checkpoint(self.output_dir / CHECKPOINT)
+        self._write_config()
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
+        try:
+            while self.epoch < self.epochs and not self.should_stop:
+                started = time.perf_counter()
+                train_loss = self.train_epoch()
+                self.epoch += 1
+                logs = {'epoch': float(self.epoch), 'train_loss': train_loss,
+                        'lr': self.optimizer.param_groups[0]['lr'], 'epoch_seconds': time.perf_counter() - started}
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, logs)
+                self.history.append(logs)
+                self._write_history()
+                self.save_checkpoint(self.output_dir / CHECKPOINT)
+                logger.info('epoch %d/%d: %s', self.epoch, self.epochs,
+                            ', '.join(f'{k}={v:.4g}' for k, v in logs.items() if k != 'epoch'))
+        finally:
+            for callback in self.callbacks:
+                callback.on_fit_end(self)
+        return self._finish()
+
+    def _finish(self) -> FitResult:
+        best = next((c for c in self.callbacks if isinstance(c, cb.BestModel)), None)
+        if best is not None and best.best_state is not None:
+            self.model.load_state_dict(best.best_state)
+            logger.info('final model: epoch %d, best %s=%.4f', best.best_epoch, best.monitor, best.best)
+        self.model.to('cpu', memory_format=torch.contiguous_format).eval()
+        artifact = save_model(self.model, self.output_dir / MODEL_FILE)
+        atomic_write_text(self.output_dir / 'preprocessing.json', json.dumps(
+            {'data_config': self.model.data_config, 'embed_dim': self.model.embed_dim,
+             'class_names': self.model.class_names}, indent=2))
+        onnx_path = None
+        if self.config.to_onnx:
+            from executor.tuning.export import export_onnx
+
+            onnx_path = export_onnx(self.model, self.output_dir / 'model.onnx').path
+        return FitResult(self.model, self.output_dir, artifact, self.history, onnx_path)
+
+    # --- evaluation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, items: Sequence[Item], batch_size: int = 64) -> torch.Tensor:
+        """Embeddings ``(N, D)`` of ``items`` with the evaluation transform, in eval mode."""
+        dataset = ImageDataset(items, eval_transform(self.model.data_config))
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        for start in range(0, len(dataset), batch_size):
+            batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+            out.append(self.model(self._to_device(batch)).float().cpu())
+        self.model.train(was_training)
+        return torch.cat(out)
+
+    def evaluate(self, query_items: Sequence[Item], index_items: Sequence[Item] | None, limit: int,
+                 batch_size: int = 64) -> dict[str, float]:
+        """Retrieval metrics (or accuracy for a classifier) of the current model on labelled items."""
+        from executor.tuning.evaluation import classification_metrics, retrieval_metrics
+
+        if self.task in ('classification', 'linear_probe') and index_items is None:
+            logits = self.model.classifier(self.embed(query_items, batch_size).to(self.device)).cpu()
+            labels = [self.model.class_names.index(it.label) if it.label in self.model.class_names else -1
+                      for it in query_items]
+            return classification_metrics(logits, labels, self.model.class_names)[0]
+        index_items = index_items if index_items is not None else query_items
+        names = sorted({it.label for it in [*query_items, *index_items] if it.label is not None})
+        ids = {n: i for i, n in enumerate(names)}
+        q_labels = torch.tensor([ids.get(it.label, -1) for it in query_items])
+        i_labels = torch.tensor([ids.get(it.label, -2) for it in index_items])
+        q_emb = self.embed(query_items, batch_size)
+        i_emb = q_emb if index_items is query_items else self.embed(index_items, batch_size)
+        return retrieval_metrics(q_emb, q_labels, i_emb, i_labels, limit=limit,
+                                 exclude_self=index_items is query_items)
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path) -> None:
+        state = {
+            'epoch': self.epoch, 'step': self.step, 'history': self.history,
+            'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'loss': self.loss.module.state_dict(),
+            'loss_optimizer': self.loss_optimizer.state_dict() if self.loss_optimizer else None,
+            'scheduler': self.scheduler.state_dict() if self.scheduler else None,
+            'scaler': self.scaler.state_dict(), 'ssl_head': self.ssl_head.state_dict() if self.ssl_head else None,
+            'rng': torch.get_rng_state(),
+            'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            'callbacks': [c.state_dict() for c in self.callbacks],
+        }
+        atomic_torch_save(state, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f'no checkpoint at {str(path)!r} to resume from; the run never finished an epoch')
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.raw_model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.loss.module.load_state_dict(state['loss'])
+        if self.loss_optimizer is not None:
+            self.loss_optimizer.load_state_dict(state['loss_optimizer'])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state['scheduler'])
+        if self.ssl_head is not None:
+            self.ssl_head.load_state_dict(state['ssl_head'])
+        self.scaler.load_state_dict(state['scaler'])
+        for callback, cb_state in zip(self.callbacks, state['callbacks']):
+            callback.load_state_dict(cb_state)
+        self.epoch, self.step, self.history = state['epoch'], state['step'], list(state['history'])
+        torch.set_rng_state(state['rng'].cpu())
+        if state['cuda_rng'] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
+        logger.info('resumed from %s at epoch %d, step %d', path, self.epoch, self.step)
+
+    def _write_config(self) -> None:
+        config = self.config.model_dump(mode='json', exclude={'train_data', 'eval_data', 'query_data', 'index_data'})
+        for key in ('train_data', 'eval_data', 'query_data', 'index_data'):
+            config[key] = describe_data(getattr(self.config, key))
+        config.update(task=self.task, class_names=self.class_names, device=str(self.device))
+        atomic_write_text(self.output_dir / 'config.json', json.dumps(config, indent=2))
+
+    def _write_history(self) -> None:
+        atomic_write_text(self.output_dir / HISTORY_FILE, ''.join(json.dumps(row) + '\n' for row in self.history))
+
+
+def _optimizer(name: str, params: Any, lr: float | None, options: dict[str, Any], what: str) -> torch.optim.Optimizer:
+    cls = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW, 'SGD': torch.optim.SGD}[name]
+    options = dict(options)
+    if lr is not None:
+        options['lr'] = lr
+    try:
+        return cls(params, **options)
+    except TypeError as err:
+        raise ValueError(f'{what} {name} rejected its options {options}: {err}') from err
+
+
+def fit(config: TrainConfig | None = None, *, resume: bool = False, **kwargs: Any) -> FitResult:
+    """Fine-tune a model. Takes a ``TrainConfig`` or its fields as keywords (Finetuner's ``fit`` names).
+
+    >>> result = fit(model='efficientnet_lite0', train_data='data/train.csv', loss='TripletMarginLoss', epochs=2,
+    ...              output_dir='runs/demo')  # doctest: +SKIP
+    >>> result.artifact  # runs/demo/model.pt  # doctest: +SKIP
+    """
+    if config is not None and kwargs:
+        raise TypeError(f'pass a TrainConfig or keyword arguments, not both (got config and {sorted(kwargs)})')
+    config = config if config is not None else TrainConfig(**kwargs)
+    return Trainer(config).fit(resume=resume)
