@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = ('loss',)
 
 
 def higher_is_better(metric: str) -> bool:
-    return not any(metric.endswith(s) for s in LOWER_IS_BETTER)
+    from executor.tuning.evaluation import metric_mode
+
+    return metric == 'epoch' or metric_mode(metric) == 'max'
 
 
 class Callback:
@@ -53,8 +54,15 @@ class EvaluationCallback(Callback):
         self.limit = limit
         self.batch_size = batch_size
 
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.metrics_before is None:  # the pre-trained model, for the before/after report
+            trainer.metrics_before = self.evaluate(trainer)
+
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
-        logs.update(trainer.evaluate(self.query_items, self.index_items, self.limit, self.batch_size))
+        logs.update(self.evaluate(trainer))
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        return trainer.evaluate(self.query_items, self.index_items, self.limit, self.batch_size)
 
 
 class BestModel(Callback):

@@ -42,6 +42,8 @@ class FitResult:
     artifact: Path
     history: list[dict[str, float]] = field(default_factory=list)
     onnx: Path | None = None
+    metrics_before: dict[str, float] | None = None
+    metrics_after: dict[str, float] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -176,6 +178,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.should_stop = False
+        self.metrics_before: dict[str, float] | None = None
+        self.metrics_after: dict[str, float] | None = None
         self.callbacks = self._callbacks()
 
     @property
@@ -298,12 +302,29 @@ class Trainer:
         atomic_write_text(self.output_dir / 'preprocessing.json', json.dumps(
             {'data_config': self.model.data_config, 'embed_dim': self.model.embed_dim,
              'class_names': self.model.class_names}, indent=2))
+        self.write_reports()
         onnx_path = None
         if self.config.to_onnx:
             from executor.tuning.export import export_onnx
 
             onnx_path = export_onnx(self.model, self.output_dir / 'model.onnx').path
-        return FitResult(self.model, self.output_dir, artifact, self.history, onnx_path)
+        return FitResult(self.model, self.output_dir, artifact, self.history, onnx_path, self.metrics_before,
+                         self.metrics_after)
+
+    def write_reports(self) -> None:
+        """``reports/``: loss and metric curves, and the before/after table and bars when there was evaluation."""
+        from executor.tuning import reports
+
+        folder = self.output_dir / 'reports'
+        folder.mkdir(exist_ok=True)
+        if self.history:
+            reports.plot_curves(self.history, folder)
+        evaluation = next((c for c in self.callbacks if isinstance(c, cb.EvaluationCallback)), None)
+        if evaluation is not None and self.metrics_before is not None:
+            self.metrics_after = evaluation.evaluate(self)
+            report = reports.display_metrics(self.metrics_before, self.metrics_after, folder)
+            reports.plot_before_after(self.metrics_before, self.metrics_after, folder)
+            logger.info('retrieval metrics before/after fine-tuning:\n%s', report.text)
 
     # --- evaluation -----------------------------------------------------------------------------------------------
 
@@ -326,9 +347,12 @@ class Trainer:
         from executor.tuning.evaluation import classification_metrics, retrieval_metrics
 
         if self.task in ('classification', 'linear_probe') and index_items is None:
-            logits = self.model.classifier(self.embed(query_items, batch_size).to(self.device)).cpu()
-            labels = [self.model.class_names.index(it.label) if it.label in self.model.class_names else -1
-                      for it in query_items]
+            known = [it for it in query_items if it.label in self.model.class_names]
+            if len(known) < len(query_items):
+                logger.warning('%d evaluation items have labels the classifier was not trained on; skipped',
+                               len(query_items) - len(known))
+            logits = self.model.classifier(self.embed(known, batch_size).to(self.device)).cpu()
+            labels = [self.model.class_names.index(it.label) for it in known]
             return classification_metrics(logits, labels, self.model.class_names)[0]
         index_items = index_items if index_items is not None else query_items
         names = sorted({it.label for it in [*query_items, *index_items] if it.label is not None})
@@ -352,7 +376,7 @@ class Trainer:
             'scaler': self.scaler.state_dict(), 'ssl_head': self.ssl_head.state_dict() if self.ssl_head else None,
             'rng': torch.get_rng_state(),
             'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            'callbacks': [c.state_dict() for c in self.callbacks],
+            'callbacks': [c.state_dict() for c in self.callbacks], 'metrics_before': self.metrics_before,
         }
         atomic_torch_save(state, path)
 
@@ -373,6 +397,7 @@ class Trainer:
         for callback, cb_state in zip(self.callbacks, state['callbacks']):
             callback.load_state_dict(cb_state)
         self.epoch, self.step, self.history = state['epoch'], state['step'], list(state['history'])
+        self.metrics_before = state['metrics_before']
         torch.set_rng_state(state['rng'].cpu())
         if state['cuda_rng'] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])

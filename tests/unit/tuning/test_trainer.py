@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+from PIL import Image
 import torch
 
 from executor.tuning import TrainConfig, Trainer, fit, load_model
@@ -95,6 +96,13 @@ def test_evaluation_best_model_and_early_stopping(tmp_path, train_items):
     reloaded = Trainer(TrainConfig(train_data=train_items, output_dir=tmp_path / 'x', **SMALL))
     reloaded.model = load_model(result.artifact)
     assert reloaded.evaluate(eval_items, None, limit=5)['hit@1'] == pytest.approx(best)
+    assert result.metrics_after['hit@1'] == pytest.approx(best)
+    before_after = json.loads((tmp_path / 'reports' / 'metrics_before_after.json').read_text())
+    assert before_after['before'] == pytest.approx(result.metrics_before, nan_ok=True)
+    for name in ('curves.png', 'before_after.png'):
+        with Image.open(tmp_path / 'reports' / name) as image:
+            image.verify()
+            assert image.format == 'PNG' and min(image.size) > 200
 
 
 def test_arcface_trains_its_own_parameters(tmp_path, train_items):
