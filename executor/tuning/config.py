@@ -43,6 +43,8 @@ class TrainConfig(BaseModel):
     embedding_layer: Optional[str] = None
     output_dim: Optional[int] = Field(None, ge=1, le=65536)
     pooler: Literal['avg', 'gem'] = 'avg'
+    freeze_batchnorm: Optional[bool] = Field(
+        None, description='keep BatchNorm statistics fixed while training; default: True for pretrained weights')
     image_size: Optional[int] = Field(None, ge=16, le=2048, description='override the model input size (pixels)')
     projection_layers: int = Field(2, ge=1, le=4, description='layers of the SimCLR projection head')
 

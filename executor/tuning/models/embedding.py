@@ -57,6 +57,7 @@ class EmbeddingModel(nn.Module):
         self.config = dict(config)
         self.data_config = dict(data_config)
         self.frozen_modules: list[str] = []
+        self.freeze_batchnorm = False
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, feature_dim)
         out = self.backbone(x)
@@ -86,11 +87,13 @@ class EmbeddingModel(nn.Module):
         return self.classifier(self(x))
 
     def train(self, mode: bool = True) -> EmbeddingModel:
-        """Frozen BatchNorm layers stay in eval mode so their running statistics do not move either."""
+        """BatchNorm layers of frozen modules (all of them with ``freeze_batchnorm``) stay in eval mode, so their
+        running statistics do not move either."""
         super().train(mode)
-        if mode and self.frozen_modules:
+        if mode and (self.frozen_modules or self.freeze_batchnorm):
             modules = dict(self.backbone.module.named_modules())
-            for name in self.frozen_modules:
+            names = modules if self.freeze_batchnorm else self.frozen_modules
+            for name in names:
                 module = modules.get(name)
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
