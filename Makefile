@@ -40,6 +40,8 @@ demo: install
 
 bench: install
 	$(PY) bench/train_overhead.py
+	$(PY) bench/encode.py --quick
+	$(PY) bench/knn.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
