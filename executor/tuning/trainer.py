@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from executor.tuning import callbacks as cb
@@ -46,7 +50,23 @@ class FitResult:
     metrics_after: dict[str, float] | None = None
 
 
+def init_distributed() -> tuple[int, int]:
+    """(world size, rank): joins the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    NCCL on GPUs, gloo on CPU; the rendezvous comes from torchrun's environment (``MASTER_ADDR``/``MASTER_PORT``).
+    """
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        return 1, 0
+    if not dist.is_initialized():
+        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        dist.init_process_group(backend)
+        logger.info('joined %s process group as rank %d of %d', backend, dist.get_rank(), dist.get_world_size())
+    return dist.get_world_size(), dist.get_rank()
+
+
 def resolve_device(device: str) -> torch.device:
+    if device == 'auto' and torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
     if device == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -102,6 +122,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         torch.manual_seed(config.seed)  # before the model exists: random heads and inits are part of the run
+        self.world, self.rank = init_distributed()
         self.device = resolve_device(config.device)
         roots = config.data_roots
         if config.train_data is None:
@@ -136,20 +157,30 @@ class Trainer:
             logger.warning('batch_size=%d is larger than the %d training items; using %d', batch_size, len(self.items),
                            len(self.items))
             batch_size = len(self.items)
+        if batch_size % self.world:
+            raise ValueError(f'batch_size={batch_size} is the global batch and must divide among {self.world} '
+                             f'processes; use a multiple of {self.world}')
         self.batch_size = batch_size
         transform = (simclr_transform(self.model.data_config) if self.task == 'self_supervised' else
                      train_transform(self.model.data_config, config.augmentation))
         self.dataset = ImageDataset(self.items, transform, self.class_names,
                                     views=2 if self.task == 'self_supervised' else 1)
         use_class = self.task == 'metric' and config.sampler in ('auto', 'class')
-        self.sampler = BatchSampler(self.dataset.labels, batch_size, 'class' if use_class else 'random',
-                                    config.num_items_per_class, config.seed)
+        self.sampler = BatchSampler(self.dataset.labels, batch_size // self.world, 'class' if use_class else 'random',
+                                    config.num_items_per_class, config.seed, num_replicas=self.world, rank=self.rank)
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.num_workers,
                                  pin_memory=self.device.type == 'cuda', persistent_workers=config.num_workers > 0)
 
         self.loss = build_loss(config.loss, config.loss_options, num_classes=len(self.class_names or []) or None,
                                embedding_size=self.model.embed_dim, labelled=self.task != 'self_supervised')
         self.miner = build_miner(config.miner, config.miner_options)
+        # Under DDP, metric losses and miners see the embeddings of every rank, so negatives come from the global
+        # batch; PML's wrapper scales the loss by the world size to undo DDP's gradient averaging.
+        self.loss_fn: nn.Module = self.loss.module
+        if self.world > 1 and isinstance(self.loss.module, BaseMetricLossFunction) and self.task == 'metric':
+            self.loss_fn = DistributedLossWrapper(self.loss.module)
+            self.miner = DistributedMinerWrapper(self.miner) if self.miner is not None else None
+        self.loss_scale = self.world if isinstance(self.loss_fn, DistributedLossWrapper) else 1
 
         self.model.to(self.device)
         self.channels_last = config.channels_last and any(isinstance(m, nn.Conv2d) for m in self.model.modules())
@@ -158,6 +189,10 @@ class Trainer:
         self.loss.module.to(self.device)
         if self.ssl_head is not None:
             self.ssl_head.to(self.device)
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == 'cuda' else None
+            self.net = DistributedDataParallel(self.model, device_ids=device_ids)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.ssl_head is not None:
@@ -184,7 +219,7 @@ class Trainer:
         self.should_stop = False
         self.metrics_before: dict[str, float] | None = None
         self.metrics_after: dict[str, float] | None = None
-        self.callbacks = self._callbacks()
+        self.callbacks = self._callbacks() if self.rank == 0 else []  # evaluation, checkpoints, logs: rank 0
 
     @property
     def raw_model(self) -> EmbeddingModel:
@@ -222,7 +257,7 @@ class Trainer:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        embeddings = self.model(images)  # (B, D)
+        embeddings = self.net(images)  # (B, D)
         if self.task == 'self_supervised':
             projected = self.ssl_head(embeddings)  # (2B, P)
             first, second = projected.chunk(2)
@@ -231,7 +266,7 @@ class Trainer:
             return self.loss.module(self.model.classifier(embeddings), labels)
         embeddings = embeddings.float()
         indices = self.miner(embeddings, labels) if self.miner is not None else None
-        return self.loss.module(embeddings, labels, indices)
+        return self.loss_fn(embeddings, labels, indices)
 
     def _optimizer_step(self) -> None:
         if self.config.gradient_clip is not None:
@@ -262,7 +297,7 @@ class Trainer:
                 raise FloatingPointError(f'loss is {loss.item()} at epoch {self.epoch + 1}, batch {i}: lower '
                                          'learning_rate or set gradient_clip')
             self.scaler.scale(loss / accumulate).backward()
-            value = loss.item()
+            value = loss.item() / self.loss_scale
             total, count = total + value, count + 1
             if (i + 1) % accumulate == 0:
                 self._optimizer_step()
@@ -274,7 +309,8 @@ class Trainer:
         """Train ``epochs`` epochs (continuing from the last checkpoint when ``resume``) and save the artifact."""
         if resume:
             self.load_checkpoint(self.output_dir / CHECKPOINT)
-        self._write_config()
+        if self.rank == 0:
+            self._write_config()
         for callback in self.callbacks:
             callback.on_fit_start(self)
         try:
@@ -286,9 +322,14 @@ class Trainer:
                         'lr': self.optimizer.param_groups[0]['lr'], 'epoch_seconds': time.perf_counter() - started}
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, logs)
+                if self.world > 1:  # every rank follows rank 0's metrics and stopping decision
+                    shared = [logs, self.should_stop]
+                    dist.broadcast_object_list(shared, src=0)
+                    logs, self.should_stop = shared
                 self.history.append(logs)
-                self._write_history()
-                self.save_checkpoint(self.output_dir / CHECKPOINT)
+                if self.rank == 0:
+                    self._write_history()
+                    self.save_checkpoint(self.output_dir / CHECKPOINT)
                 logger.info('epoch %d/%d: %s', self.epoch, self.epochs,
                             ', '.join(f'{k}={v:.4g}' for k, v in logs.items() if k != 'epoch'))
         finally:
@@ -297,6 +338,15 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> FitResult:
+        if self.rank != 0:
+            dist.barrier()  # rank 0 is writing the artifact
+            return FitResult(self.model, self.output_dir, self.output_dir / MODEL_FILE, self.history)
+        result = self._save_artifact()
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def _save_artifact(self) -> FitResult:
         best = next((c for c in self.callbacks if isinstance(c, cb.BestModel)), None)
         if best is not None and best.best_state is not None:
             self.model.load_state_dict(best.best_state)

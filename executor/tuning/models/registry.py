@@ -105,7 +105,11 @@ def _apply_options(model: EmbeddingModel, freeze: Freeze, output_dim: int | None
 
 def _timm_backbone(name: str, weights: Any, pretrained: bool) -> tuple[nn.Module, dict]:
     arch = EMBEDDED.get(name, name)
-    net = timm.create_model(arch, pretrained=False, num_classes=0)
+    # timm's drop_rate is the dropout in front of the classifier, which an embedding model does not have
+    try:
+        net = timm.create_model(arch, pretrained=False, num_classes=0, drop_rate=0.0)
+    except TypeError:
+        net = timm.create_model(arch, pretrained=False, num_classes=0)
     if weights:
         W.load_into(net, W.read_state_dict(weights), str(weights))
     elif pretrained:

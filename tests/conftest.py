@@ -1,0 +1,26 @@
+"""Fixtures shared by every test: free local ports for the servers tests start, and jina's environment."""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import pytest
+
+# Set on import, before any test module imports jina (which reads JINA_MP_START_METHOD once, at import).
+# Spawn, not fork: once a test has used a jina gRPC client, grpc's poller thread runs in this process, and a
+# Deployment forked after that hangs ("Other threads are currently calling into gRPC, skipping fork() handlers").
+os.environ.setdefault('JINA_MP_START_METHOD', 'spawn')
+os.environ.setdefault('JINA_OPTOUT_TELEMETRY', '1')
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """Call it for a TCP port on 127.0.0.1 that nothing listens on now."""
+
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            return sock.getsockname()[1]
+
+    return pick
