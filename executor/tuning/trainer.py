@@ -152,25 +152,6 @@ class Trainer:
         self.ssl_head = (ProjectionHead(self.model.embed_dim, SSL_PROJECTION_DIM, config.projection_layers)
                          if self.task == 'self_supervised' else None)
 
-        batch_size = config.batch_size
-        if batch_size > len(self.items):
-            logger.warning('batch_size=%d is larger than the %d training items; using %d', batch_size, len(self.items),
-                           len(self.items))
-            batch_size = len(self.items)
-        if batch_size % self.world:
-            raise ValueError(f'batch_size={batch_size} is the global batch and must divide among {self.world} '
-                             f'processes; use a multiple of {self.world}')
-        self.batch_size = batch_size
-        transform = (simclr_transform(self.model.data_config) if self.task == 'self_supervised' else
-                     train_transform(self.model.data_config, config.augmentation))
-        self.dataset = ImageDataset(self.items, transform, self.class_names,
-                                    views=2 if self.task == 'self_supervised' else 1)
-        use_class = self.task == 'metric' and config.sampler in ('auto', 'class')
-        self.sampler = BatchSampler(self.dataset.labels, batch_size // self.world, 'class' if use_class else 'random',
-                                    config.num_items_per_class, config.seed, num_replicas=self.world, rank=self.rank)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.num_workers,
-                                 pin_memory=self.device.type == 'cuda', persistent_workers=config.num_workers > 0)
-
         self.loss = build_loss(config.loss, config.loss_options, num_classes=len(self.class_names or []) or None,
                                embedding_size=self.model.embed_dim, labelled=self.task != 'self_supervised')
         self.miner = build_miner(config.miner, config.miner_options)
@@ -193,6 +174,26 @@ class Trainer:
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == 'cuda' else None
             self.net = DistributedDataParallel(self.model, device_ids=device_ids)
+
+        batch_size = self._auto_batch_size() if config.auto_batch_size else config.batch_size
+        if batch_size > len(self.items):
+            logger.warning('batch_size=%d is larger than the %d training items; using %d', batch_size, len(self.items),
+                           len(self.items))
+            batch_size = len(self.items)
+        if batch_size % self.world:
+            raise ValueError(f'batch_size={batch_size} is the global batch and must divide among {self.world} '
+                             f'processes; use a multiple of {self.world}')
+        self.batch_size = batch_size
+        transform = (simclr_transform(self.model.data_config) if self.task == 'self_supervised' else
+                     train_transform(self.model.data_config, config.augmentation))
+        self.dataset = ImageDataset(self.items, transform, self.class_names,
+                                    views=2 if self.task == 'self_supervised' else 1)
+        use_class = self.task == 'metric' and config.sampler in ('auto', 'class')
+        self.sampler = BatchSampler(self.dataset.labels, batch_size // self.world, 'class' if use_class else 'random',
+                                    config.num_items_per_class, config.seed, num_replicas=self.world, rank=self.rank)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.num_workers,
+                                 pin_memory=self.device.type == 'cuda', persistent_workers=config.num_workers > 0)
+
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.ssl_head is not None:
@@ -220,6 +221,35 @@ class Trainer:
         self.metrics_before: dict[str, float] | None = None
         self.metrics_after: dict[str, float] | None = None
         self.callbacks = self._callbacks() if self.rank == 0 else []  # evaluation, checkpoints, logs: rank 0
+
+    def _auto_batch_size(self) -> int:
+        """The largest global batch whose training step fits in memory (``auto_batch_size``), kept for the run."""
+        from executor.tuning.batch_size import find_batch_size
+
+        c, h, w = self.model.data_config['input_size']
+        classes = len(self.class_names or []) or 2
+        multiple = self.world * (self.config.num_items_per_class if self.task == 'metric' else 1)
+        views = 2 if self.task == 'self_supervised' else 1
+
+        def trial(batch: int) -> None:
+            per_rank = batch // self.world
+            images = torch.randn(per_rank, views, c, h, w) if views > 1 else torch.randn(per_rank, c, h, w)
+            labels = torch.arange(per_rank, device=self.device) % classes
+            self.model.train()
+            try:
+                self.compute_loss(self._to_device(images), labels).backward()
+            finally:
+                self.model.zero_grad(set_to_none=True)
+                self.loss.module.zero_grad(set_to_none=True)
+                if self.ssl_head is not None:
+                    self.ssl_head.zero_grad(set_to_none=True)
+
+        found = find_batch_size(trial, start=self.config.batch_size, maximum=len(self.items), multiple=multiple)
+        if self.world > 1:  # every rank takes the smallest batch that fitted everywhere
+            shared = torch.tensor([found], device=self.device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MIN)
+            found = int(shared.item())
+        return found
 
     @property
     def raw_model(self) -> EmbeddingModel:
