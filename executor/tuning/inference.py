@@ -1,0 +1,343 @@
+"""Inference: one ``Encoder`` interface over torch and onnxruntime, with the model's own preprocessing.
+
+Both runtimes decode and preprocess images the same way (``load_image`` + ``eval_transform(data_config)``), on a small
+thread pool that decodes the next batch while the model runs the current one, so the model is not kept waiting.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence, Union
+
+import numpy as np
+import onnx
+# torch is imported before onnxruntime on purpose: it loads the CUDA/cuDNN libraries of its wheel, which
+# onnxruntime-gpu then finds without a system-wide CUDA install.
+import torch
+import onnxruntime as ort
+from PIL import Image
+from torch import nn
+
+from executor.tuning.data.images import DataError, load_image
+from executor.tuning.data.transforms import eval_transform
+from executor.tuning.models import EmbeddingModel, load_model
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
+Images = Union[Sequence[ImageInput], torch.Tensor]
+Runtime = Literal['torch', 'onnx']
+
+PREPROCESSING_FILE = 'preprocessing.json'
+ONNX_FORMAT = 'finetuner-executor/onnx-v1'
+ONNX_METADATA_KEY = 'finetuner_executor.preprocessing'
+INPUT_NAME = 'images'
+EMBEDDINGS = 'embeddings'
+LOGITS = 'logits'
+ONNX_DTYPES = {'tensor(float)': np.float32, 'tensor(float16)': np.float16}
+
+
+def usable_cpus() -> list[int]:
+    """The logical CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, 'sched_getaffinity'):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """Physical cores among ``usable_cpus()``, SMT siblings counted once: onnxruntime's best intra-op thread count."""
+    cores: set[str] = set()
+    for cpu in usable_cpus():
+        topology = Path(f'/sys/devices/system/cpu/cpu{cpu}/topology')
+        try:
+            cores.add((topology / 'physical_package_id').read_text().strip() + ':'
+                      + (topology / 'core_id').read_text().strip())
+        except OSError:
+            cores.add(f'cpu {cpu}')
+    return max(1, len(cores))
+
+
+def resolve_device(device: str) -> str:
+    """``'auto'`` -> ``'cuda'`` when torch sees a GPU, else ``'cpu'``; ``'cuda:N'`` picks a GPU."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cpu' or device == 'cuda' or (device.startswith('cuda:') and device[5:].isdigit()):
+        return device
+    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+
+
+class Preprocessor:
+    """Turns images (PIL, paths, encoded bytes, arrays) into the ``(3, H, W)`` float tensors the model expects."""
+
+    def __init__(self, data_config: dict[str, Any]) -> None:
+        self.data_config = dict(data_config)
+        self.input_size = tuple(int(v) for v in data_config['input_size'])
+        self.transform = eval_transform(self.data_config)
+
+    def one(self, item: ImageInput, name: str) -> torch.Tensor:  # -> (3, H, W)
+        image = item.convert('RGB') if isinstance(item, Image.Image) else load_image(item, name)
+        try:
+            return self.transform(image)
+        except (OSError, ValueError, TypeError) as err:
+            raise DataError(f'{name}: cannot preprocess the image ({err}); send an RGB or grayscale image') from err
+
+    def batch(self, items: Sequence[ImageInput], names: Sequence[str] | None = None) -> torch.Tensor:
+        """All ``items`` as one ``(N, 3, H, W)`` tensor, decoded in this thread."""
+        names = item_names(len(items), names)
+        return torch.stack([self.one(item, name) for item, name in zip(items, names)])
+
+    def check_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_size:
+            raise ValueError(
+                f'a preprocessed batch must have shape (N, {", ".join(map(str, self.input_size))}) as the model\'s '
+                f'data_config says, got {tuple(batch.shape)}; send images instead to have them preprocessed'
+            )
+        return batch.float()
+
+    def iter_batches(self, images: Images, batch_size: int, names: Sequence[str] | None,
+                     workers: int) -> Iterator[torch.Tensor]:
+        """``(B, 3, H, W)`` batches; the next batch is decoded on ``workers`` threads while the caller runs this one."""
+        if isinstance(images, torch.Tensor):
+            yield from self.check_tensor(images).split(batch_size)
+            return
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
+            raise TypeError(f'images must be a list of images or a (N, 3, H, W) tensor, got one '
+                            f'{type(images).__name__}; wrap a single image in a list')
+        names = item_names(len(images), names)
+        starts = deque(range(0, len(images), batch_size))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='decode')
+        pending: deque[list[Future]] = deque()
+
+        def submit() -> None:
+            start = starts.popleft()
+            stop = min(start + batch_size, len(images))
+            pending.append([pool.submit(self.one, images[i], names[i]) for i in range(start, stop)])
+
+        try:
+            for _ in range(min(2, len(starts))):  # the batch to run and the one to decode meanwhile
+                submit()
+            while pending:
+                futures = pending.popleft()
+                if starts:
+                    submit()
+                yield torch.stack([f.result() for f in futures])
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def item_names(count: int, names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        return [f'image {i}' for i in range(count)]
+    if len(names) != count:
+        raise ValueError(f'names has {len(names)} entries for {count} images; give one name per image or none')
+    return [str(n) for n in names]
+
+
+class Encoder(ABC):
+    """Embeds images (and classifies them when the model has a classifier head) on one runtime.
+
+    ``encode(images)`` takes a list of PIL images, file paths, encoded bytes or arrays (decoded and preprocessed with
+    the model's ``data_config``), or an already preprocessed ``(N, 3, H, W)`` float tensor, and returns ``(N, D)``
+    float32 embeddings; ``classify`` returns ``(N, C)`` logits, in the order of ``class_names``.
+    """
+
+    runtime: Runtime
+
+    def __init__(self, data_config: dict[str, Any], embed_dim: int, class_names: list[str] | None, device: str,
+                 decode_workers: int | None) -> None:
+        self.data_config = dict(data_config)
+        self.embed_dim = int(embed_dim)
+        self.class_names = list(class_names) if class_names else None
+        self.device = device
+        self.preprocessor = Preprocessor(self.data_config)
+        self.decode_workers = decode_workers or min(4, len(usable_cpus()))
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.class_names is not None
+
+    def encode(self, images: Images, batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
+        """``(N, embed_dim)`` float32 embeddings (not normalised); ``names`` label the items in error messages."""
+        return self._collect(images, batch_size, names, EMBEDDINGS, self.embed_dim)
+
+    def classify(self, images: Images, batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
+        """``(N, len(class_names))`` float32 logits."""
+        if not self.has_classifier:
+            raise ValueError('this model has no classifier head: train it with loss="CrossEntropyLoss" first, '
+                             'then export it again')
+        return self._collect(images, batch_size, names, LOGITS, len(self.class_names))
+
+    def _collect(self, images: Images, batch_size: int, names: Sequence[str] | None, output: str,
+                 width: int) -> np.ndarray:
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+        batches = self.preprocessor.iter_batches(images, batch_size, names, self.decode_workers)
+        outs = [self._run(batch, output) for batch in batches]
+        return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, width), np.float32)
+
+    @abstractmethod
+    def _run(self, batch: torch.Tensor, output: str) -> np.ndarray:
+        """One preprocessed ``(B, 3, H, W)`` CPU batch -> the named output, ``(B, D)`` or ``(B, C)``."""
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(runtime={self.runtime!r}, device={self.device!r}, embed_dim={self.embed_dim}, '
+                f'classes={len(self.class_names) if self.class_names else 0})')
+
+
+class TorchEncoder(Encoder):
+    """Runs an ``EmbeddingModel`` in eager PyTorch under ``inference_mode``, channels_last for conv models.
+
+    The model is deep-copied unless ``copy_model=False``: the encoder puts it in eval mode, on ``device`` and in
+    channels_last layout, which the caller's training should not inherit.
+    """
+
+    runtime = 'torch'
+
+    def __init__(self, model: EmbeddingModel, device: str = 'auto', copy_model: bool = True,
+                 decode_workers: int | None = None) -> None:
+        device = resolve_device(device)
+        if device.startswith('cuda') and not torch.cuda.is_available():
+            logger.warning('device=%r was asked for but torch sees no CUDA GPU: running on the CPU instead', device)
+            device = 'cpu'
+        super().__init__(model.data_config, model.embed_dim, model.class_names, device, decode_workers)
+        model = copy.deepcopy(model) if copy_model else model
+        # channels_last speeds up convolutions on CPU too (resnet50 10.4 -> 15.5 img/s on this project's machine)
+        self.memory_format = (torch.channels_last if any(isinstance(m, nn.Conv2d) for m in model.modules())
+                              else torch.contiguous_format)
+        self.model = model.eval().to(device=device, memory_format=self.memory_format)
+
+    @torch.inference_mode()
+    def _run(self, batch: torch.Tensor, output: str) -> np.ndarray:
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        out = self.model(x) if output == EMBEDDINGS else self.model.classify(x)
+        return out.float().cpu().numpy()
+
+
+def onnx_providers(device: str, tensorrt: bool = False) -> list[str | tuple[str, dict[str, Any]]]:
+    """The execution providers for ``device``, best first; CPU is always last as the fallback."""
+    if device == 'cpu':
+        return ['CPUExecutionProvider']
+    options = {'device_id': int(device.partition(':')[2] or 0)}
+    gpu: list[str | tuple[str, dict[str, Any]]] = [('CUDAExecutionProvider', options)]
+    if tensorrt:  # opt-in: it needs the TensorRT libraries, and builds an engine per input shape on first use
+        gpu.insert(0, ('TensorrtExecutionProvider', options))
+    return [*gpu, 'CPUExecutionProvider']
+
+
+def read_preprocessing(onnx_path: Path) -> dict[str, Any]:
+    """The preprocessing config exported with ``onnx_path``: ``preprocessing.json`` beside it, else its metadata."""
+    beside = onnx_path.with_name(PREPROCESSING_FILE)
+    if beside.is_file():
+        config = json.loads(beside.read_text())
+    else:
+        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        if ONNX_METADATA_KEY not in meta:
+            raise FileNotFoundError(
+                f'{str(onnx_path)!r} has no {PREPROCESSING_FILE} beside it and no preprocessing in its metadata: '
+                'export it with executor.tuning.export.export_onnx, which writes both'
+            )
+        config = json.loads(meta[ONNX_METADATA_KEY])
+    if config.get('format') != ONNX_FORMAT:
+        raise ValueError(f'preprocessing config of {str(onnx_path)!r} has format {config.get("format")!r}, '
+                         f'expected {ONNX_FORMAT!r}; export the model again with export_onnx')
+    config['data_config']['input_size'] = tuple(config['data_config']['input_size'])
+    return config
+
+
+class OnnxEncoder(Encoder):
+    """Runs an exported ``.onnx`` model in onnxruntime with explicit providers and thread counts.
+
+    ``device``: ``'auto'`` (CUDA when torch sees a GPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'``; ``tensorrt=True``
+    puts TensorRT before CUDA. ``intra_op_threads`` defaults to the physical cores this process may use.
+    """
+
+    runtime = 'onnx'
+
+    def __init__(self, path: str | os.PathLike, device: str = 'auto', intra_op_threads: int | None = None,
+                 tensorrt: bool = False, decode_workers: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'ONNX model {str(path)!r} does not exist; export one with '
+                                    'export_onnx(model, path)')
+        config = read_preprocessing(path)
+        asked = resolve_device(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads or usable_cores()
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(asked, tensorrt))
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
+            raise ValueError(f'onnxruntime cannot load {str(path)!r} ({err}); export the model again with '
+                             'export_onnx') from err
+        used = self.session.get_providers()
+        if asked.startswith('cuda') and 'CUDAExecutionProvider' not in used:
+            logger.warning(
+                'device=%r was asked for, but onnxruntime runs %s on %s only (CUDA provider unavailable: check that '
+                'onnxruntime-gpu, CUDA and cuDNN match, see onnxruntime\'s log above); running on the CPU instead',
+                device, path.name, used,
+            )
+        elif tensorrt and 'TensorrtExecutionProvider' not in used:
+            logger.warning('tensorrt=True was asked for, but the TensorRT provider did not load; using %s', used)
+        super().__init__(config['data_config'], config['embed_dim'], config.get('class_names'),
+                         asked if 'CUDAExecutionProvider' in used else 'cpu', decode_workers)
+        self.path = path
+        self.providers = used
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.input_dtype = ONNX_DTYPES.get(self.session.get_inputs()[0].type, np.float32)
+        if self.has_classifier and LOGITS not in self.outputs:
+            raise ValueError(f'{str(path)!r} names classes but has no {LOGITS!r} output; export the model again')
+        logger.info('onnxruntime session for %s on %s, %d intra-op threads', path.name, used,
+                    options.intra_op_num_threads)
+
+    def _run(self, batch: torch.Tensor, output: str) -> np.ndarray:
+        x = batch.numpy().astype(self.input_dtype, copy=False)
+        return self.session.run([output], {INPUT_NAME: x})[0]
+
+
+def create_encoder(
+    source: EmbeddingModel | str | os.PathLike,
+    runtime: Runtime | None = None,
+    device: str = 'auto',
+    *,
+    export_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> Encoder:
+    """An encoder for ``source``: an ``EmbeddingModel``, a model artifact (``.pt``) or an exported ``.onnx`` file.
+
+    ``runtime`` defaults to ``'onnx'`` for an ``.onnx`` file and ``'torch'`` otherwise. A model or artifact asked
+    for on ``'onnx'`` is exported first, into ``export_dir`` when given (kept), else into a temporary directory
+    (the session holds the model in memory, so the file is not needed afterwards). ``options`` go to the encoder
+    (``intra_op_threads``, ``tensorrt``, ``decode_workers``).
+    """
+    path = None if isinstance(source, nn.Module) else Path(source)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f'model file {str(path)!r} does not exist; pass an EmbeddingModel, a .pt artifact '
+                                'written by save_model, or an .onnx file written by export_onnx')
+    is_onnx = path is not None and path.suffix == '.onnx'
+    runtime = runtime or ('onnx' if is_onnx else 'torch')
+    if runtime not in ('torch', 'onnx'):
+        raise ValueError(f"unknown runtime {runtime!r}; use 'torch' or 'onnx'")
+    if is_onnx:
+        if runtime == 'torch':
+            raise ValueError(f"{str(path)!r} is an ONNX file, which runs on runtime='onnx' only; pass the .pt "
+                             "artifact for runtime='torch'")
+        return OnnxEncoder(path, device=device, **options)
+    model = source if path is None else load_model(path)
+    if runtime == 'torch':
+        return TorchEncoder(model, device=device, copy_model=path is None, **options)
+    from executor.tuning.export import export_onnx  # export imports this module for its preprocessing
+
+    if export_dir is not None:
+        report = export_onnx(model, Path(export_dir) / 'model.onnx')
+        return OnnxEncoder(report.path, device=device, **options)
+    with tempfile.TemporaryDirectory(prefix='onnx-export-') as tmp:
+        report = export_onnx(model, Path(tmp) / 'model.onnx')
+        return OnnxEncoder(report.path, device=device, **options)
