@@ -1,0 +1,291 @@
+"""Training jobs: each run trains in its own child process, one at a time on the device, watched by the service.
+
+The child is ``python -m executor.tuning.jobs <run folder>``. It owns the run's ``status.json`` while it lives
+(STARTED, progress each batch and epoch, then FINISHED or FAILED) and writes its log to ``train.log``. An exception,
+an out-of-memory kill or a crash of the child ends that run only: the service marks it FAILED with the cause and
+takes the next queued run. The child exits as soon as its service does (it watches a pipe whose other end the
+service holds), so a killed service never leaves a training process behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from executor.tuning.callbacks import Callback
+from executor.tuning.runs import RESUMABLE, RunState, RunStore, finite_metrics, now, pid_alive
+
+if TYPE_CHECKING:
+    from executor.tuning.config import TrainConfig
+    from executor.tuning.data import Item
+    from executor.tuning.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `executor` package
+STATUS_INTERVAL = 1.0  # seconds between progress writes within an epoch
+CANCEL_GRACE = 10.0  # seconds a cancelled child gets to exit after SIGTERM before SIGKILL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In the service: checks before a run is created, and the queue that runs them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_training_data(config: TrainConfig) -> list[Item]:
+    """The training items, after the checks the trainer makes before it builds anything.
+
+    Run in the service before a run is created, so that missing labels, a single class, a one-item set or a path
+    outside the data roots is an error of the request rather than a FAILED run.
+    """
+    from executor.tuning.data import DataError, load_items
+    from executor.tuning.trainer import check_labels
+
+    if config.train_data is None:
+        raise DataError('no training data: send labelled documents with the request, or set train_data to a CSV '
+                        'file or an image folder under the data roots')
+    items = load_items(config.train_data, config.data_roots)
+    if len(items) < 2:
+        raise DataError(f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
+                        'metric learning at least 2 per class')
+    text = [it.id for it in items if it.kind == 'text']
+    if text:
+        raise DataError(f'{len(text)} training items are text ({text[:3]}), but the models here embed images; send '
+                        'images (uri, blob or tensor)')
+    task = config.task(any(it.label is not None for it in items))
+    check_labels(items, {'linear_probe': 'classification'}.get(task, task))
+    for data in (config.eval_data, config.query_data, config.index_data):
+        if data is not None:
+            load_items(data, config.data_roots)
+    return items
+
+
+class JobQueue:
+    """Runs queued runs one after another, each in a child process; cancels them; recovers after a restart."""
+
+    def __init__(self, store: RunStore, env: dict[str, str] | None = None) -> None:
+        self.store = store
+        self.env = env or {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._current: tuple[str, subprocess.Popen] | None = None
+        self._cancelled: set[str] = set()
+        self._thread = threading.Thread(target=self._work, name='finetuner-jobs', daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        """Mark runs left STARTED by a dead process FAILED, queue those left CREATED, and start taking runs."""
+        for run_id in self.store.recover(pid_alive):
+            self._queue.put(run_id)
+        self._thread.start()
+
+    def submit(self, run_id: str) -> None:
+        self._queue.put(run_id)
+
+    def resume(self, run_id: str) -> RunState:
+        """Queue a FAILED or CANCELLED run again; it continues from its last checkpoint."""
+        with self._lock:
+            state = self.store.get(run_id)
+            if state.status not in RESUMABLE:
+                why = ('it is still queued or training' if not state.done else
+                       'it finished; start a new run with model=' + repr(run_id) + ' to train further from its model')
+                raise ValueError(f'run {run_id!r} is {state.status} and cannot be resumed: {why}')
+            state = self.store.update(run_id, status='CREATED', finished_at=None, error=None, resume=True)
+        self._queue.put(run_id)
+        return state
+
+    def cancel(self, run_id: str) -> RunState:
+        """Stop a run: a queued one at once, a training one by ending its process. Returns its final state."""
+        with self._lock:
+            state = self.store.get(run_id)
+            if state.status == 'CANCELLED':
+                return state
+            if state.done:
+                raise ValueError(f'run {run_id!r} is {state.status} already; there is nothing to cancel')
+            current = self._current
+            if current is None or current[0] != run_id:
+                return self.store.update(run_id, status='CANCELLED', finished_at=now(), pid=None)
+            self._cancelled.add(run_id)
+            current[1].terminate()
+        try:
+            current[1].wait(CANCEL_GRACE)
+        except subprocess.TimeoutExpired:
+            current[1].kill()
+        deadline = time.monotonic() + CANCEL_GRACE
+        while not self.store.get(run_id).done and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker thread settles the run once the process is gone
+        return self.store.get(run_id)
+
+    def close(self) -> None:
+        """Stop taking runs; a training run is stopped and marked FAILED (interrupted), resumable later."""
+        self._closed = True
+        self._queue.put(None)
+        with self._lock:
+            current = self._current
+        if current is not None:
+            current[1].kill()
+            current[1].wait()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    # --- the worker thread ------------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            run_id = self._queue.get()
+            if run_id is None or self._closed:
+                return
+            try:
+                self._run(run_id)
+            except Exception:  # the queue must keep going whatever one run does
+                logger.exception('run %s could not be run', run_id)
+
+    def _run(self, run_id: str) -> None:
+        with self._lock:
+            if self.store.get(run_id).status != 'CREATED':  # cancelled while it waited
+                return
+            folder = self.store.folder(run_id)
+            env = {**os.environ, **self.env, 'FINETUNER_PROGRESS': '0', 'PYTHONUNBUFFERED': '1',
+                   'PYTHONPATH': os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get('PYTHONPATH')])])}
+            with open(folder / 'train.log', 'ab') as log:
+                process = subprocess.Popen(
+                    [sys.executable, '-m', 'executor.tuning.jobs', str(folder)], stdin=subprocess.PIPE,
+                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder),
+                )
+            self._current = (run_id, process)
+        logger.info('run %s: training in process %d', run_id, process.pid)
+        code = process.wait()
+        with self._lock:
+            self._current = None
+            process.stdin.close()
+            self._settle(run_id, code)
+
+    def _settle(self, run_id: str, code: int) -> None:
+        """Give a run whose process ended without saying how (killed, crashed) its final status."""
+        state = self.store.get(run_id)
+        cancelled = run_id in self._cancelled
+        self._cancelled.discard(run_id)
+        if cancelled and state.status != 'FINISHED':
+            self.store.update(run_id, status='CANCELLED', finished_at=now(), pid=None)
+            logger.info('run %s cancelled', run_id)
+        elif self._closed and not state.done:
+            self.store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=(
+                f'interrupted: the service stopped while the run was training; resume it with /train '
+                f'resume={run_id!r}'))
+        elif not state.done:
+            self.store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=_exit_reason(code))
+            logger.error('run %s: the training process ended with code %d', run_id, code)
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = (' (SIGKILL is most often the kernel\'s out-of-memory killer: lower batch_size or image_size, or '
+                'freeze more layers)' if -code == signal.SIGKILL else '')
+        return f'the training process was killed by {name}{hint}; see the run\'s log (/runs/logs)'
+    return f'the training process exited with code {code} before it finished; see the run\'s log (/runs/logs)'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In the child: train one run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class StatusCallback(Callback):
+    """Writes the run's progress to its ``status.json`` from inside the training process."""
+
+    def __init__(self, store: RunStore, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+        self._last_write = 0.0
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.store.update(self.run_id, epoch=trainer.epoch, epochs=trainer.epochs, step=trainer.step,
+                          total_steps=trainer.total_steps)
+
+    def on_batch_end(self, trainer: Trainer, loss: float) -> None:
+        if time.monotonic() - self._last_write >= STATUS_INTERVAL:
+            self._last_write = time.monotonic()
+            self.store.update(self.run_id, step=trainer.step, metrics=finite_metrics({'train_loss': loss}))
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        self._last_write = time.monotonic()
+        # trainer.epoch counts the finished epochs once this hook runs; logs['epoch'] is the same number
+        self.store.update(self.run_id, epoch=int(logs['epoch']), step=trainer.step, metrics=finite_metrics(logs))
+
+
+def _exit_with_parent() -> None:
+    """End this process when the service's end of stdin closes (the service exited, was killed or crashed)."""
+    fd = sys.stdin.fileno()
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return  # started by hand, not by a service
+
+    def watch() -> None:
+        # os.read, not sys.stdin: a thread blocked in a buffered reader aborts the interpreter's shutdown
+        while os.read(fd, 65536):
+            pass
+        os._exit(3)
+
+    threading.Thread(target=watch, name='parent-watch', daemon=True).start()
+
+
+def train_run(folder: Path) -> int:
+    """Train the run in ``folder`` to its end; returns the process exit code."""
+    from executor.tuning.config import TrainConfig
+    from executor.tuning.trainer import CHECKPOINT, Trainer
+
+    store, run_id = RunStore(folder.parent), folder.name
+    state = store.update(run_id, status='STARTED', started_at=now(), pid=os.getpid(), error=None)
+    try:
+        request = store.request(run_id)
+        docs = store.train_docs(run_id)
+        config = TrainConfig(**request, output_dir=folder, callbacks=[StatusCallback(store, run_id)])
+        if docs is not None:
+            config = config.model_copy(update={'train_data': docs})
+        resume = state.resume and (folder / CHECKPOINT).is_file()
+        if state.resume and not resume:
+            logger.warning('run %s has no checkpoint (it never finished an epoch): training from the start', run_id)
+        result = Trainer(config).fit(resume=resume)
+    except Exception as err:
+        logger.exception('run %s failed', run_id)
+        store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=_describe(err))
+        return 1
+    metrics = dict(result.history[-1]) if result.history else {}
+    metrics.update({f'before/{k}': v for k, v in (result.metrics_before or {}).items()})
+    store.update(run_id, status='FINISHED', finished_at=now(), pid=None, resume=False,
+                 artifact=str(result.artifact), metrics=finite_metrics(metrics))
+    logger.info('run %s finished: %s', run_id, result.artifact)
+    return 0
+
+
+def _describe(err: BaseException) -> str:
+    import torch
+
+    text = f'{type(err).__name__}: {err}'
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        text += '; lower batch_size or image_size, or freeze more layers'
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print('usage: python -m executor.tuning.jobs <run folder>', file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    _exit_with_parent()
+    return train_run(Path(args[0]).resolve())
+
+
+if __name__ == '__main__':
+    sys.exit(main())
+

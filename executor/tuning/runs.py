@@ -1,0 +1,473 @@
+"""The run store: one folder per training run, holding its status, log, metrics history and artifacts.
+
+Layout of ``<root>/<run_id>/``::
+
+    request.json      the training options the run was started with (``TrainConfig`` fields)
+    status.json       ``RunState``: status, timestamps, progress, latest metrics, error, artifact
+    train.log         the training process's output (its log records and any traceback)
+    train_docs/       documents sent with the request: ``records.jsonl`` and their image files
+    config.json       the resolved configuration (the trainer writes it: task, class names, device)
+    history.jsonl     one row of metrics per epoch (the trainer writes it)
+    checkpoints/      ``last.pt``, what ``resume`` continues from
+    model.pt, preprocessing.json, model.onnx, reports/, tensorboard/
+
+Every file is replaced atomically (written beside, then renamed over), so a crash at any moment leaves either the
+old or the new version. A status moves CREATED -> STARTED -> FINISHED | FAILED | CANCELLED; FAILED and CANCELLED
+runs can be set back to CREATED to resume from their last checkpoint.
+
+The second half of the module loads models for serving: a finished run, an artifact folder or zip, or a registry
+model, kept in a small LRU cache of encoders.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import zipfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from executor.tuning.data.images import array_to_image
+from executor.tuning.data.sources import Item
+
+logger = logging.getLogger(__name__)
+
+Status = Literal['CREATED', 'STARTED', 'FINISHED', 'FAILED', 'CANCELLED']
+TERMINAL: frozenset[str] = frozenset({'FINISHED', 'FAILED', 'CANCELLED'})
+RESUMABLE: frozenset[str] = frozenset({'FAILED', 'CANCELLED'})
+RUN_ID_PATTERN = r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
+_RUN_ID = re.compile(RUN_ID_PATTERN)
+
+STATUS_FILE = 'status.json'
+REQUEST_FILE = 'request.json'
+LOG_FILE = 'train.log'
+HISTORY_FILE = 'history.jsonl'
+DOCS_DIR = 'train_docs'
+MODEL_FILE = 'model.pt'
+ONNX_FILE = 'model.onnx'
+
+
+class RunNotFoundError(LookupError):
+    """No run has this id in the store."""
+
+    def __str__(self) -> str:  # LookupError would quote the whole message
+        return str(self.args[0])
+
+
+def now() -> str:
+    """The current time in UTC, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec='milliseconds')
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it (unique per process and thread)."""
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{threading.get_ident()}.tmp')
+    with open(tmp, 'w', encoding='utf-8') as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def finite_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of ``values`` as floats (NaN and inf would make the status invalid JSON)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+@dataclass
+class RunState:
+    """What ``status.json`` holds; the fields up to ``artifact`` are the service's ``RunInfo``."""
+
+    run_id: str
+    status: Status = 'CREATED'
+    created_at: str = field(default_factory=now)
+    started_at: str | None = None
+    finished_at: str | None = None
+    epoch: int = 0
+    epochs: int | None = None
+    step: int = 0
+    total_steps: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    artifact: str | None = None
+    pid: int | None = None  # the training process, while the run is STARTED
+    resume: bool = False  # the next start continues from the last checkpoint
+
+    INFO_FIELDS = ('run_id', 'status', 'created_at', 'started_at', 'finished_at', 'epoch', 'epochs', 'step',
+                   'total_steps', 'metrics', 'error', 'artifact')
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def info(self) -> dict[str, Any]:
+        """The public fields (``RunInfo``)."""
+        return {name: getattr(self, name) for name in self.INFO_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise ValueError(f'run_id {run_id!r} is not valid: use 1-128 letters, digits, ".", "_" or "-", starting with a '
+                         'letter or digit')
+    return run_id
+
+
+class RunStore:
+    """The runs under ``root``, one folder each. Thread-safe within a process.
+
+    The service and a run's training process both write ``status.json``, never at the same time: the training
+    process owns it from its start to its end, and the service writes only before the start or after the end.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+
+    # --- runs ------------------------------------------------------------------------------------------------------
+
+    def folder(self, run_id: str) -> Path:
+        """The folder of an existing run; ``RunNotFoundError`` names the known runs otherwise."""
+        check_run_id(run_id)
+        path = self.root / run_id
+        if not (path / STATUS_FILE).is_file():
+            known = self.ids()
+            shown = ', '.join(repr(r) for r in known[-10:]) or 'none yet'
+            raise RunNotFoundError(f'unknown run_id {run_id!r}; known runs (latest): {shown}. List them with /runs')
+        return path
+
+    def ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / STATUS_FILE).is_file())
+
+    def create(self, request: dict[str, Any], run_id: str | None = None,
+               docs: Sequence[Item] | None = None) -> RunState:
+        """A new CREATED run with its request (and the documents sent with it) written before its status.
+
+        ``run_id`` defaults to a fresh time-ordered id. A run's status file is written last, so a run that was
+        half-created (a crash while the documents were written) is not a run and never shows up.
+        """
+        with self._lock:
+            if run_id is None:
+                run_id = time.strftime('run-%Y%m%d-%H%M%S-', time.gmtime()) + secrets.token_hex(3)
+            check_run_id(run_id)
+            folder = self.root / run_id
+            if (folder / STATUS_FILE).exists():
+                raise ValueError(f'a run named {run_id!r} exists already; choose another run_name, or resume it with '
+                                 f'resume={run_id!r}')
+            folder.mkdir(parents=True, exist_ok=True)
+        if docs:
+            self._write_docs(folder / DOCS_DIR, docs)
+        atomic_write(folder / REQUEST_FILE, json.dumps(request, indent=2))
+        state = RunState(run_id)
+        self._write(state)
+        logger.info('created run %s', run_id)
+        return state
+
+    def get(self, run_id: str) -> RunState:
+        path = self.folder(run_id) / STATUS_FILE
+        return RunState.from_dict(json.loads(path.read_text(encoding='utf-8')))
+
+    def list(self) -> list[RunState]:
+        """Every run, oldest first."""
+        states = []
+        for run_id in self.ids():
+            try:
+                states.append(self.get(run_id))
+            except (OSError, ValueError) as err:  # one unreadable folder must not hide the others
+                logger.warning('skipping run folder %s: %s', run_id, err)
+        return sorted(states, key=lambda s: (s.created_at, s.run_id))
+
+    def update(self, run_id: str, **changes: Any) -> RunState:
+        """Read, change and write back a run's status atomically."""
+        with self._lock:
+            state = self.get(run_id)
+            for key, value in changes.items():
+                if not hasattr(state, key):
+                    raise AttributeError(f'RunState has no field {key!r}')
+                setattr(state, key, value)
+            self._write(state)
+            return state
+
+    def _write(self, state: RunState) -> None:
+        atomic_write(self.root / state.run_id / STATUS_FILE, json.dumps(asdict(state), indent=2))
+
+    def request(self, run_id: str) -> dict[str, Any]:
+        return json.loads((self.folder(run_id) / REQUEST_FILE).read_text(encoding='utf-8'))
+
+    def recover(self, alive: Callable[[int], bool]) -> list[str]:
+        """After a restart: runs left STARTED by a process that is gone become FAILED ("interrupted").
+
+        Returns the ids of runs still CREATED (queued when the service stopped), oldest first, to queue again.
+        """
+        queued = []
+        for state in self.list():
+            if state.status == 'STARTED' and not (state.pid and alive(state.pid)):
+                self.update(state.run_id, status='FAILED', finished_at=now(), pid=None, error=(
+                    'interrupted: the service stopped while the run was training; resume it with '
+                    f'/train resume={state.run_id!r} (it continues from its last checkpoint)'))
+                logger.warning('run %s was interrupted by a stop of the service; marked FAILED', state.run_id)
+            elif state.status == 'CREATED':
+                queued.append(state.run_id)
+        return queued
+
+    # --- what a run left ------------------------------------------------------------------------------------------
+
+    def read_log(self, run_id: str, since: int = 0, limit: int | None = None) -> tuple[list[str], int]:
+        """Lines ``since`` (0-based) onwards, at most ``limit``, and the line number to ask for next."""
+        path = self.folder(run_id) / LOG_FILE
+        if not path.is_file():
+            return [], since
+        lines = []
+        with open(path, encoding='utf-8', errors='replace') as fh:
+            for number, line in enumerate(fh):
+                if number < since:
+                    continue
+                if limit is not None and len(lines) >= limit:
+                    break
+                lines.append(line.rstrip('\n'))
+        return lines, since + len(lines)
+
+    def history(self, run_id: str) -> list[dict[str, float]]:
+        path = self.folder(run_id) / HISTORY_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+
+    def model_file(self, run_id: str, runtime: str) -> Path:
+        """The model file of a FINISHED run: ``model.onnx`` for ``runtime='onnx'`` when it was exported, else
+        ``model.pt``."""
+        folder = self.folder(run_id)
+        state = self.get(run_id)
+        if state.status != 'FINISHED':
+            hint = ('wait until it reads FINISHED' if not state.done else
+                    f'resume it with /train resume={run_id!r}' if state.status in RESUMABLE else '')
+            raise ValueError(f'run {run_id!r} is {state.status}, it has no model to serve yet; {hint}'.rstrip('; '))
+        onnx = folder / ONNX_FILE
+        return onnx if runtime == 'onnx' and onnx.is_file() else folder / MODEL_FILE
+
+    # --- documents sent with /train -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _write_docs(folder: Path, docs: Sequence[Item]) -> None:
+        """Images as files (blobs as sent, arrays as PNG, decoded the way training would), the rest in JSON lines."""
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, item in enumerate(docs):
+            record: dict[str, Any] = {'id': item.id, 'label': item.label}
+            if item.tensor is not None:
+                name = f'{i:06d}.png'
+                array_to_image(item.tensor, f'document {item.id!r}').save(folder / name)
+                record['file'] = name
+            elif item.blob is not None:
+                name = f'{i:06d}.bin'
+                (folder / name).write_bytes(item.blob)
+                record['file'] = name
+            elif item.uri is not None:
+                record['uri'] = item.uri
+            else:
+                record['text'] = item.text
+            lines.append(json.dumps(record))
+        atomic_write(folder / 'records.jsonl', '\n'.join(lines) + '\n')
+
+    def train_docs(self, run_id: str) -> list[Item] | None:
+        """The documents sent with the run's request, as items (``None`` when it named its data by path)."""
+        folder = self.folder(run_id) / DOCS_DIR
+        index = folder / 'records.jsonl'
+        if not index.is_file():
+            return None
+        items = []
+        for line in index.read_text(encoding='utf-8').splitlines():
+            record = json.loads(line)
+            uri = str(folder / record['file']) if 'file' in record else record.get('uri')
+            items.append(Item(id=record['id'], uri=uri, text=record.get('text'), label=record.get('label')))
+        return items
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (and is not a zombie) on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f'/proc/{pid}/stat')
+    if stat.is_file():
+        try:
+            return stat.read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models for serving
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def open_artifact(artifact: str | os.PathLike, store: RunStore, unpack_dir: Path, runtime: str,
+                  select_model: str | None = None) -> Path:
+    """The model file to serve for ``artifact``: a run id, an artifact folder, a ``.zip`` of one, or a model file.
+
+    In a folder, ``select_model`` names the file; by default ``model.onnx`` when ``runtime='onnx'`` and it exists,
+    else ``model.pt``. A zip is unpacked once into ``unpack_dir/<name>-<hash>/``.
+    """
+    text = str(artifact)
+    if _RUN_ID.match(text) and (store.root / text / STATUS_FILE).is_file():
+        folder = store.folder(text)
+        if store.get(text).status != 'FINISHED':
+            store.model_file(text, runtime)  # raises, saying why
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f'artifact {text!r} is neither a run id of this workspace nor an existing path; '
+                                    'give a run id, an artifact folder (with model.pt / model.onnx) or a .zip of one')
+        if path.is_file() and path.suffix == '.zip':
+            path = _unpack(path, unpack_dir)
+        if path.is_file():
+            return path
+        folder = path
+    if select_model is not None:
+        chosen = folder / select_model
+        if not chosen.is_file():
+            present = sorted(p.name for p in folder.iterdir() if p.suffix in ('.pt', '.onnx'))
+            raise FileNotFoundError(f'select_model={select_model!r} is not in {str(folder)!r}; it holds {present}')
+        return chosen
+    onnx = folder / ONNX_FILE
+    if runtime == 'onnx' and onnx.is_file():
+        return onnx
+    if (folder / MODEL_FILE).is_file():
+        return folder / MODEL_FILE
+    if onnx.is_file():
+        return onnx
+    raise FileNotFoundError(f'{str(folder)!r} holds neither {MODEL_FILE} nor {ONNX_FILE}: it is not a model artifact')
+
+
+def _unpack(archive: Path, unpack_dir: Path) -> Path:
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:12]
+    target = unpack_dir / f'{archive.stem}-{digest}'
+    if not target.is_dir():
+        tmp = unpack_dir / f'.{target.name}.{os.getpid()}.tmp'
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
+        os.replace(tmp, target)
+    # a zip of a folder holds the folder: serve the one that has the model
+    inner = [p for p in target.iterdir() if p.is_dir()]
+    if not any(target.glob('model.*')) and len(inner) == 1:
+        return inner[0]
+    return target
+
+
+class EncoderCache:
+    """Loaded encoders, least recently used dropped first once more than ``size`` are held.
+
+    ``get(key, build)`` returns the cached encoder for ``key`` or builds it with ``build()``; a key should change
+    when the model behind it does (the file's modification time is part of the keys the service uses).
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        if size < 1:
+            raise ValueError(f'the encoder cache needs room for at least 1 model, got size={size}')
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[tuple, threading.Lock] = {}
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            building = self._building.setdefault(key, threading.Lock())
+        with building:  # one build per key, however many requests ask for it at once
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            encoder = build()
+            with self._lock:
+                self._items[key] = encoder
+                self._building.pop(key, None)
+                while len(self._items) > self.size:
+                    dropped, _ = self._items.popitem(last=False)
+                    logger.info('dropped %s from the model cache (size %d)', dropped, self.size)
+        return encoder
+
+    def drop(self, match: Callable[[tuple], bool]) -> None:
+        with self._lock:
+            for key in [k for k in self._items if match(k)]:
+                del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> list[tuple]:
+        with self._lock:
+            return list(self._items)
+
+
+class RequestBatcher:
+    """Dynamic batching: concurrent small requests for the same model share forward passes.
+
+    Each request decodes its own images first, so a corrupt image fails that request only. ``run(key, x, fn)``
+    then queues the preprocessed ``x`` ``(n, 3, H, W)``; requests with the same ``key`` that arrive within
+    ``max_wait`` seconds of each other, or while that model is busy, are concatenated (up to ``max_rows`` rows)
+    and ``fn`` runs once on them, in a worker thread. Different keys never share a batch.
+    """
+
+    def __init__(self, max_wait: float = 0.005, max_rows: int = 256) -> None:
+        self.max_wait = max_wait
+        self.max_rows = max_rows
+        self._pending: dict[tuple, list[tuple[torch.Tensor, Callable, asyncio.Future]]] = {}
+        self._workers: dict[tuple, asyncio.Task] = {}
+
+    async def run(self, key: tuple, x: torch.Tensor, fn: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(key, []).append((x, fn, future))
+        worker = self._workers.get(key)
+        if worker is None or worker.done():
+            self._workers[key] = asyncio.create_task(self._drain(key))
+        return await future
+
+    async def _drain(self, key: tuple) -> None:
+        await asyncio.sleep(self.max_wait)  # let the requests sent at the same time join the first batch
+        pending = self._pending[key]
+        while pending:
+            rows, group = 0, []
+            while pending and (not group or rows + len(pending[0][0]) <= self.max_rows):
+                group.append(pending.pop(0))
+                rows += len(group[-1][0])
+            x, fn = torch.cat([item[0] for item in group]), group[0][1]
+            try:
+                out = await asyncio.to_thread(fn, x)
+            except Exception as err:  # the batch's error is each of its requests' error
+                for _, _, future in group:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            start = 0
+            for part, _, future in group:
+                if not future.done():  # a request whose client went away is skipped
+                    future.set_result(out[start:start + len(part)])
+                start += len(part)
+        self._pending.pop(key, None)
