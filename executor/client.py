@@ -1,0 +1,184 @@
+"""A Python client of FinetunerExecutor that reads like Finetuner: ``FinetunerClient(host).fit(...)`` returns a ``Run``.
+
+>>> client = FinetunerClient('grpc://127.0.0.1:12345')  # doctest: +SKIP
+>>> run = client.fit(model='efficientnet_lite0', train_data='digits', loss='TripletMarginLoss', epochs=2)  # +SKIP
+>>> for line in run.stream_logs():  # doctest: +SKIP
+...     print(line)
+>>> run.status()['status'], run.metrics(), run.artifact  # doctest: +SKIP
+>>> client.encode(docs, run_id=run.name)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from docarray import BaseDoc, DocList
+from jina import Client
+from jina.excepts import BadServer
+
+from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs
+
+
+class ServiceError(RuntimeError):
+    """The service answered a request with an error; the message is the service's."""
+
+
+class FinetunerClient:
+    """Talks to one FinetunerExecutor (a Deployment, or a Flow's gateway) over gRPC, HTTP or WebSocket.
+
+    ``host`` carries the protocol and port, as jina's ``Client`` takes it: ``'grpc://127.0.0.1:12345'``,
+    ``'http://...'``. ``kwargs`` go to jina's ``Client``.
+    """
+
+    def __init__(self, host: str = 'grpc://127.0.0.1:12345', **kwargs: Any) -> None:
+        self._client = Client(host=host, **kwargs)
+
+    def post(self, endpoint: str, docs: Sequence[BaseDoc] | None = None, parameters: dict[str, Any] | None = None,
+             return_type: type[BaseDoc] = FinetunerDoc) -> DocList:
+        """One request; the service's error is raised as ``ServiceError``."""
+        try:
+            return self._client.post(endpoint, inputs=DocList[FinetunerDoc](docs or []), parameters=parameters or {},
+                                     return_type=DocList[return_type])
+        except BadServer as err:  # args[0] is the reply's header, which holds the executor's error
+            raise ServiceError(err.args[0].status.description) from None
+
+    # --- Finetuner's workflow --------------------------------------------------------------------------------------
+
+    def fit(self, model: str = 'efficientnet_lite0', train_data: str | Sequence[BaseDoc] | None = None,
+            eval_data: str | None = None, run_name: str | None = None, **options: Any) -> Run:
+        """Start a run and return at once (pass ``wait=True`` to return when it has ended).
+
+        ``train_data``: a CSV file or image folder on the server (under its data roots), or documents with
+        ``uri``/``blob``/``tensor`` and ``label``. ``options``: any other ``/train`` parameter (``loss``,
+        ``epochs``, ``batch_size``, ``learning_rate``, ``miner``, ``freeze``, ``output_dim``, ``to_onnx``, ...).
+        """
+        parameters = {'model': model, **options}
+        docs = None
+        if isinstance(train_data, str):
+            parameters['train_data'] = train_data
+        elif train_data is not None:
+            docs = train_data
+        if eval_data is not None:
+            parameters['eval_data'] = eval_data
+        if run_name is not None:
+            parameters['run_name'] = run_name
+        return Run(self, self.post('/train', docs, parameters, RunInfo)[0])
+
+    def resume(self, run_id: str, wait: bool = False) -> Run:
+        """Continue a FAILED or CANCELLED run from its last checkpoint."""
+        return Run(self, self.post('/train', None, {'resume': run_id, 'wait': wait}, RunInfo)[0])
+
+    def get_run(self, run_id: str) -> Run:
+        return Run(self, self.post('/runs/status', None, {'run_id': run_id}, RunInfo)[0])
+
+    def list_runs(self) -> list[Run]:
+        return [Run(self, info) for info in self.post('/runs', None, None, RunInfo)]
+
+    # --- models in service -----------------------------------------------------------------------------------------
+
+    def encode(self, docs: Sequence[BaseDoc], run_id: str | None = None, model: str | None = None,
+               **parameters: Any) -> DocList[FinetunerDoc]:
+        """The documents with ``embedding`` set, by a finished run, a registry model, or the served model."""
+        return self.post('/encode', docs, _model_params(run_id, model, parameters))
+
+    def classify(self, docs: Sequence[BaseDoc], run_id: str | None = None, **parameters: Any) -> DocList[FinetunerDoc]:
+        """The documents with the predicted ``label`` and ``scores`` per class (a run trained with a classifier)."""
+        return self.post('/classify', docs, _model_params(run_id, None, parameters))
+
+    def evaluate(self, data: str | Sequence[BaseDoc] | None = None, run_id: str | None = None,
+                 model: str | None = None, **parameters: Any) -> dict[str, float]:
+        """Retrieval metrics (and accuracy for a classifier) on labelled data: a path on the server or documents;
+        ``query_data=`` and ``index_data=`` paths for a query set searched in an index."""
+        params = _model_params(run_id, model, parameters)
+        docs = None
+        if isinstance(data, str):
+            params['data'] = data
+        elif data is not None:
+            docs = data
+        results = self.post('/evaluate', docs, params, EvaluationResult)
+        return dict(results[0].metrics) if results else {}
+
+    def export(self, run_id: str, fp16: bool = False, quantize: bool = False) -> str:
+        """Export a finished run to ONNX on the server; returns the file's path there."""
+        return self.post('/export', None, {'run_id': run_id, 'fp16': fp16, 'quantize': quantize}, RunInfo)[0].artifact
+
+
+class Run:
+    """A training run, as Finetuner's ``Run``: ``status()``, ``logs()``, ``stream_logs()``, ``metrics()``,
+    ``wait()``, ``cancel()``, ``artifact``."""
+
+    def __init__(self, client: FinetunerClient, info: RunInfo) -> None:
+        self._client = client
+        self._info = info
+
+    @property
+    def name(self) -> str:
+        return self._info.run_id
+
+    id = name
+
+    def info(self) -> RunInfo:
+        """The run's full state, fetched now."""
+        self._info = self._client.post('/runs/status', None, {'run_id': self.name}, RunInfo)[0]
+        return self._info
+
+    def status(self) -> dict[str, Any]:
+        """``{'status': CREATED | STARTED | FINISHED | FAILED | CANCELLED, 'details': ...}`` as Finetuner gave it."""
+        info = self.info()
+        if info.error:
+            details = info.error
+        elif info.status == 'STARTED':
+            details = f'epoch {info.epoch}/{info.epochs}, step {info.step}/{info.total_steps}'
+        else:
+            details = f'{info.status.lower()} at {info.finished_at or info.started_at or info.created_at}'
+        return {'status': info.status, 'details': details}
+
+    def logs(self) -> str:
+        return '\n'.join(self._client.post('/runs/logs', None, {'run_id': self.name}, RunLogs)[0].lines or [])
+
+    def stream_logs(self, interval: float = 1.0) -> Iterator[str]:
+        """Yield the log's lines as they are written, until the run has ended."""
+        since = 0
+        while True:
+            done = self.info().status in ('FINISHED', 'FAILED', 'CANCELLED')
+            reply = self._client.post('/runs/logs', None, {'run_id': self.name, 'since': since}, RunLogs)[0]
+            yield from reply.lines or []
+            since = reply.next_since
+            if done:
+                return
+            time.sleep(interval)
+
+    def metrics(self) -> dict[str, float]:
+        """The latest metrics: training loss and evaluation metrics of the last epoch (``before/...``: the model
+        before fine-tuning, when the run had evaluation data)."""
+        return dict(self.info().metrics or {})
+
+    def wait(self, timeout: float | None = None, interval: float = 1.0) -> Run:
+        """Block until the run has ended (``TimeoutError`` after ``timeout`` seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.info().status not in ('FINISHED', 'FAILED', 'CANCELLED'):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f'run {self.name!r} is still {self._info.status} after {timeout} s')
+            time.sleep(interval)
+        return self
+
+    def cancel(self) -> Run:
+        self._info = self._client.post('/runs/cancel', None, {'run_id': self.name}, RunInfo)[0]
+        return self
+
+    @property
+    def artifact(self) -> str | None:
+        """The path of the trained model on the server (set once the run has FINISHED)."""
+        return self.info().artifact
+
+    def export(self, fp16: bool = False, quantize: bool = False) -> str:
+        return self._client.export(self.name, fp16=fp16, quantize=quantize)
+
+    def __repr__(self) -> str:
+        return f'Run({self.name!r}, status={self._info.status!r})'
+
+
+def _model_params(run_id: str | None, model: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+    chosen = {'run_id': run_id, 'model': model}
+    return {**{k: v for k, v in chosen.items() if v is not None}, **parameters}

@@ -1,0 +1,232 @@
+"""The parameters of every FinetunerExecutor endpoint and of its ``uses_with``: pydantic models, unknown keys rejected.
+
+Endpoints take ``parameters: dict`` and validate it here (``parse``) rather than through jina's ``parameters: Model``
+annotation: behind a Flow's HTTP gateway the annotation makes the gateway drop unknown keys silently, and jina
+refuses ``@dynamic_batching`` with it. Validation is lax, so numbers that gRPC carries as floats (protobuf's
+``Struct`` has no integers) become the integers the fields ask for: ``3.0`` -> ``3``.
+
+``/train`` takes the fields of the core's ``TrainConfig`` (so the names never drift from it) minus those the
+executor sets itself (``output_dir``, ``callbacks``, ``data_roots``), plus ``wait``, ``resume`` and ``run_name``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Type, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from executor.docs import EndpointParams
+from executor.tuning.config import TrainConfig
+from executor.tuning.data import check_under_roots
+from executor.tuning.runs import RUN_ID_PATTERN
+
+P = TypeVar('P', bound=BaseModel)
+
+EXECUTOR_SET = ('output_dir', 'callbacks', 'data_roots')  # TrainConfig fields the executor fills in
+DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')
+Runtime = Literal['onnx', 'torch']
+
+
+class ParameterError(ValueError):
+    """The parameters of a request are invalid; the message names each bad one and what it accepts."""
+
+
+def parse(model: Type[P], parameters: dict[str, Any] | None, endpoint: str) -> P:
+    """Validate an endpoint's parameters; every problem is listed, named by its parameter."""
+    try:
+        return model.model_validate(parameters or {})
+    except ValidationError as err:
+        problems = []
+        for error in err.errors(include_url=False):
+            where = '.'.join(str(part) for part in error['loc'])
+            message = error['msg'].removeprefix('Value error, ')
+            value = error.get('input')
+            shown = f' (got {value!r})' if where and 'input' in error and not isinstance(value, dict) else ''
+            problems.append(f"parameter '{where}': {message}{shown}" if where else message)
+        raise ParameterError(f'invalid parameters for {endpoint}: ' + '; '.join(problems)) from None
+
+
+def resolve_path(value: str, roots: Sequence[str | os.PathLike], what: str) -> str:
+    """A path parameter, resolved: relative paths are taken under the first data root where they exist; the result
+    must lie under a data root (symlinks resolved)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        candidates = [Path(root) / path for root in roots]
+        path = next((c for c in candidates if c.exists()), candidates[0])
+    return str(check_under_roots(path, roots, what))
+
+
+def _int_if_integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# /train
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _TrainOptions(EndpointParams):
+    """What ``/train`` takes besides ``TrainConfig``'s fields."""
+
+    wait: bool = Field(False, description='answer when the run has ended rather than when it is queued')
+    resume: Optional[str] = Field(None, pattern=RUN_ID_PATTERN, description='run_id of a FAILED or CANCELLED run to '
+                                                                         'continue from its last checkpoint')
+    run_name: Optional[str] = Field(None, pattern=RUN_ID_PATTERN,
+                                    description='the run_id to give the new run (default: a time-ordered id)')
+
+    @field_validator('freeze', mode='before', check_fields=False)
+    @classmethod
+    def _freeze_count(cls, value: Any) -> Any:
+        # over gRPC `freeze=2` arrives as 2.0 and `1` as 1.0, which pydantic would read as True (freeze everything)
+        return _int_if_integral(value)
+
+    @field_validator(*DATA_FIELDS, mode='before', check_fields=False)
+    @classmethod
+    def _data_path(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError('must be the path of a CSV file or an image folder under the data roots; send training '
+                             "documents as the request's documents instead")
+        return value
+
+    @model_validator(mode='after')
+    def _check(self) -> _TrainOptions:
+        if self.resume is not None:
+            extra = sorted(self.model_fields_set - {'resume', 'wait'})
+            if extra:
+                raise ValueError(f'resume={self.resume!r} continues that run with its own options; drop {extra}, or '
+                                 'start a new run with them')
+        else:
+            self.config_dict()  # TrainConfig's own checks (known loss and miner, device, data pairs)
+        return self
+
+    def config_dict(self) -> dict[str, Any]:
+        """The ``TrainConfig`` fields the request gave, as JSON-able values, checked by ``TrainConfig``."""
+        names = {name for name in self.model_fields_set if name in TrainConfig.model_fields}
+        given = self.model_dump(mode='json', include=names)
+        TrainConfig.model_validate(given)
+        return given
+
+
+def _train_fields() -> dict[str, Any]:
+    return {name: (info.annotation, copy.copy(info)) for name, info in TrainConfig.model_fields.items()
+            if name not in EXECUTOR_SET}
+
+
+TrainParams = create_model(
+    'TrainParams', __base__=_TrainOptions, __module__=__name__,
+    __doc__="Parameters of ``/train``: ``TrainConfig``'s fields (Finetuner's ``fit`` names) and the run options.",
+    **_train_fields(),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RunParams(EndpointParams):
+    """Parameters of ``/runs/status`` and ``/runs/cancel``."""
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN, description='the run, as /train and /runs return it')
+
+
+class LogsParams(RunParams):
+    """Parameters of ``/runs/logs``."""
+
+    since: int = Field(0, ge=0, description="first line to return (0-based): the previous reply's next_since")
+    limit: Optional[int] = Field(None, ge=1, le=1_000_000, description='most lines to return (default: all)')
+
+
+class ExportParams(RunParams):
+    """Parameters of ``/export``."""
+
+    format: Literal['onnx'] = 'onnx'
+    fp16: bool = Field(False, description='float16 weights and activations (GPU serving)')
+    quantize: bool = Field(False, description='int8 static quantization (CPU serving)')
+
+    @model_validator(mode='after')
+    def _one_variant(self) -> ExportParams:
+        if self.fp16 and self.quantize:
+            raise ValueError('choose fp16=true or quantize=true, not both')
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models in service
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ModelParams(EndpointParams):
+    """Which model serves a request: a finished run, a registry model, or (neither) the executor's served model."""
+
+    run_id: Optional[str] = Field(None, pattern=RUN_ID_PATTERN, description='a FINISHED run')
+    model: Optional[str] = Field(None, description="a registry model name, e.g. 'efficientnet_lite0' (pre-trained)")
+    runtime: Optional[Runtime] = Field(None, description="'onnx' where the model has an ONNX export, else 'torch' "
+                                                         "(default: the executor's runtime)")
+    batch_size: Optional[int] = Field(None, ge=1, le=4096, description="default: the executor's batch_size")
+
+    @model_validator(mode='after')
+    def _one_model(self) -> ModelParams:
+        if self.run_id is not None and self.model is not None:
+            raise ValueError(f'give run_id or model, not both (got run_id={self.run_id!r}, model={self.model!r})')
+        return self
+
+
+class EncodeParams(ModelParams):
+    """Parameters of ``/encode``."""
+
+
+class ClassifyParams(ModelParams):
+    """Parameters of ``/classify``: the model must have a classifier head (a run trained with CrossEntropyLoss)."""
+
+
+class EvaluateParams(ModelParams):
+    """Parameters of ``/evaluate``: labelled data as paths, or as the request's documents.
+
+    ``query_data`` + ``index_data``: each query searches the index. ``data`` (or the documents sent): the items
+    search each other, self excluded; a model with a classifier head also gets its accuracy on them.
+    """
+
+    query_data: Optional[str] = Field(None, description='CSV file or image folder under the data roots')
+    index_data: Optional[str] = Field(None, description='CSV file or image folder under the data roots')
+    data: Optional[str] = Field(None, description='CSV file or image folder under the data roots')
+    limit: int = Field(20, ge=1, le=1000, description='k of the *_at_k metrics')
+
+    @model_validator(mode='after')
+    def _data(self) -> EvaluateParams:
+        if (self.query_data is None) != (self.index_data is None):
+            raise ValueError('query_data and index_data go together: give both, or data alone')
+        if self.data is not None and self.query_data is not None:
+            raise ValueError('give data, or query_data with index_data, not both')
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# uses_with
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ServiceConfig(BaseModel):
+    """The executor's ``uses_with`` (the Hub executor's names where it had them)."""
+
+    model_config = ConfigDict(extra='forbid', protected_namespaces=())
+
+    model: str = Field('efficientnet_lite0', description='registry model served when a request names none')
+    artifact: Optional[str] = Field(None, description='serve this instead of `model`: a run id, an artifact folder '
+                                                      'or a .zip of one')
+    batch_size: int = Field(32, ge=1, le=4096, description='images per forward pass')
+    select_model: Optional[str] = Field(None, description="the model file inside `artifact`, e.g. 'model-int8.onnx'")
+    device: str = Field('auto', description="'auto', 'cpu', 'cuda' or 'cuda:N'; for serving and training")
+    runtime: Runtime = Field('onnx', description="'onnx' where an ONNX export exists, else torch")
+    data_roots: list[str] = Field(default_factory=list, description='folders requests may read data from, besides '
+                                                                    "the workspace's data/ folder")
+    max_cached_models: int = Field(4, ge=1, le=64, description='models held in memory at once (LRU)')
+
+    @field_validator('device')
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ('auto', 'cpu', 'cuda') and not (value.startswith('cuda:') and value[5:].isdigit()):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
