@@ -1,0 +1,116 @@
+"""Finetuner's published tables, reproduced side by side on this machine (2 CPU cores, offline).
+
+(a) the Totally-Looks-Like tutorial: hit@1/5/10 of the pre-trained vs the fine-tuned model (TripletMarginLoss with a
+    hard miner); Finetuner's ResNet50 on full TLL moved hit@10 0.183 -> 0.301 (x1.64).
+(b) the self-supervised tutorial, whose results column said "placeholder": SimCLR pre-training on the training
+    images without labels, then supervised fine-tuning on 10 % of the pairs, against pre-trained, 10 % supervised
+    only, and fully supervised.
+(c) linear probe vs full fine-tune accuracy on scikit-learn's digits.
+
+Data: ``../shared/data/tll-dev`` (1600 pairs; 1200 train, 400 evaluate: queries = left, index = right, relevant =
+same id). The model is the offline default (efficientnet_lite0): no other pretrained weights are reachable here.
+
+    .venv/bin/python bench/paper_tables.py [--tll ../shared/data/tll-dev] [--size 128] [--epochs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault('FINETUNER_PROGRESS', '0')
+
+from executor.tuning import fit  # noqa: E402
+from executor.tuning.data import Item  # noqa: E402
+from executor.tuning.data.samples import digits_items  # noqa: E402
+
+HITS = ['hit@1', 'hit@5', 'hit@10']
+
+
+def tll_items(root: Path) -> tuple[list[Item], list[Item], list[Item]]:
+    ids = sorted(p.stem for p in (root / 'left').glob('*.jpg') if (root / 'right' / p.name).is_file())
+    if len(ids) < 1600:
+        raise SystemExit(f'{root} has {len(ids)} pairs; expected the 1600 of tll-dev')
+    train_ids, eval_ids = ids[:1200], ids[1200:1600]
+    train = [Item(id=f'{side}/{i}', uri=str(root / side / f'{i}.jpg'), label=i) for i in train_ids
+             for side in ('left', 'right')]
+    queries = [Item(id=f'left/{i}', uri=str(root / 'left' / f'{i}.jpg'), label=i) for i in eval_ids]
+    index = [Item(id=f'right/{i}', uri=str(root / 'right' / f'{i}.jpg'), label=i) for i in eval_ids]
+    return train, queries, index
+
+
+def row(name: str, metrics: dict, seconds: float | None = None) -> str:
+    cells = ''.join(f'{metrics[k]:>9.3f}' for k in HITS)
+    return f'{name:<44}{cells}{"" if seconds is None else f"{seconds:>10.0f}"}'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--tll', type=Path, default=Path(__file__).resolve().parents[2] / 'shared/data/tll-dev')
+    parser.add_argument('--size', type=int, default=128)
+    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--ssl-epochs', type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    train, queries, index = tll_items(args.tll)
+    common = dict(model='efficientnet_lite0', image_size=args.size, query_data=queries, index_data=index, limit=10,
+                  tensorboard=False, freeze=2, seed=0)
+    out = Path(tempfile.mkdtemp(prefix='paper-tables-'))
+
+    started = time.perf_counter()
+    supervised = fit(train_data=train, loss='TripletMarginLoss', miner='TripletMarginMiner',
+                     miner_options={'type_of_triplets': 'hard', 'margin': 0.2}, loss_options={'margin': 0.2},
+                     epochs=args.epochs, batch_size=64, num_items_per_class=2, output_dir=out / 'supervised', **common)
+    t_sup = time.perf_counter() - started
+    before, after = supervised.metrics_before, supervised.metrics_after
+
+    tenth = train[: len(train) // 10]  # 120 pairs: both images of each
+    started = time.perf_counter()
+    few = fit(train_data=tenth, loss='TripletMarginLoss', loss_options={'margin': 0.2}, epochs=args.epochs,
+              batch_size=48, num_items_per_class=2, output_dir=out / 'few', **common)
+    t_few = time.perf_counter() - started
+
+    started = time.perf_counter()
+    unlabelled = [Item(id=it.id, uri=it.uri) for it in train]
+    ssl = fit(train_data=unlabelled, loss='NTXentLoss', epochs=args.ssl_epochs, batch_size=64,
+              output_dir=out / 'simclr', **{**common, 'model': 'efficientnet_lite0'})
+    ssl_then_few = fit(train_data=tenth, loss='TripletMarginLoss', loss_options={'margin': 0.2}, epochs=args.epochs,
+                       batch_size=48, num_items_per_class=2, output_dir=out / 'simclr-few',
+                       **{**common, 'model': str(ssl.artifact)})
+    t_ssl = time.perf_counter() - started
+
+    started = time.perf_counter()
+    train_d, held = digits_items(per_class=20, size=32), digits_items(per_class=10, offset=100, size=32)
+    digit_opts = dict(model='efficientnet_lite0', image_size=64, train_data=train_d, eval_data=held,
+                      loss='CrossEntropyLoss', tensorboard=False, seed=0)
+    probe = fit(freeze=True, epochs=10, output_dir=out / 'probe', **digit_opts)
+    full = fit(freeze=2, epochs=5, learning_rate=1e-4, output_dir=out / 'full', **digit_opts)
+    t_cls = time.perf_counter() - started
+
+    head = f'{"":<44}{"hit@1":>9}{"hit@5":>9}{"hit@10":>9}{"wall s":>10}'
+    print(f'\n(a) TLL tutorial: efficientnet_lite0 {args.size}px, 1200 pairs, {args.epochs} epochs, '
+          'TripletMarginLoss + hard TripletMarginMiner; 400 left -> 400 right')
+    print(head)
+    print(row('pre-trained', before))
+    print(row('fine-tuned', after, t_sup))
+    print(f'hit@10 x{after["hit@10"] / before["hit@10"]:.2f} (Finetuner, ResNet50 on full TLL: 0.183 -> 0.301, x1.64)')
+    print(f'\n(b) self-supervised tutorial, its "placeholder" column filled (10 % = 120 pairs)')
+    print(head)
+    print(row('pre-trained', before))
+    print(row('supervised on 10 % only', few.metrics_after, t_few))
+    print(row(f'SimCLR ({args.ssl_epochs} ep, no labels) + 10 % supervised', ssl_then_few.metrics_after, t_ssl))
+    print(row('fully supervised (100 %)', after, t_sup))
+    print('\n(c) classification on scikit-learn digits (200 train, 100 held out, 64 px)')
+    print(f'{"":<44}{"accuracy":>9}')
+    print(f'{"pre-trained features + linear probe (10 ep)":<44}{probe.metrics_after["accuracy"]:>9.3f}')
+    print(f'{"full fine-tune (5 ep, stem+1 stage frozen)":<44}{full.metrics_after["accuracy"]:>9.3f}'
+          f'{t_cls:>10.0f}')
+
+
+if __name__ == '__main__':
+    main()
