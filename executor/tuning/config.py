@@ -1,15 +1,18 @@
 """The training configuration: Finetuner's parameter names, validated (a misspelt key is an error)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from executor.tuning.losses import CROSS_ENTROPY, SELF_SUPERVISED, list_losses, list_miners, unknown_name
 
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
+MAX_DEVICES = 64  # processes on one machine: past any machine's GPU count, and past what CPU training gains from
 
 # Sensible defaults per task, so that naming the loss is enough (see README "Defaults").
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -71,7 +74,8 @@ class TrainConfig(BaseModel):
     scheduler: Optional[Scheduler] = None
     scheduler_options: SchedulerOptions = Field(default_factory=SchedulerOptions)
     epochs: Optional[int] = Field(None, ge=1, le=10000, description='default depends on the task')
-    batch_size: Optional[int] = Field(None, ge=2, le=65536, description='default depends on the task')
+    batch_size: Optional[int] = Field(None, ge=2, le=65536, description=(
+        'the global batch, split among num_devices processes; default depends on the task'))
     auto_batch_size: bool = Field(False, description='find the largest batch that fits in memory')
     num_items_per_class: int = Field(4, ge=2, le=1024)
     sampler: Literal['auto', 'class', 'random'] = 'auto'
@@ -81,6 +85,11 @@ class TrainConfig(BaseModel):
 
     # machinery
     device: Device = 'auto'
+    num_devices: int = Field(1, ge=1, le=MAX_DEVICES, description=(
+        'processes training the run together on this machine, launched by torchrun (DDP): one per GPU with '
+        "device='cuda' (or 'auto' on a machine with GPUs), at most the GPUs visible; with device='cpu' (or 'auto' "
+        'without GPUs) that many CPU processes joined over gloo. batch_size is the global batch and must be a '
+        'multiple of num_devices'))
     amp: bool = Field(True, description='mixed precision on CUDA (ignored on CPU)')
     channels_last: bool = True
     num_workers: int = Field(0, ge=0, le=64)
@@ -120,7 +129,31 @@ class TrainConfig(BaseModel):
             raise ValueError('query_data and index_data go together: give both, or eval_data alone')
         if self.early_stopping_patience is not None and not self.has_evaluation and self.monitor not in (None, 'train_loss'):
             raise ValueError(f'monitor={self.monitor!r} needs evaluation data (eval_data, or query_data + index_data)')
+        if self.num_devices > 1:
+            self._check_devices()
         return self
+
+    def _check_devices(self) -> None:
+        """``num_devices`` processes must each find a GPU of their own (or, on CPU, the batch must divide)."""
+        n = self.num_devices
+        if self.batch_size is not None and self.batch_size % n:
+            raise ValueError(f'batch_size={self.batch_size} is the global batch and must divide among num_devices={n} '
+                             f'processes; use a multiple of {n}')
+        if self.device.startswith('cuda:'):
+            raise ValueError(f'device={self.device!r} names one GPU, but num_devices={n} trains on {n}; use '
+                             "device='cuda' (choose the GPUs with CUDA_VISIBLE_DEVICES), or num_devices=1")
+        if self.device == 'cpu':
+            return
+        count = torch.cuda.device_count()
+        if self.device == 'auto' and count == 0:
+            return  # no GPU: n CPU processes
+        if count < n:
+            shown = os.environ.get('CUDA_VISIBLE_DEVICES')
+            where = f' (CUDA_VISIBLE_DEVICES={shown!r})' if shown is not None else ''
+            visible, fewer = (('no CUDA device is visible', '') if count == 0 else
+                              (f'only {count} CUDA device(s) are visible', f'set num_devices to at most {count}, or '))
+            raise ValueError(f'num_devices={n} with device={self.device!r} needs {n} GPUs, but {visible}{where}; '
+                             f"{fewer}set device='cpu' to train with {n} CPU processes")
 
     @property
     def has_evaluation(self) -> bool:
@@ -135,6 +168,7 @@ class TrainConfig(BaseModel):
 
     def resolved(self, labelled: bool) -> TrainConfig:
         """A copy with the task's defaults filled in where the caller left ``None``."""
-        defaults = TASK_DEFAULTS[self.task(labelled)]
+        defaults = dict(TASK_DEFAULTS[self.task(labelled)])
+        defaults['batch_size'] = -(-defaults['batch_size'] // self.num_devices) * self.num_devices  # divides evenly
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return self.model_copy(update=updates)

@@ -5,12 +5,20 @@ The child is ``python -m executor.tuning.jobs <run folder>``. It owns the run's 
 an out-of-memory kill or a crash of the child ends that run only: the service marks it FAILED with the cause and
 takes the next queued run. The child exits as soon as its service does (it watches a pipe whose other end the
 service holds), so a killed service never leaves a training process behind.
+
+With ``num_devices`` > 1 the child is ``torchrun`` (``torch.distributed.run --standalone``) starting that many
+copies of the command above, one DDP process per GPU or, on CPU, gloo processes. Rank 0 writes the status; a rank
+that fails writes its error to ``failures/rank-<r>.json`` and torchrun stops the others, after which the service
+marks the run FAILED with the first error of any rank. Cancelling sends SIGTERM to torchrun, which stops its
+workers; the workers also watch the service's pipe, so they end with their service or with a killed torchrun.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import stat
 import subprocess
@@ -21,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from executor.tuning.callbacks import Callback
-from executor.tuning.runs import RESUMABLE, RunState, RunStore, finite_metrics, now, pid_alive
+from executor.tuning.config import TrainConfig
+from executor.tuning.runs import RESUMABLE, RunState, RunStore, atomic_write, finite_metrics, now, pid_alive
 
 if TYPE_CHECKING:
-    from executor.tuning.config import TrainConfig
     from executor.tuning.data import Item
     from executor.tuning.trainer import Trainer
 
@@ -33,6 +41,7 @@ logger = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `executor` package
 STATUS_INTERVAL = 1.0  # seconds between progress writes within an epoch
 CANCEL_GRACE = 10.0  # seconds a cancelled child gets to exit after SIGTERM before SIGKILL
+FAILURES_DIR = 'failures'  # under a run folder: one JSON file per rank that failed (num_devices > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,11 +123,7 @@ class JobQueue:
             if current is None or current[0] != run_id:
                 return self.store.update(run_id, status='CANCELLED', finished_at=now(), pid=None)
             self._cancelled.add(run_id)
-            current[1].terminate()
-        try:
-            current[1].wait(CANCEL_GRACE)
-        except subprocess.TimeoutExpired:
-            current[1].kill()
+        _stop(current[1])
         deadline = time.monotonic() + CANCEL_GRACE
         while not self.store.get(run_id).done and time.monotonic() < deadline:
             time.sleep(0.05)  # the worker thread settles the run once the process is gone
@@ -131,8 +136,7 @@ class JobQueue:
         with self._lock:
             current = self._current
         if current is not None:
-            current[1].kill()
-            current[1].wait()
+            _stop(current[1])
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
@@ -153,15 +157,24 @@ class JobQueue:
             if self.store.get(run_id).status != 'CREATED':  # cancelled while it waited
                 return
             folder = self.store.folder(run_id)
+            try:
+                num_devices = TrainConfig(**self.store.request(run_id)).num_devices
+            except ValueError as err:  # valid when queued, but e.g. the GPUs it asks for are gone since a restart
+                self.store.update(run_id, status='FAILED', finished_at=now(), error=str(err))
+                return
+            shutil.rmtree(folder / FAILURES_DIR, ignore_errors=True)  # left by an earlier attempt of a resumed run
             env = {**os.environ, **self.env, 'FINETUNER_PROGRESS': '0', 'PYTHONUNBUFFERED': '1',
                    'PYTHONPATH': os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get('PYTHONPATH')])])}
+            # A session of its own: cancel signals the child's whole group, and a Ctrl-C meant for the service
+            # reaches the child only through the service's close().
             with open(folder / 'train.log', 'ab') as log:
                 process = subprocess.Popen(
-                    [sys.executable, '-m', 'executor.tuning.jobs', str(folder)], stdin=subprocess.PIPE,
-                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder),
+                    child_command(folder, num_devices), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                    env=env, cwd=str(folder), start_new_session=True,
                 )
             self._current = (run_id, process)
-        logger.info('run %s: training in process %d', run_id, process.pid)
+        logger.info('run %s: training in process %d (%d device%s)', run_id, process.pid, num_devices,
+                    's' if num_devices > 1 else '')
         code = process.wait()
         with self._lock:
             self._current = None
@@ -181,8 +194,45 @@ class JobQueue:
                 f'interrupted: the service stopped while the run was training; resume it with /train '
                 f'resume={run_id!r}'))
         elif not state.done:
-            self.store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=_exit_reason(code))
-            logger.error('run %s: the training process ended with code %d', run_id, code)
+            error = first_failure(self.store.folder(run_id)) or _exit_reason(code)
+            self.store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=error)
+            logger.error('run %s: the training process ended with code %d: %s', run_id, code, error)
+
+
+def child_command(folder: Path, num_devices: int) -> list[str]:
+    """The command that trains the run in ``folder``: the child alone, or torchrun starting ``num_devices`` of it."""
+    child = ['-m', 'executor.tuning.jobs', str(folder)]
+    if num_devices == 1:
+        return [sys.executable, *child]
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={num_devices}', *child]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End a child and its process group: SIGTERM (torchrun passes it on to its workers), SIGKILL after a grace."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(CANCEL_GRACE)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    if process.poll() is not None:  # reaped: its id may belong to another process now
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:  # it ended since
+        pass
+
+
+def first_failure(folder: Path) -> str | None:
+    """The error of the rank that failed first (``failures/``), as ``rank r of w: <error>``; None if none wrote one."""
+    records = [json.loads(path.read_text(encoding='utf-8')) for path in (folder / FAILURES_DIR).glob('rank-*.json')]
+    if not records:
+        return None
+    first = min(records, key=lambda record: record['time'])
+    return f"rank {first['rank']} of {first['world']}: {first['error']}"
 
 
 def _exit_reason(code: int) -> str:
@@ -223,7 +273,12 @@ class StatusCallback(Callback):
 
 
 def _exit_with_parent() -> None:
-    """End this process when the service's end of stdin closes (the service exited, was killed or crashed)."""
+    """End this process when the service's end of stdin closes (the service exited, was killed or crashed).
+
+    torchrun's workers inherit the pipe from torchrun, and the service closes its end as soon as the process it
+    started ends: workers exit with their service, and also when their torchrun was killed (each worker runs in a
+    session of its own, out of reach of the signals sent to torchrun's process group).
+    """
     fd = sys.stdin.fileno()
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         return  # started by hand, not by a service
@@ -239,14 +294,18 @@ def _exit_with_parent() -> None:
 
 def train_run(folder: Path) -> int:
     """Train the run in ``folder`` to its end; returns the process exit code."""
-    from executor.tuning.config import TrainConfig
     from executor.tuning.trainer import CHECKPOINT, Trainer
 
     store, run_id = RunStore(folder.parent), folder.name
-    state = store.update(run_id, status='STARTED', started_at=now(), pid=os.getpid(), error=None)
+    rank, world = int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))
+    if rank == 0:
+        state = store.update(run_id, status='STARTED', started_at=now(), pid=os.getpid(), error=None)
+    else:
+        state = store.get(run_id)
     try:
         request = store.request(run_id)
         docs = store.train_docs(run_id)
+        # the trainer calls back on rank 0 only, so the status is written by one process
         config = TrainConfig(**request, output_dir=folder, callbacks=[StatusCallback(store, run_id)])
         if docs is not None:
             config = config.model_copy(update={'train_data': docs})
@@ -256,14 +315,25 @@ def train_run(folder: Path) -> int:
         result = Trainer(config).fit(resume=resume)
     except Exception as err:
         logger.exception('run %s failed', run_id)
-        store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=_describe(err))
+        if world > 1:  # the other ranks fail in turn (a peer closed); the service reports the first of them
+            _record_failure(folder, rank, world, err)
+        else:
+            store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=_describe(err))
         return 1
-    metrics = dict(result.history[-1]) if result.history else {}
-    metrics.update({f'before/{k}': v for k, v in (result.metrics_before or {}).items()})
-    store.update(run_id, status='FINISHED', finished_at=now(), pid=None, resume=False,
-                 artifact=str(result.artifact), metrics=finite_metrics(metrics))
-    logger.info('run %s finished: %s', run_id, result.artifact)
+    if rank == 0:
+        metrics = dict(result.history[-1]) if result.history else {}
+        metrics.update({f'before/{k}': v for k, v in (result.metrics_before or {}).items()})
+        store.update(run_id, status='FINISHED', finished_at=now(), pid=None, resume=False,
+                     artifact=str(result.artifact), metrics=finite_metrics(metrics))
+        logger.info('run %s finished: %s', run_id, result.artifact)
     return 0
+
+
+def _record_failure(folder: Path, rank: int, world: int, err: BaseException) -> None:
+    """Write this rank's error for ``first_failure``, before the process exits and its peers see it gone."""
+    (folder / FAILURES_DIR).mkdir(exist_ok=True)
+    atomic_write(folder / FAILURES_DIR / f'rank-{rank}.json',
+                 json.dumps({'rank': rank, 'world': world, 'time': time.time(), 'error': _describe(err)}))
 
 
 def _describe(err: BaseException) -> str:
@@ -280,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not Path(args[0]).is_dir():
         print('usage: python -m executor.tuning.jobs <run folder>', file=sys.stderr)
         return 2
+    # under torchrun the ranks share train.log: each line says whose it is
+    rank = f" rank {os.environ['RANK']}" if int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+                        format=f'%(asctime)s %(levelname)s{rank} %(name)s: %(message)s')
     _exit_with_parent()
     return train_run(Path(args[0]).resolve())
 

@@ -51,27 +51,31 @@ class FitResult:
     metrics_after: dict[str, float] | None = None
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(device: torch.device) -> tuple[int, int]:
     """(world size, rank): joins the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
 
-    NCCL on GPUs, gloo on CPU; the rendezvous comes from torchrun's environment (``MASTER_ADDR``/``MASTER_PORT``).
+    NCCL on GPUs, gloo on CPU (also on a machine with GPUs when ``device='cpu'``); the rendezvous comes from
+    torchrun's environment (``MASTER_ADDR``/``MASTER_PORT``).
     """
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
         return 1, 0
     if not dist.is_initialized():
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)  # NCCL's barrier and communicators use the current GPU, not GPU 0 for all
         dist.init_process_group(backend)
         logger.info('joined %s process group as rank %d of %d', backend, dist.get_rank(), dist.get_world_size())
     return dist.get_world_size(), dist.get_rank()
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == 'auto' and torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-    if device == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    """The device of this process: under ``torchrun``, 'auto' and 'cuda' mean the GPU of its ``LOCAL_RANK``."""
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f'device={device!r} but no CUDA device is visible; use device="cpu" or "auto"')
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
     return torch.device(device)
 
 
@@ -123,8 +127,15 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         torch.manual_seed(config.seed)  # before the model exists: random heads and inits are part of the run
-        self.world, self.rank = init_distributed()
         self.device = resolve_device(config.device)
+        self.world, self.rank = init_distributed(self.device)
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        if config.num_devices > 1 and local != config.num_devices:
+            raise ValueError(
+                f'num_devices={config.num_devices} asks for that many processes on this machine, but this one runs '
+                f'among {local}; torchrun starts them: train through the service (/train num_devices=...) or run '
+                f'`torchrun --nproc-per-node {config.num_devices} -m executor.tuning run.json` (num_devices=1 when '
+                'torchrun decides the count)')
         roots = config.data_roots
         if config.train_data is None:
             raise DataError('train_data is missing: pass a CSV path, an image folder or a list of documents')

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from pytorch_metric_learning.miners import TripletMarginMiner
@@ -59,3 +60,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert results[0]['local'] == 10 and results[0]['max_mined'] >= 10  # the miner reached the other rank's items
     written = sorted(p.name for p in (tmp_path / 'ddp').rglob('*') if p.is_file())
     assert written.count('last.pt') == 1 and 'model.pt' in written
+
+
+def test_num_devices_without_torchrun_says_how_to_start_the_processes():
+    with pytest.raises(ValueError, match=r'num_devices=2 asks for that many processes on this machine, but this one '
+                                         r'runs among 1; .*torchrun --nproc-per-node 2 -m executor.tuning run.json'):
+        fit(train_data=digits_items(per_class=2, size=32), device='cpu', num_devices=2)
