@@ -5,20 +5,15 @@ started yet) serialises over gRPC (protobuf) and HTTP (JSON) alike. `matches` de
 `None`: a Flow's gateway rebuilds document classes from their JSON schema (docarray's `create_base_doc_from_schema`),
 which fails on `Optional[DocList[...]]` (KeyError '#/$defs/MatchDoc') and makes a `default_factory` field required.
 
-The pydantic models at the end are the `parameters` of the endpoints. Endpoints declare `parameters: dict` and
-validate it with `Model.model_validate(parameters)` themselves rather than through jina's `parameters: Model`
-annotation: with the annotation, a Flow's HTTP gateway validates the parameters against one executor's model, drops
-unknown keys silently and sends that model's defaults to every executor of the chain, and jina refuses
-`@dynamic_batching` on the endpoint.
+The endpoints' `parameters` are pydantic models too, in `executor.params`.
 """
 # No `from __future__ import annotations` here: jina copies these classes into new pydantic models to describe its
 # endpoints, and postponed (string) annotations cannot be resolved there ("`FinetunerDoc` is not fully defined").
-import difflib
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from docarray import BaseDoc, DocList
 from docarray.typing import NdArray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
 RunStatus = Literal['CREATED', 'STARTED', 'FINISHED', 'FAILED', 'CANCELLED']
 
@@ -96,45 +91,3 @@ class EvaluationResult(BaseDoc):
     metrics: Optional[dict[str, float]] = None
     confusion_matrix: Optional[NdArray] = Field(None, description='(true class, predicted class) counts')
     class_names: Optional[list[str]] = None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Endpoint parameters
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class EndpointParams(BaseModel):
-    """Base of every endpoint's parameters: a misspelt or unknown key is an error, never silently ignored.
-
-    Also the parameters of endpoints that take none, so that a stray key is reported there too.
-    """
-
-    model_config = ConfigDict(extra='forbid')
-
-    @model_validator(mode='before')
-    @classmethod
-    def _check_keys(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        # jina's client sends `__results__: {}` with requests that have no parameters, and executors that return a
-        # dict hand their results downstream under that key: it is jina's, never a user's typo.
-        data = {key: value for key, value in data.items() if key != '__results__'}
-        allowed = sorted({field.alias or name for name, field in cls.model_fields.items()})
-        for key in data:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f' (did you mean {close[0]!r}?)' if close else ''
-                raise ValueError(f"unknown parameter {key!r}{hint}; allowed: {', '.join(allowed) or 'none'}")
-        return data
-
-
-class IndexerSearchParams(EndpointParams):
-    """Parameters of `VectorIndexer` `/search`."""
-
-    limit: int = Field(10, ge=1, le=10_000, description='number of matches returned per query')
-
-
-class IndexerDeleteParams(EndpointParams):
-    """Parameters of `VectorIndexer` `/delete`: ids to delete, besides the ids of the documents sent."""
-
-    ids: list[str] = Field(default_factory=list)

@@ -38,7 +38,8 @@ EXPORT_NAMES = {'fp32': 'model.onnx', 'fp16': 'model-fp16.onnx', 'int8': 'model-
 
 
 class FinetunerExecutor(Executor):
-    """Endpoints: /train, /runs, /runs/status, /runs/logs, /runs/cancel, /encode, /evaluate, /export, /classify."""
+    """Endpoints: /train, /runs, /runs/status, /runs/logs, /runs/cancel, /encode, /evaluate, /export, /classify, and
+    /index, /search, which embed documents for the VectorIndexer that follows in flows/search.yml."""
 
     def __init__(
         self,
@@ -138,13 +139,17 @@ class FinetunerExecutor(Executor):
     @requests(on='/encode')
     async def encode(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Set each document's `embedding`. Concurrent requests for the same model share forward passes."""
-        params = P.parse(P.EncodeParams, parameters, '/encode')
-        if len(docs) == 0:
-            return docs
-        embeddings, _ = await self._run_model(docs, params, 'encode')  # (N, D)
-        for doc, embedding in zip(docs, embeddings):
-            doc.embedding = embedding
-        return docs
+        return await self._embed(docs, P.parse(P.EncodeParams, parameters, '/encode'))
+
+    @requests(on='/index')
+    async def index(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
+        """Embed the documents to index, as /encode does; in flows/search.yml the VectorIndexer stores them next."""
+        return await self._embed(docs, P.parse(P.IndexParams, parameters, '/index'))
+
+    @requests(on='/search')
+    async def search(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
+        """Embed the queries, as /encode does; in flows/search.yml the VectorIndexer finds their `limit` matches."""
+        return await self._embed(docs, P.parse(P.SearchParams, parameters, '/search'))
 
     @requests(on='/classify')
     async def classify(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
@@ -251,6 +256,14 @@ class FinetunerExecutor(Executor):
             raise DataError(f'document {text[0]!r} is text only ({len(text)} such), but this model embeds images; send '
                             'each as uri, blob or tensor')
         return [it.content for it in items], [f'document {it.id!r}' for it in items]
+
+    async def _embed(self, docs: DocList[FinetunerDoc], params: P.ModelParams) -> DocList[FinetunerDoc]:
+        if len(docs) == 0:
+            return docs
+        embeddings, _ = await self._run_model(docs, params, 'encode')  # (N, D)
+        for doc, embedding in zip(docs, embeddings):
+            doc.embedding = embedding
+        return docs
 
     async def _run_model(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str) -> tuple:
         """Embeddings (or logits) of the documents and the encoder; small requests go through the batcher."""

@@ -6,6 +6,9 @@ stored fields (`id`, `uri`, `text`, `label`, `embedding`), and `vector_indexer.j
 hnswlib needs before it can open the graph. A restart on the same folder serves the same index.
 
 Scores are cosine similarities (higher is closer): hnswlib's cosine space returns the distance `1 - cos`.
+
+ShardMerger follows a sharded VectorIndexer in a Flow (flows/k8s.yml), or serves as its `uses_after`: it keeps each
+query's best `limit` matches over all shards and sums the shards' counts.
 """
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations (`docs`, `parameters`,
 # the return type) as live objects to build its request schemas, and postponed annotations are only strings.
@@ -26,18 +29,15 @@ from docarray.typing import NdArray
 from jina import Executor, requests
 from pydantic import Field, create_model
 
-from executor.docs import (
-    EndpointParams,
-    FinetunerDoc,
-    IndexerDeleteParams,
-    IndexerSearchParams,
-    IndexStats,
-    MatchDoc,
-)
+from executor.docs import FinetunerDoc, IndexStats, MatchDoc
+from executor.params import DeleteParams, EndpointParams, IndexParams, SearchParams, parse
 
 logger = logging.getLogger(__name__)
 
 _META_FILE = 'vector_indexer.json'
+# Candidates hnswlib keeps per query (`ef`): docarray sets 10, and a reloaded graph has hnswlib's default (10 too),
+# which misses true neighbours of clustered embeddings. As wide as the graph was built (ef_construction) instead.
+_SEARCH_EF = 200
 
 
 def _stored_doc_schema(dim: int) -> type[BaseDoc]:
@@ -96,8 +96,11 @@ class VectorIndexer(Executor):
     @requests(on='/index')
     @_on_index_thread
     def index(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
-        """Adds the documents, replacing those with the same id. Each needs an `embedding`."""
-        EndpointParams.model_validate(parameters)
+        """Adds the documents, replacing those with the same id. Each needs an `embedding`.
+
+        The parameters are those of FinetunerExecutor's `/index`, which embeds the documents before this in a Flow.
+        """
+        parse(IndexParams, parameters, '/index')
         if not docs:
             return docs
         duplicates = sorted(i for i, n in Counter(docs.id).items() if n > 1)
@@ -117,8 +120,11 @@ class VectorIndexer(Executor):
     @requests(on='/search')
     @_on_index_thread
     def search(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
-        """Sets each query's `matches`: the `limit` nearest documents, best first, scored by cosine similarity."""
-        limit = IndexerSearchParams.model_validate(parameters).limit
+        """Sets each query's `matches`: the `limit` nearest documents, best first, scored by cosine similarity.
+
+        The other parameters choose the model of FinetunerExecutor's `/search`, which embeds the queries before this.
+        """
+        limit = parse(SearchParams, parameters, '/search').limit
         if not docs:
             return docs
         queries = self._embeddings(docs, 'query')  # (n, dim)
@@ -126,6 +132,8 @@ class VectorIndexer(Executor):
             for doc in docs:
                 doc.matches = DocList[MatchDoc]()
             return docs
+        for graph in self._index._hnsw_indices.values():
+            graph.set_ef(_SEARCH_EF)  # hnswlib widens it to `limit` where that is larger
         found = self._index.find_batched(queries, search_field='embedding', limit=limit)
         for doc, neighbours, distances in zip(docs, found.documents, found.scores):
             scores = np.clip(1.0 - distances, -1.0, 1.0)  # hnswlib's cosine distance is 1 - cos, up to rounding
@@ -139,7 +147,7 @@ class VectorIndexer(Executor):
     @_on_index_thread
     def delete(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Deletes the documents with the ids sent (as documents or `ids`); returns those that were in the index."""
-        ids = list(dict.fromkeys(docs.id + IndexerDeleteParams.model_validate(parameters).ids))
+        ids = list(dict.fromkeys(docs.id + parse(DeleteParams, parameters, '/delete').ids))
         if not ids or self._index is None:
             return DocList[FinetunerDoc]()
         try:
@@ -155,7 +163,7 @@ class VectorIndexer(Executor):
     @_on_index_thread
     def count(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[IndexStats]:
         """Returns one `IndexStats` document: the number of indexed documents and the embedding size."""
-        EndpointParams.model_validate(parameters)
+        parse(EndpointParams, parameters, '/count')
         return DocList[IndexStats]([IndexStats(count=self._index.num_docs() if self._index else 0, dim=self._dim)])
 
     @requests
@@ -210,3 +218,37 @@ class VectorIndexer(Executor):
         # bring deleted ids back into the graph (as holes in the results: their rows are gone from SQLite).
         for column, graph in self._index._hnsw_indices.items():
             graph.save_index(self._index._hnsw_locations[column])
+
+
+class ShardMerger(Executor):
+    """Merges the replies of a sharded VectorIndexer: the next executor of the Flow, or the indexer's `uses_after`."""
+
+    @requests(on='/search')
+    def search(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
+        """One document per query holding its `limit` best matches over all shards, best first.
+
+        Each shard found its own `limit` matches. The indexer's head concatenates them into one document per query,
+        or, with this as its `uses_after`, hands over each shard's copy of the query: both shapes are merged here.
+        """
+        limit = parse(SearchParams, parameters, '/search').limit
+        queries: dict[str, FinetunerDoc] = {}
+        found: dict[str, list[MatchDoc]] = {}
+        for doc in docs:
+            queries.setdefault(doc.id, doc)
+            found.setdefault(doc.id, []).extend(doc.matches)
+        for doc_id, doc in queries.items():
+            best = sorted(found[doc_id], key=lambda match: match.score, reverse=True)[:limit]
+            doc.matches = DocList[MatchDoc](best)
+        return DocList[FinetunerDoc](queries.values())
+
+    @requests(on='/count')
+    def count(self, docs: DocList[IndexStats], parameters: dict, **kwargs) -> DocList[IndexStats]:
+        """Sums the shards' counts into one `IndexStats`; the size is that of any shard holding documents."""
+        parse(EndpointParams, parameters, '/count')
+        dim = next((stats.dim for stats in docs if stats.dim is not None), None)
+        return DocList[IndexStats]([IndexStats(count=sum(stats.count for stats in docs), dim=dim)])
+
+    @requests
+    def pass_through(self, docs: DocList[AnyDoc], **kwargs) -> DocList[AnyDoc]:
+        """Returns the documents of every other endpoint as the head merged them (`/index`, `/delete`: by id)."""
+        return docs

@@ -1,9 +1,15 @@
-"""The parameters of every FinetunerExecutor endpoint and of its ``uses_with``: pydantic models, unknown keys rejected.
+"""The parameters of every endpoint (FinetunerExecutor's and the indexer's) and FinetunerExecutor's ``uses_with``:
+pydantic models, unknown keys rejected.
 
 Endpoints take ``parameters: dict`` and validate it here (``parse``) rather than through jina's ``parameters: Model``
-annotation: behind a Flow's HTTP gateway the annotation makes the gateway drop unknown keys silently, and jina
-refuses ``@dynamic_batching`` with it. Validation is lax, so numbers that gRPC carries as floats (protobuf's
-``Struct`` has no integers) become the integers the fields ask for: ``3.0`` -> ``3``.
+annotation: behind a Flow's HTTP gateway the annotation makes the gateway validate against one executor's model, drop
+unknown keys silently and send that model's defaults to every executor of the chain, and jina refuses
+``@dynamic_batching`` with it. Validation is lax, so numbers that gRPC carries as floats (protobuf's ``Struct`` has no
+integers) become the integers the fields ask for: ``3.0`` -> ``3``.
+
+A Flow hands a request's parameters to every executor on its path, so ``/index`` and ``/search``, which
+flows/search.yml routes through FinetunerExecutor (embeds) and then VectorIndexer (stores, finds), take one model each
+that both executors validate: the encoder's fields plus the indexer's ``limit``. Each executor uses its own fields.
 
 ``/train`` takes the fields of the core's ``TrainConfig`` (so the names never drift from it) minus those the
 executor sets itself (``output_dir``, ``callbacks``, ``data_roots``), plus ``wait``, ``resume`` and ``run_name``.
@@ -11,13 +17,13 @@ executor sets itself (``output_dir``, ``callbacks``, ``data_roots``), plus ``wai
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Type, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from executor.docs import EndpointParams
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import check_under_roots
 from executor.tuning.runs import RUN_ID_PATTERN
@@ -31,6 +37,31 @@ Runtime = Literal['onnx', 'torch']
 
 class ParameterError(ValueError):
     """The parameters of a request are invalid; the message names each bad one and what it accepts."""
+
+
+class EndpointParams(BaseModel):
+    """Base of every endpoint's parameters: a misspelt or unknown key is an error, never silently ignored.
+
+    Also the parameters of endpoints that take none, so that a stray key is reported there too.
+    """
+
+    model_config = ConfigDict(extra='forbid')
+
+    @model_validator(mode='before')
+    @classmethod
+    def _check_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # jina's client sends `__results__: {}` with requests that have no parameters, and executors that return a
+        # dict hand their results downstream under that key: it is jina's, never a user's typo.
+        data = {key: value for key, value in data.items() if key != '__results__'}
+        allowed = sorted({field.alias or name for name, field in cls.model_fields.items()})
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f' (did you mean {close[0]!r}?)' if close else ''
+                raise ValueError(f"unknown parameter {key!r}{hint}; allowed: {', '.join(allowed) or 'none'}")
+        return data
 
 
 def parse(model: Type[P], parameters: dict[str, Any] | None, endpoint: str) -> P:
@@ -176,6 +207,22 @@ class ModelParams(EndpointParams):
 
 class EncodeParams(ModelParams):
     """Parameters of ``/encode``."""
+
+
+class IndexParams(ModelParams):
+    """Parameters of ``/index``: the model that embeds the documents; VectorIndexer then stores them."""
+
+
+class SearchParams(ModelParams):
+    """Parameters of ``/search``: the model that embeds the queries, and how many matches VectorIndexer returns."""
+
+    limit: int = Field(10, ge=1, le=10_000, description='number of matches returned per query')
+
+
+class DeleteParams(EndpointParams):
+    """Parameters of VectorIndexer's ``/delete``: ids to delete, besides the ids of the documents sent."""
+
+    ids: list[str] = Field(default_factory=list)
 
 
 class ClassifyParams(ModelParams):

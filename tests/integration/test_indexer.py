@@ -1,4 +1,5 @@
-"""VectorIndexer served by a real jina Deployment on 127.0.0.1, called over gRPC (jina Client) and HTTP (plain JSON)."""
+"""VectorIndexer served by a real jina Deployment on 127.0.0.1, called over gRPC (jina Client) and HTTP (plain JSON),
+and sharded in a Flow whose ShardMerger merges the shards' replies."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 import requests
 from docarray import DocList
-from jina import Client, Deployment
+from jina import Client, Deployment, Flow
 from jina.excepts import BadServer
 
-from executor.docs import FinetunerDoc, IndexStats
-from executor.indexer import VectorIndexer
+from executor.docs import FinetunerDoc, IndexStats, MatchDoc
+from executor.indexer import ShardMerger, VectorIndexer
 
 DIM = 16
 CLUSTERS = 3
@@ -168,6 +169,12 @@ def test_bad_requests_are_reported_and_the_service_keeps_serving(
 
         assert call.count().count == 4  # nothing of the failed requests was indexed
         assert len(call('/search', _queries(centers)[:1], {'limit': 2})[0].matches) == 2
+        # in flows/search.yml FinetunerExecutor's parameters reach the indexer too: accepted, and left to it
+        encoder_params = {'model': 'efficientnet_lite0', 'runtime': 'torch', 'batch_size': 4}
+        call('/index', corpus[4:5], encoder_params)
+        assert len(call('/search', _queries(centers)[:1], {'limit': 2, **encoder_params})[0].matches) == 2
+        with pytest.raises(ServiceError, match=r"/index: unknown parameter 'limit'; allowed: batch_size, model"):
+            call('/index', corpus[5:6], {'limit': 2})
 
 
 def test_other_endpoints_pass_documents_through(tmp_path: Path, free_port: Callable[[], int]):
@@ -211,3 +218,52 @@ def test_dim_is_kept_with_the_index(tmp_path: Path, corpus: list[FinetunerDoc]):
     reopened = VectorIndexer(dim=DIM, workspace=str(tmp_path))
     assert reopened.count(docs=DocList[FinetunerDoc](), parameters={})[0].count == 2
     reopened.close()
+
+
+def _match(doc_id: str, score: float) -> MatchDoc:
+    return MatchDoc(id=doc_id, score=score)
+
+
+def test_shard_merger_keeps_the_best_matches_of_every_shard():
+    merger = ShardMerger()
+    # a head's reduce: one document per query, the shards' matches one after the other
+    reduced = DocList[FinetunerDoc]([FinetunerDoc(id='q', matches=DocList[MatchDoc](
+        [_match('a', 0.9), _match('b', 0.5), _match('c', 0.95), _match('d', 0.1)]))])
+    (merged,) = merger.search(docs=reduced, parameters={'limit': 3})
+    assert [(m.id, m.score) for m in merged.matches] == [('c', 0.95), ('a', 0.9), ('b', 0.5)]
+    # a head with this as its uses_after: each shard's copy of each query
+    copies = DocList[FinetunerDoc]([
+        FinetunerDoc(id='q1', matches=DocList[MatchDoc]([_match('a', 0.2)])),
+        FinetunerDoc(id='q2', matches=DocList[MatchDoc]([_match('b', 0.4)])),
+        FinetunerDoc(id='q1', matches=DocList[MatchDoc]([_match('c', 0.3)])),
+    ])
+    merged = merger.search(docs=copies, parameters={'limit': 10})
+    assert [(d.id, [m.id for m in d.matches]) for d in merged] == [('q1', ['c', 'a']), ('q2', ['b'])]
+
+    stats = DocList[IndexStats]([IndexStats(count=3, dim=DIM), IndexStats(count=0), IndexStats(count=4, dim=DIM)])
+    assert [(s.count, s.dim) for s in merger.count(docs=stats, parameters={})] == [(7, DIM)]
+    with pytest.raises(ValueError, match=r"unknown parameter 'limt' \(did you mean 'limit'\?\)"):
+        merger.search(docs=reduced, parameters={'limt': 3})
+
+
+def test_a_sharded_index_searches_every_shard(tmp_path: Path, free_port: Callable[[], int],
+                                              corpus: list[FinetunerDoc], centers: np.ndarray):
+    """The topology of flows/k8s.yml: one shard stores each document, every shard answers each query."""
+    port = free_port()
+    polling = {'/index': 'ANY', '/search': 'ALL', '/delete': 'ALL', '/count': 'ALL', '*': 'ANY'}
+    flow = (Flow(host='127.0.0.1', port=port)
+            .add(name='indexer', uses=VectorIndexer, shards=2, polling=polling, workspace=str(tmp_path))
+            .add(name='merger', uses=ShardMerger))
+    with flow:
+        call = Caller('grpc', port)
+        for start in range(0, len(corpus), 8):  # several requests, so that both shards get documents
+            call('/index', corpus[start:start + 8])
+        shard_counts = [len(list((tmp_path / 'VectorIndexer' / str(shard)).glob('hnsw/*.bin'))) for shard in (0, 1)]
+        assert shard_counts == [1, 1]
+        assert (call.count().count, call.count().dim) == (len(corpus), DIM)
+        for query in call('/search', _queries(centers), {'limit': 7}):
+            expected = _exact_neighbours(corpus, centers[int(query.id[1:])], 7)
+            assert [m.id for m in query.matches] == [doc_id for doc_id, _ in expected]
+        deleted = call('/delete', [], {'ids': [doc.id for doc in corpus[:10]]})
+        assert sorted(doc.id for doc in deleted) == sorted(doc.id for doc in corpus[:10])
+        assert call.count().count == len(corpus) - 10
