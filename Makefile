@@ -10,7 +10,10 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: install test test-slow test-all demo bench lock clean
 
+# The .pth file puts this repository on the venv's path, so `jina flow --uses flows/search.yml` and `jina executor
+# --uses config.yml` find the `executor` package from any folder without PYTHONPATH.
 install: $(STAMP)
+	@$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'finetuner-executor.pth').write_text('$(CURDIR)\n')"
 
 # The stamp depends on the requirements and the lock: an unchanged .venv is reused as it is.
 $(STAMP): requirements.txt requirements.lock

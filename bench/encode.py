@@ -1,12 +1,21 @@
-"""Encoding throughput: onnxruntime vs torch eager (default layout and channels_last), and ORT's share of GEMM peak.
+"""Encoding throughput: onnxruntime vs torch eager (default layout and channels_last), ORT's share of GEMM peak, and
+the service: 16 concurrent single-image clients vs one sequential client (Deployment, gRPC and HTTP), and a Flow
+(gRPC, batch 32) vs onnxruntime in this process.
 
-Run from the repository root: ``.venv/bin/python bench/encode.py --quick`` (3-5 minutes on 2 shared cores) or without
-``--quick`` for steadier figures; ``--int8`` adds the int8 ONNX export of the default model.
+Run from the repository root: ``.venv/bin/python bench/encode.py --quick`` (5-8 minutes on 2 shared cores) or without
+``--quick`` for steadier figures; ``--int8`` adds the int8 ONNX export of the default model; ``--no-serving`` skips
+the service measurements.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import dataclasses
+import io
 import logging
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -16,9 +25,19 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+os.environ.setdefault('JINA_OPTOUT_TELEMETRY', '1')
+# spawn, not fork: the Deployment starts after torch and onnxruntime have started their threads in this process,
+# and a forked executor would hang in their thread pools. jina sets the start method when it is imported, so first.
+os.environ.setdefault('JINA_MP_START_METHOD', 'spawn')
+from jina import Client, Deployment, Flow  # noqa: E402
+
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from docarray import DocList  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from executor.docs import FinetunerDoc  # noqa: E402
 from executor.tuning.export import export_onnx, sample_photos  # noqa: E402
 from executor.tuning.inference import OnnxEncoder, Preprocessor, TorchEncoder, usable_cores  # noqa: E402
 from executor.tuning.models import EmbeddingModel, build_model  # noqa: E402
@@ -33,10 +52,14 @@ class Settings:
     repeats: int  # timed rounds; each run's best round is kept (the machine is shared: best = least disturbed)
     seconds: float  # about how long one run lasts within a round (several calls when one is quick)
     gemm_size: int  # n of the n x n fp32 matrices multiplied for the GEMM peak
+    serve_seconds: float  # how long each client set sends requests to the service
 
 
-QUICK = Settings(batches=(1, 8, 32), repeats=5, seconds=0.3, gemm_size=2048)
-FULL = Settings(batches=(1, 8, 32), repeats=7, seconds=2.0, gemm_size=4096)
+QUICK = Settings(batches=(1, 8, 32), repeats=5, seconds=0.3, gemm_size=2048, serve_seconds=10)
+FULL = Settings(batches=(1, 8, 32), repeats=7, seconds=2.0, gemm_size=4096, serve_seconds=30)
+CONFIG = Path(__file__).resolve().parents[1] / 'config.yml'
+CLIENTS = 16
+FLOW_BATCH = 32
 
 
 def photo_batch(model: EmbeddingModel, size: int) -> torch.Tensor:
@@ -131,10 +154,94 @@ def ort_efficiency(label: str, model: EmbeddingModel, encoder: OnnxEncoder, batc
           f'{100 * achieved / peak:.1f}% of peak')
 
 
+def jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='JPEG', quality=90)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+async def encode_requests(protocol: str, port: int, photo: bytes, clients: int, seconds: float) -> float:
+    """Requests per second (one image each) when ``clients`` clients each send single-image ``/encode`` requests one
+    after another for ``seconds``, all concurrently in one event loop (not threads: 16 client threads would spend the
+    GIL that the service's processes need). gRPC: jina's asyncio client with the JPEG as ``blob``; HTTP: plain JSON
+    over aiohttp with the JPEG as a ``data:`` URI (JSON has no bytes)."""
+    import aiohttp
+
+    docs = DocList[FinetunerDoc]([FinetunerDoc(blob=photo)])
+    body = {'data': [{'uri': 'data:image/jpeg;base64,' + base64.b64encode(photo).decode()}], 'parameters': {}}
+    stop = time.monotonic() + seconds
+
+    async def grpc_client() -> int:
+        client, done = Client(host=f'grpc://127.0.0.1:{port}', asyncio=True), 0
+        while time.monotonic() < stop:
+            async for _ in client.post('/encode', docs, return_type=DocList[FinetunerDoc]):
+                done += 1
+        return done
+
+    async def http_client() -> int:
+        done = 0
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < stop:
+                async with session.post(f'http://127.0.0.1:{port}/encode', json=body) as reply:
+                    reply.raise_for_status()
+                    await reply.read()
+                done += 1
+        return done
+
+    started = time.monotonic()
+    done = await asyncio.gather(*(grpc_client() if protocol == 'grpc' else http_client() for _ in range(clients)))
+    return sum(done) / (time.monotonic() - started)
+
+
+def concurrent_clients(artifact: Path, photo: bytes, settings: Settings) -> None:
+    """16 concurrent single-image clients vs one sequential client, through a real Deployment of ``config.yml``
+    serving the ONNX export: the service merges concurrent requests into batches (dynamic batching). No gateway in
+    front, as ``jina executor --uses config.yml`` serves it; the Flow measurement below has one."""
+    print(f'\n/encode of one {Image.open(io.BytesIO(photo)).size} JPEG per request through a Deployment (onnx), '
+          f'{settings.serve_seconds:.0f} s per client set')
+    print(f'{"protocol":>8}{"1 client":>12}{f"{CLIENTS} clients":>14}{"ratio":>9}   (img/s; target >= 2x, goal 3x)')
+    for protocol in ('grpc', 'http'):
+        port = free_port()
+        with tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace, \
+                Deployment(uses=str(CONFIG), protocol=protocol, host='127.0.0.1', port=port, workspace=workspace,
+                           uses_with={'artifact': str(artifact), 'device': 'cpu'}, include_gateway=False, quiet=True):
+            asyncio.run(encode_requests(protocol, port, photo, 1, 2.0))  # the first calls load the model
+            sequential = asyncio.run(encode_requests(protocol, port, photo, 1, settings.serve_seconds))
+            many = asyncio.run(encode_requests(protocol, port, photo, CLIENTS, settings.serve_seconds))
+        print(f'{protocol:>8}{sequential:>12.1f}{many:>14.1f}{many / sequential:>8.2f}x')
+
+
+def flow_vs_in_process(artifact: Path, photo: bytes, settings: Settings) -> None:
+    """Batches of 32 JPEGs through a Flow (gRPC gateway -> FinetunerExecutor) vs the same ONNX file and the same
+    decoding in this process: what the service costs on top of the model."""
+    photos = [photo] * FLOW_BATCH
+    encoder = OnnxEncoder(artifact / 'model.onnx', device='cpu')
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace, \
+            Flow(protocol='grpc', host='127.0.0.1', port=port, workspace=workspace, quiet=True).add(
+                uses=str(CONFIG), uses_with={'artifact': str(artifact), 'device': 'cpu'}, quiet=True):
+        client = Client(host=f'grpc://127.0.0.1:{port}')
+        docs = DocList[FinetunerDoc]([FinetunerDoc(blob=p) for p in photos])
+        rates = throughputs({
+            'flow': (lambda: client.post('/encode', docs, parameters={'batch_size': FLOW_BATCH},
+                                         return_type=DocList[FinetunerDoc]), FLOW_BATCH),
+            'in-process': (lambda: encoder.encode(photos, batch_size=FLOW_BATCH), FLOW_BATCH),
+        }, dataclasses.replace(settings, seconds=max(2.0, settings.seconds)))
+    print(f'\nbatches of {FLOW_BATCH} JPEGs: Flow (gRPC) {rates["flow"]:.1f} img/s, onnxruntime in this process '
+          f'{rates["in-process"]:.1f} img/s -> {rates["flow"] / rates["in-process"]:.2f} (target >= 0.9)')
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='fewer and shorter timed runs')
     parser.add_argument('--int8', action='store_true', help='also time the int8 export of the default model')
+    parser.add_argument('--no-serving', action='store_true', help='skip the Deployment and Flow measurements')
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
@@ -145,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     encoder = compare_runtimes('efficientnet_lite0 (default, ImageNet weights)', default, settings, args.int8)
     compare_runtimes('resnet50 (random weights)', build_model('resnet50', pretrained=False), settings)
     ort_efficiency('efficientnet_lite0', default, encoder, max(settings.batches), settings)
+    if not args.no_serving:
+        photo = jpeg(sample_photos()[0])
+        with tempfile.TemporaryDirectory(prefix='encode-artifact-') as tmp:
+            export_onnx(default, Path(tmp) / 'model.onnx')
+            concurrent_clients(Path(tmp), photo, settings)
+            flow_vs_in_process(Path(tmp), photo, settings)
 
 
 if __name__ == '__main__':
