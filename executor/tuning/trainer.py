@@ -426,7 +426,30 @@ class Trainer:
             self.metrics_after = evaluation.evaluate(self)
             report = reports.display_metrics(self.metrics_before, self.metrics_after, folder)
             reports.plot_before_after(self.metrics_before, self.metrics_after, folder)
+            if self.task not in ('classification', 'linear_probe'):
+                self.plot_matches(evaluation.query_items, evaluation.index_items, folder)
             logger.info('retrieval metrics before/after fine-tuning:\n%s', report.text)
+
+    def plot_matches(self, query_items: Sequence[Item], index_items: Sequence[Item] | None, folder: Path,
+                     queries: int = 6, k: int = 5) -> Path:
+        """``matches.png``: a few queries (one per label, first seen first) and their top ``k`` by the final model,
+        relevant matches framed green; a query never matches itself when queries and index are the same set."""
+        from executor.tuning import reports
+        from executor.tuning.data import load_image
+        from executor.tuning.evaluation import knn
+
+        same = index_items is None
+        index_items = query_items if same else index_items
+        chosen = list({it.label: row for row, it in enumerate(query_items)}.values())[:queries]
+        picked = [query_items[row] for row in chosen]
+        _, neighbours = knn(self.embed(picked), self.embed(index_items), min(k + same, len(index_items)))  # (Q, k)
+        matches, relevant = [], []
+        for q, (row, query) in enumerate(zip(chosen, picked)):
+            ranked = [col for col in neighbours[q].tolist() if not (same and col == row)][:k]
+            matches.append([load_image(index_items[col].content, f'item {index_items[col].id!r}') for col in ranked])
+            relevant.append([index_items[col].label == query.label for col in ranked])
+        images = [load_image(it.content, f'item {it.id!r}') for it in picked]
+        return reports.plot_matches(images, matches, relevant, folder)
 
     # --- evaluation -----------------------------------------------------------------------------------------------
 

@@ -99,10 +99,13 @@ def test_evaluation_best_model_and_early_stopping(tmp_path, train_items):
     assert result.metrics_after['hit@1'] == pytest.approx(best)
     before_after = json.loads((tmp_path / 'reports' / 'metrics_before_after.json').read_text())
     assert before_after['before'] == pytest.approx(result.metrics_before, nan_ok=True)
-    for name in ('curves.png', 'before_after.png'):
+    for name in ('curves.png', 'before_after.png', 'matches.png'):
         with Image.open(tmp_path / 'reports' / name) as image:
             image.verify()
             assert image.format == 'PNG' and min(image.size) > 200
+    with Image.open(tmp_path / 'reports' / 'matches.png') as sprite:  # 6 rows (a query per digit): query + top 5
+        width, height = sprite.size
+        assert width > 6 * 96 and height > 6 * 96
 
 
 def test_arcface_trains_its_own_parameters(tmp_path, train_items):
