@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/train_overhead.py
 	$(PY) bench/encode.py --quick
 	$(PY) bench/knn.py
+	$(PY) bench/ddp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
