@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 from rich.console import Console, RenderableType
 from rich.table import Table
@@ -108,8 +109,8 @@ def plot_curves(
     :param history: one dict per epoch, e.g. ``{'epoch': 1, 'train_loss': 0.7, 'ndcg@10': 0.41}``; a key missing
         from some rows (evaluation every few epochs) is plotted where present. The x axis is 'epoch' (else 'step',
         else the row number).
-    :param metrics: the non-loss keys to plot; default: every key that is a known higher-is-better metric
-        (so 'lr' and timings are left out).
+    :param metrics: the non-loss keys to plot; default: every key that is a known higher-is-better metric in
+        [0, 1] (so 'lr', timings and the unbounded ``dcg_at_k`` are left out, which would squash the others).
     """
     if not history:
         raise ValueError('history is empty: nothing to plot; pass the list of per-epoch dicts of a finished epoch')
@@ -117,7 +118,7 @@ def plot_curves(
     x_key = next((key for key in _X_KEYS if all(key in row for row in history)), None)
     xs = [row[x_key] for row in history] if x_key else list(range(1, len(history) + 1))
     losses = [key for key in keys if 'loss' in key]
-    chosen = list(metrics) if metrics is not None else [key for key in keys if _is_score(key)]
+    chosen = list(metrics) if metrics is not None else [key for key in keys if _is_score(key) and key != 'dcg_at_k']
     unknown = [key for key in chosen if key not in keys]
     if unknown:
         raise ValueError(f'metrics {unknown} are not in the history; its keys are {keys}')
@@ -134,8 +135,10 @@ def plot_curves(
                 ax.plot(px, py, marker='o' if len(points) <= 30 else None, label=name)
         ax.set_title(title)
         ax.set_xlabel(x_key or 'row')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize='small')
+        # many metrics: the legend goes beside the axes, where it hides no curve
+        ax.legend(fontsize='small', **({'loc': 'upper left', 'bbox_to_anchor': (1.0, 1.0)} if len(names) > 6 else {}))
     return _save_figure(fig, Path(folder) / CURVES_PNG)
 
 
