@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import check_under_roots
+from executor.tuning.devices import check_device
 from executor.tuning.runs import RUN_ID_PATTERN
 
 P = TypeVar('P', bound=BaseModel)
@@ -274,6 +275,4 @@ class ServiceConfig(BaseModel):
     @field_validator('device')
     @classmethod
     def _device(cls, value: str) -> str:
-        if value not in ('auto', 'cpu', 'cuda') and not (value.startswith('cuda:') and value[5:].isdigit()):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-        return value
+        return check_device(value)

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from executor.tuning.devices import check_device
 from executor.tuning.losses import CROSS_ENTROPY, SELF_SUPERVISED, list_losses, list_miners, unknown_name
 
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
@@ -119,9 +120,7 @@ class TrainConfig(BaseModel):
     @field_validator('device')
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value not in ('auto', 'cpu', 'cuda') and not (value.startswith('cuda:') and value[5:].isdigit()):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-        return value
+        return check_device(value)
 
     @model_validator(mode='after')
     def _consistent(self) -> TrainConfig:

@@ -27,6 +27,7 @@ from torch import nn
 
 from executor.tuning.data.images import DataError, load_image
 from executor.tuning.data.transforms import eval_transform
+from executor.tuning.devices import check_device
 from executor.tuning.models import EmbeddingModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,9 @@ def usable_cores() -> int:
 
 def resolve_device(device: str) -> str:
     """``'auto'`` -> ``'cuda'`` when torch sees a GPU, else ``'cpu'``; ``'cuda:N'`` picks a GPU."""
-    if device == 'auto':
+    if check_device(device) == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cpu' or device == 'cuda' or (device.startswith('cuda:') and device[5:].isdigit()):
-        return device
-    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    return device
 
 
 class Preprocessor:
