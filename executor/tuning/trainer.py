@@ -423,17 +423,21 @@ class Trainer:
             reports.plot_curves(self.history, folder)
         evaluation = next((c for c in self.callbacks if isinstance(c, cb.EvaluationCallback)), None)
         if evaluation is not None and self.metrics_before is not None:
-            self.metrics_after = evaluation.evaluate(self)
+            if self.task in ('classification', 'linear_probe'):
+                self.metrics_after = evaluation.evaluate(self)
+            else:  # the final evaluation's embeddings also rank the sprite's matches: the data is embedded once
+                self.metrics_after, q_emb, i_emb = self.retrieval(evaluation.query_items, evaluation.index_items,
+                                                                  evaluation.limit, evaluation.batch_size)
+                self.plot_matches(evaluation.query_items, evaluation.index_items, q_emb, i_emb, folder)
             report = reports.display_metrics(self.metrics_before, self.metrics_after, folder)
             reports.plot_before_after(self.metrics_before, self.metrics_after, folder)
-            if self.task not in ('classification', 'linear_probe'):
-                self.plot_matches(evaluation.query_items, evaluation.index_items, folder)
             logger.info('retrieval metrics before/after fine-tuning:\n%s', report.text)
 
-    def plot_matches(self, query_items: Sequence[Item], index_items: Sequence[Item] | None, folder: Path,
-                     queries: int = 6, k: int = 5) -> Path:
-        """``matches.png``: a few queries (one per label, first seen first) and their top ``k`` by the final model,
-        relevant matches framed green; a query never matches itself when queries and index are the same set."""
+    def plot_matches(self, query_items: Sequence[Item], index_items: Sequence[Item] | None, q_emb: torch.Tensor,
+                     i_emb: torch.Tensor, folder: Path, queries: int = 6, k: int = 5) -> Path:
+        """``matches.png``: a few queries (one per label, first seen first) and their top ``k`` by the embeddings
+        ``q_emb`` ``(Q, D)`` and ``i_emb`` ``(I, D)`` of the items, relevant matches framed green; a query never
+        matches itself when queries and index are the same set."""
         from executor.tuning import reports
         from executor.tuning.data import load_image
         from executor.tuning.evaluation import knn
@@ -442,7 +446,7 @@ class Trainer:
         index_items = query_items if same else index_items
         chosen = list({it.label: row for row, it in enumerate(query_items)}.values())[:queries]
         picked = [query_items[row] for row in chosen]
-        _, neighbours = knn(self.embed(picked), self.embed(index_items), min(k + same, len(index_items)))  # (Q, k)
+        _, neighbours = knn(q_emb[chosen], i_emb, min(k + same, len(index_items)))  # (len(chosen), k + same)
         matches, relevant = [], []
         for q, (row, query) in enumerate(zip(chosen, picked)):
             ranked = [col for col in neighbours[q].tolist() if not (same and col == row)][:k]
@@ -469,7 +473,7 @@ class Trainer:
     def evaluate(self, query_items: Sequence[Item], index_items: Sequence[Item] | None, limit: int,
                  batch_size: int = 64) -> dict[str, float]:
         """Retrieval metrics (or accuracy for a classifier) of the current model on labelled items."""
-        from executor.tuning.evaluation import classification_metrics, retrieval_metrics
+        from executor.tuning.evaluation import classification_metrics
 
         if self.task in ('classification', 'linear_probe') and index_items is None:
             known = [it for it in query_items if it.label in self.model.class_names]
@@ -479,6 +483,14 @@ class Trainer:
             logits = self.model.classifier(self.embed(known, batch_size).to(self.device)).cpu()
             labels = [self.model.class_names.index(it.label) for it in known]
             return classification_metrics(logits, labels, self.model.class_names)[0]
+        return self.retrieval(query_items, index_items, limit, batch_size)[0]
+
+    def retrieval(self, query_items: Sequence[Item], index_items: Sequence[Item] | None, limit: int,
+                  batch_size: int = 64) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """Retrieval metrics of the current model, with the query ``(Q, D)`` and index ``(I, D)`` embeddings they
+        came from (the same tensor when ``index_items`` is None: the queries search each other, self excluded)."""
+        from executor.tuning.evaluation import retrieval_metrics
+
         index_items = index_items if index_items is not None else query_items
         names = sorted({it.label for it in [*query_items, *index_items] if it.label is not None})
         ids = {n: i for i, n in enumerate(names)}
@@ -486,8 +498,9 @@ class Trainer:
         i_labels = torch.tensor([ids.get(it.label, -2) for it in index_items])
         q_emb = self.embed(query_items, batch_size)
         i_emb = q_emb if index_items is query_items else self.embed(index_items, batch_size)
-        return retrieval_metrics(q_emb, q_labels, i_emb, i_labels, limit=limit,
-                                 exclude_self=index_items is query_items)
+        metrics = retrieval_metrics(q_emb, q_labels, i_emb, i_labels, limit=limit,
+                                    exclude_self=index_items is query_items)
+        return metrics, q_emb, i_emb
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
