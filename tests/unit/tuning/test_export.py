@@ -163,11 +163,13 @@ def test_fp16_parity_on_the_default_model(tmp_path, default_model, photos):
 
 @pytest.mark.slow
 def test_int8_parity_on_the_default_model(tmp_path, default_model, photos):
-    # measured: with every conv quantized min cosine 0.982; with the first 2 convs in float 0.9953 (max |diff| 0.34),
-    # 4.0 MB, 1.5-2x the fp32 ORT throughput on 2 AVX-512-VNNI cores. Dynamic quantization (per-tensor ConvInteger)
+    # measured with 8-bit weights: on 2 AVX-512-VNNI cores min cosine 0.982 with every conv quantized, 0.9953 with the
+    # first 2 convs in float (4.0 MB, 1.5-2x the fp32 ORT throughput); on an AVX2-only EPYC the u8 x s8 sums saturate
+    # (0.82, 0.95 with 16 in float), hence 7-bit weights: there 0.968, and 0.992 with the first 8 convs in float. How
+    # many stay in float depends on the CPU; the parity bar does not. Dynamic quantization (per-tensor ConvInteger)
     # reached only 0.82-0.85, hence static per-channel QDQ.
     report = export_onnx(default_model, tmp_path / 'int8.onnx', quantize=True)
-    assert report.variant == 'int8' and report.min_cosine >= 0.99 and report.float_nodes == 2
+    assert report.variant == 'int8' and report.min_cosine >= 0.99 and report.float_nodes <= 8
     assert report.size_bytes < 5_000_000
     ops = {n.op_type for n in onnx.load(str(report.path)).graph.node}
     assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
