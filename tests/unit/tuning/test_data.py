@@ -139,3 +139,33 @@ def test_ranks_share_one_global_batch():
     for full, first, second in zip(whole, *ranks):
         assert full == first + second
         assert set(Counter(labels[i] for i in first).values()) == {4}
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
+def test_eval_transform_matches_torchvision_resize_crop_normalize(interpolation):
+    """The fused eval transform (one boxed PIL resize, one multiply-subtract) gives torchvision's Resize + CenterCrop
+    + ToDtype + Normalize to within Pillow's rounding, on real photos of both orientations and on a tiny image."""
+    import math
+
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    from executor.tuning.export import sample_photos
+
+    config = {'input_size': (3, 224, 224), 'interpolation': interpolation, 'mean': (0.485, 0.456, 0.406),
+              'std': (0.229, 0.224, 0.225), 'crop_pct': 0.875}
+    mode = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR}[interpolation]
+    reference = T.Compose([T.Resize(int(math.floor(224 / 0.875)), interpolation=mode, antialias=True),
+                           T.CenterCrop(224), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                           T.Normalize(list(config['mean']), list(config['std']))])
+    fused = eval_transform(config)
+    grey_level = 1 / (255 * 0.224)  # one grey level in normalised units (mid std)
+    for photo in sample_photos():
+        for image in (Image.fromarray(photo), Image.fromarray(photo).transpose(Image.ROTATE_90),
+                      Image.fromarray(photo).resize((100, 30))):
+            expected, got = reference(image), fused(image)
+            assert got.shape == expected.shape == (3, 224, 224) and got.dtype == torch.float32
+            diff = (got - expected).abs()
+            assert diff.mean() < 0.02, (image.size, diff.mean())  # under a tenth of a grey level on average
+            assert diff.max() < 8 * grey_level, (image.size, diff.max())
+    assert torch.nn.functional.cosine_similarity(fused(image).flatten(), reference(image).flatten(), dim=0) > 0.9999
