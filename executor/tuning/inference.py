@@ -271,6 +271,10 @@ class OnnxEncoder(Encoder):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads or usable_cores()
         options.inter_op_num_threads = 1
+        # Idle intra-op threads sleep instead of spinning: a service decodes the next requests' images while a batch
+        # runs, and spinning threads took their cores (measured here: decoding 107 -> 150 img/s beside a batch of 16,
+        # inference unchanged at 80 img/s).
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         try:
             self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(asked, tensorrt))
         except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
