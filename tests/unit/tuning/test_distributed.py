@@ -52,10 +52,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         mp.spawn(worker, args=(2, free_port(), str(tmp_path / 'ddp'), results), nprocs=2, join=True)
         results = dict(results)
     # Same global batches, same loss over the gathered embeddings: equal up to float summation order (1 vs 2
-    # threads, batches of 10 vs 20); measured max |diff| 1.0e-5 after 4 SGD steps, tolerance 1e-4.
+    # threads, batches of 10 vs 20). Measured max |diff| after 4 SGD steps: 1.0e-5 on AVX-512 cores; 1.3e-4 to 6.0e-4
+    # on AVX2-only EPYC cores, where the largest weight moved 0.045 (so 1.3 %). A DDP bug (gradients not averaged,
+    # other batches) moves weights by the size of the step, hence: under 5 % of how far training moved them.
+    initial = Trainer(TrainConfig(train_data=digits_items(per_class=8, size=32), output_dir=tmp_path / 'init',
+                                  **OPTIONS)).model.state_dict()
+    moved = max((value.float() - initial[name].float()).abs().max().item()
+                for name, value in single.model.state_dict().items())
+    assert moved > 1e-2, moved
     for name, value in single.model.state_dict().items():
         diff = (results[0]['state'][name] - value).abs().max().item()
-        assert diff < 1e-4, (name, diff)
+        assert diff < 0.05 * moved, (name, diff, moved)
         assert torch.equal(results[0]['state'][name], results[1]['state'][name]), name
     assert results[0]['local'] == 10 and results[0]['max_mined'] >= 10  # the miner reached the other rank's items
     written = sorted(p.name for p in (tmp_path / 'ddp').rglob('*') if p.is_file())
