@@ -267,15 +267,15 @@ class FinetunerExecutor(Executor):
 
     async def _run_model(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str) -> tuple:
         """Embeddings (or logits) of the documents and the encoder; small requests go through the batcher."""
-        encoder, images, names, x = await asyncio.to_thread(self._prepare, docs, params, task)
         batch_size = params.batch_size or self.settings.batch_size
+        encoder, images, names, x = await asyncio.to_thread(self._prepare, docs, params, task, batch_size)
         run = encoder.encode if task == 'encode' else encoder.classify
         if x is None:  # too large to share a batch: encoded on its own, decoding overlapped with the model
             return await asyncio.to_thread(run, images, batch_size, names), encoder
         out = await self.batcher.run((task, id(encoder), batch_size), x, lambda batch: run(batch, batch_size))
         return out, encoder
 
-    def _prepare(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str) -> tuple:
+    def _prepare(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str, batch_size: int) -> tuple:
         """The encoder, the images and their names, and ``(N, 3, H, W)`` preprocessed when the request is small
         enough for the batcher (else None): one trip to a worker thread per request."""
         encoder = self._encoder(params)
@@ -285,7 +285,6 @@ class FinetunerExecutor(Executor):
         images, names = self._images(self._items(docs))
         if len(images) > self.batcher.max_rows:
             return encoder, images, names, None
-        batch_size = params.batch_size or self.settings.batch_size
         return encoder, images, names, _preprocess(encoder, images, names, batch_size)
 
     def _evaluate(self, docs: DocList[FinetunerDoc], params: P.EvaluateParams) -> EvaluationResult:
@@ -337,8 +336,5 @@ def _run_info(state: RunState) -> RunInfo:
 
 
 def _preprocess(encoder: 'Encoder', images: list, names: list, batch_size: int) -> torch.Tensor:
-    """One request's images decoded (on the encoder's decode threads; a single image in this thread) and stacked:
-    ``(N, 3, H, W)``."""
-    if len(images) == 1:
-        return encoder.preprocessor.batch(images, names)
+    """One request's images decoded (on the encoder's decode threads) and stacked: ``(N, 3, H, W)``."""
     return torch.cat(list(encoder.preprocessor.iter_batches(images, batch_size, names, encoder.decode_workers)))

@@ -110,6 +110,9 @@ class Preprocessor:
             raise TypeError(f'images must be a list of images or a (N, 3, H, W) tensor, got one '
                             f'{type(images).__name__}; wrap a single image in a list')
         names = item_names(len(images), names)
+        if len(images) == 1:  # nothing to overlap: a decode pool would only cost its thread
+            yield self.batch(images, names)
+            return
         starts = deque(range(0, len(images), batch_size))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='decode')
         pending: deque[list[Future]] = deque()

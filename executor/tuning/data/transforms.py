@@ -8,11 +8,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+from torchvision.transforms.functional import pil_modes_mapping
 
 INTERPOLATION = {'bilinear': InterpolationMode.BILINEAR, 'bicubic': InterpolationMode.BICUBIC,
                  'nearest': InterpolationMode.NEAREST}
-PIL_FILTERS = {InterpolationMode.BILINEAR: Image.BILINEAR, InterpolationMode.BICUBIC: Image.BICUBIC,
-               InterpolationMode.NEAREST: Image.NEAREST}
 
 
 def _size(data_config: dict[str, Any]) -> tuple[int, int]:
@@ -54,7 +53,7 @@ class ResizeCenterCrop(torch.nn.Module):
         self.fallback = T.Compose([T.Resize(resize, interpolation=interpolation, antialias=True), T.CenterCrop(size)])
 
     def forward(self, image: Any) -> Any:
-        if not isinstance(image, Image.Image) or self.interpolation not in PIL_FILTERS:
+        if not isinstance(image, Image.Image):
             return self.fallback(image)
         w, h = image.size
         short = self.resize  # torchvision's Resize(int): the short side becomes `resize`, the long one is truncated
@@ -65,7 +64,7 @@ class ResizeCenterCrop(torch.nn.Module):
         left, top = int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))  # as CenterCrop rounds
         sx, sy = new_w / w, new_h / h
         box = (left / sx, top / sy, (left + crop_w) / sx, (top + crop_h) / sy)
-        return image.resize((crop_w, crop_h), PIL_FILTERS[self.interpolation], box=box)
+        return image.resize((crop_w, crop_h), pil_modes_mapping[self.interpolation], box=box)  # torchvision's filter
 
 
 def _finish(data_config: dict[str, Any]) -> list:
