@@ -268,7 +268,8 @@ class FinetunerExecutor(Executor):
     async def _run_model(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str) -> tuple:
         """Embeddings (or logits) of the documents and the encoder; small requests go through the batcher."""
         batch_size = params.batch_size or self.settings.batch_size
-        encoder, images, names, x = await asyncio.to_thread(self._prepare, docs, params, task, batch_size)
+        with self.batcher.expecting():
+            encoder, images, names, x = await asyncio.to_thread(self._prepare, docs, params, task, batch_size)
         run = encoder.encode if task == 'encode' else encoder.classify
         if x is None:  # too large to share a batch: encoded on its own, decoding overlapped with the model
             return await asyncio.to_thread(run, images, batch_size, names), encoder

@@ -21,6 +21,7 @@ model, kept in a small LRU cache of encoders.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -429,10 +430,12 @@ class EncoderCache:
 class RequestBatcher:
     """Dynamic batching: concurrent small requests for the same model share forward passes.
 
-    Each request decodes its own images first, so a corrupt image fails that request only. ``run(key, x, fn)``
-    then queues the preprocessed ``x`` ``(n, 3, H, W)``; requests with the same ``key`` that arrive within
-    ``max_wait`` seconds of each other, or while that model is busy, are concatenated (up to ``max_rows`` rows)
-    and ``fn`` runs once on them, in a worker thread. Different keys never share a batch.
+    Each request decodes its own images first, so a corrupt image fails that request only; the caller says so by
+    decoding inside ``with batcher.expecting():``. ``run(key, x, fn)`` then queues the preprocessed ``x``
+    ``(n, 3, H, W)``; requests with the same ``key`` that are queued while that model is busy, or within ``max_wait``
+    seconds of each other while other requests are still decoding, are concatenated (up to ``max_rows`` rows) and
+    ``fn`` runs once on them, in a worker thread. Different keys never share a batch. A request that finds the model
+    idle and nothing else on its way runs at once: waiting would only add latency (Triton's default, too).
     """
 
     def __init__(self, max_wait: float = 0.005, max_rows: int = 256) -> None:
@@ -440,6 +443,16 @@ class RequestBatcher:
         self.max_rows = max_rows
         self._pending: dict[tuple, list[tuple[torch.Tensor, Callable, asyncio.Future]]] = {}
         self._workers: dict[tuple, asyncio.Task] = {}
+        self._expected = 0  # requests still decoding (counted on the event loop's thread only)
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Wrap a request's decoding: while it lasts, a batch about to start waits ``max_wait`` for it."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
 
     async def run(self, key: tuple, x: torch.Tensor, fn: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
@@ -450,7 +463,9 @@ class RequestBatcher:
         return await future
 
     async def _drain(self, key: tuple) -> None:
-        await asyncio.sleep(self.max_wait)  # let the requests sent at the same time join the first batch
+        await asyncio.sleep(0)  # requests queued in this turn of the event loop join the first batch
+        if self._expected:  # and so do those sent at the same time that are still decoding, if they are quick
+            await asyncio.sleep(self.max_wait)
         pending = self._pending[key]
         while pending:
             rows, group = 0, []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -231,5 +232,31 @@ def test_batcher_merges_same_key_keeps_keys_apart_and_isolates_errors():
         good = batcher.run(('d',), torch.ones(1, 1, 2, 2), model('d', 1.0))
         outcome = await asyncio.gather(bad, good, return_exceptions=True)
         assert isinstance(outcome[0], ValueError) and np.allclose(outcome[1], 4.0)
+
+    asyncio.run(main())
+
+
+def test_batcher_waits_only_for_requests_still_decoding():
+    calls: list[int] = []
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        calls.append(len(x))
+        return x.flatten(1).sum(1, keepdim=True).numpy()
+
+    async def request(batcher: RequestBatcher, decode_seconds: float, expected: bool) -> np.ndarray:
+        with batcher.expecting() if expected else contextlib.nullcontext():
+            await asyncio.sleep(decode_seconds)  # stands in for decoding in a worker thread
+        return await batcher.run(('a',), torch.ones(1, 1, 2, 2), run)
+
+    async def main():
+        batcher = RequestBatcher(max_wait=0.5)
+        # nothing else on its way: the first request runs at once, so one sent a little later is a batch of its own
+        # (it would have joined the first if the batcher had waited max_wait)
+        await asyncio.gather(request(batcher, 0, False), request(batcher, 0.05, False))
+        assert calls == [1, 1]
+        calls.clear()
+        # a request still decoding when the batch is about to start: the batch waits for it
+        await asyncio.gather(request(batcher, 0, True), request(batcher, 0.05, True))
+        assert calls == [2]
 
     asyncio.run(main())
