@@ -238,7 +238,7 @@ def concurrent_clients(artifact: Path, photo: bytes, settings: Settings) -> None
     del encoder
     print(f'\n/encode of one {Image.open(io.BytesIO(photo)).size} JPEG per request through a Deployment (onnx), '
           f'{settings.serve_seconds:.0f} s per client set')
-    print(f'{"protocol":>8}{"client":>26}{"1 client":>10}{f"{CLIENTS} clients":>12}{"ratio":>8}'
+    print(f'{"protocol":>8}{"client":>28}{"1 client":>10}{f"{CLIENTS} clients":>12}{"ratio":>8}'
           '   (img/s; target >= 2x, goal 3x)')
     for protocol, kinds in (('grpc', {'jina': 'jina Client (channel/post)', 'grpc': 'one channel per client'}),
                             ('http', {'http': 'aiohttp, one session'})):
@@ -250,7 +250,7 @@ def concurrent_clients(artifact: Path, photo: bytes, settings: Settings) -> None
             for kind, label in kinds.items():
                 sequential = asyncio.run(encode_requests(kind, port, photo, 1, settings.serve_seconds))
                 many = asyncio.run(encode_requests(kind, port, photo, CLIENTS, settings.serve_seconds))
-                print(f'{protocol:>8}{label:>26}{sequential:>10.1f}{many:>12.1f}{many / sequential:>7.2f}x'
+                print(f'{protocol:>8}{label:>28}{sequential:>10.1f}{many:>12.1f}{many / sequential:>7.2f}x'
                       f'   (ceiling {ceiling:.1f} img/s allows {ceiling / sequential:.2f}x)')
 
 
