@@ -10,7 +10,8 @@
 Data: ``../shared/data/tll-dev`` (1600 pairs; 1200 train, 400 evaluate: queries = left, index = right, relevant =
 same id). The model is the offline default (efficientnet_lite0): no other pretrained weights are reachable here.
 
-    .venv/bin/python bench/paper_tables.py [--tll ../shared/data/tll-dev] [--size 128] [--epochs 8] [--augmentation strong]
+    .venv/bin/python bench/paper_tables.py [--tll ../shared/data/tll-dev] [--size 128] [--epochs 8]
+                                          [--augmentation strong]
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ from executor.tuning.data import Item  # noqa: E402
 from executor.tuning.data.samples import digits_items  # noqa: E402
 
 HITS = ['hit@1', 'hit@5', 'hit@10']
+# Table (a)'s recipe, shared with bench/tune_tll.py, which tunes it on the training pairs.
+COMMON = dict(model='efficientnet_lite0', limit=10, tensorboard=False, freeze=2, seed=0)
+TRIPLET = dict(loss='TripletMarginLoss', loss_options={'margin': 0.2}, num_items_per_class=2)
+HARD_MINER = dict(miner='TripletMarginMiner', miner_options={'type_of_triplets': 'hard', 'margin': 0.2}, batch_size=64)
 
 
 def tll_items(root: Path) -> tuple[list[Item], list[Item], list[Item]]:
@@ -62,16 +67,12 @@ def main() -> None:
     train, queries, index = tll_items(args.tll)
     # save_best=False: every run keeps its last epoch. The 400 evaluation pairs are only measured each epoch, never
     # used to pick one (the recipe and its epoch count come from bench/tune_tll.py on the training pairs).
-    common = dict(model='efficientnet_lite0', image_size=args.size, query_data=queries, index_data=index, limit=10,
-                  tensorboard=False, freeze=2, seed=0, save_best=False)
-    supervised_opts = dict(loss='TripletMarginLoss', loss_options={'margin': 0.2}, num_items_per_class=2,
-                           augmentation=args.augmentation, epochs=args.epochs)
+    common = dict(COMMON, image_size=args.size, query_data=queries, index_data=index, save_best=False)
+    supervised_opts = dict(TRIPLET, augmentation=args.augmentation, epochs=args.epochs)
     out = Path(tempfile.mkdtemp(prefix='paper-tables-'))
 
     started = time.perf_counter()
-    supervised = fit(train_data=train, miner='TripletMarginMiner',
-                     miner_options={'type_of_triplets': 'hard', 'margin': 0.2}, batch_size=64,
-                     output_dir=out / 'supervised', **supervised_opts, **common)
+    supervised = fit(train_data=train, output_dir=out / 'supervised', **HARD_MINER, **supervised_opts, **common)
     t_sup = time.perf_counter() - started
     before, after = supervised.metrics_before, supervised.metrics_after
 

@@ -19,13 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('FINETUNER_PROGRESS', '0')
 
-from bench.paper_tables import HITS, tll_items  # noqa: E402
+from bench.paper_tables import COMMON, HARD_MINER, HITS, TRIPLET, tll_items  # noqa: E402
 from executor.tuning import fit  # noqa: E402
 from executor.tuning.data import Item  # noqa: E402
 
-RECIPE = dict(model='efficientnet_lite0', image_size=128, loss='TripletMarginLoss', miner='TripletMarginMiner',
-              miner_options={'type_of_triplets': 'hard', 'margin': 0.2}, loss_options={'margin': 0.2}, epochs=3,
-              batch_size=64, num_items_per_class=2, freeze=2, seed=0, limit=10, tensorboard=False)
+RECIPE = dict(COMMON, **TRIPLET, **HARD_MINER, image_size=128, epochs=3)
 
 
 def dev_split(root: Path) -> tuple[list[Item], list[Item], list[Item]]:

@@ -147,14 +147,14 @@ def test_eval_transform_matches_torchvision_resize_crop_normalize(interpolation)
     + ToDtype + Normalize to within Pillow's rounding, on real photos of both orientations and on a tiny image."""
     import math
 
-    from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
+    from executor.tuning.data.transforms import INTERPOLATION
     from executor.tuning.export import sample_photos
 
     config = {'input_size': (3, 224, 224), 'interpolation': interpolation, 'mean': (0.485, 0.456, 0.406),
               'std': (0.229, 0.224, 0.225), 'crop_pct': 0.875}
-    mode = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR}[interpolation]
+    mode = INTERPOLATION[interpolation]
     reference = T.Compose([T.Resize(int(math.floor(224 / 0.875)), interpolation=mode, antialias=True),
                            T.CenterCrop(224), T.ToImage(), T.ToDtype(torch.float32, scale=True),
                            T.Normalize(list(config['mean']), list(config['std']))])
