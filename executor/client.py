@@ -78,12 +78,19 @@ class FinetunerClient:
     # --- models in service -----------------------------------------------------------------------------------------
 
     def encode(self, docs: Sequence[BaseDoc], run_id: str | None = None, model: str | None = None,
-               **parameters: Any) -> DocList[FinetunerDoc]:
-        """The documents with ``embedding`` set, by a finished run, a registry model, or the served model."""
+               drop_image_content: bool = True, **parameters: Any) -> DocList[FinetunerDoc]:
+        """The documents with ``embedding`` set, by a finished run, a registry model, or the served model.
+
+        The reply leaves out the image bytes you sent (``blob``, ``tensor``, ``data:`` URIs), as clip-as-service's
+        client does: they would travel back for nothing. ``drop_image_content=False`` keeps them."""
+        parameters['drop_image_content'] = drop_image_content
         return self.post('/encode', docs, _model_params(run_id, model, parameters))
 
-    def classify(self, docs: Sequence[BaseDoc], run_id: str | None = None, **parameters: Any) -> DocList[FinetunerDoc]:
-        """The documents with the predicted ``label`` and ``scores`` per class (a run trained with a classifier)."""
+    def classify(self, docs: Sequence[BaseDoc], run_id: str | None = None, drop_image_content: bool = True,
+                 **parameters: Any) -> DocList[FinetunerDoc]:
+        """The documents with the predicted ``label`` and ``scores`` per class (a run trained with a classifier);
+        the image bytes are left out of the reply as in ``encode``."""
+        parameters['drop_image_content'] = drop_image_content
         return self.post('/classify', docs, _model_params(run_id, None, parameters))
 
     def evaluate(self, data: str | Sequence[BaseDoc] | None = None, run_id: str | None = None,

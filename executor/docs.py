@@ -12,10 +12,22 @@ The endpoints' `parameters` are pydantic models too, in `executor.params`.
 from typing import Literal, Optional
 
 from docarray import BaseDoc, DocList
-from docarray.typing import NdArray
-from pydantic import Field
+from docarray.typing import ID, NdArray
+from pydantic import Field, TypeAdapter
 
 RunStatus = Literal['CREATED', 'STARTED', 'FINISHED', 'FAILED', 'CANCELLED']
+
+_ID_ADAPTER = TypeAdapter(ID)
+
+
+def _id_from_protobuf(cls: type, pb_msg: str) -> ID:
+    """docarray 0.41's ``ID.from_protobuf`` is ``parse_obj_as(cls, pb_msg)``, which builds a new pydantic TypeAdapter
+    on every call: ~0.5 ms of each document's ~1 ms to parse, paid on every hop of a Flow. This is the same
+    validation with one adapter built once (docs/design-notes.md, "Document parsing")."""
+    return (_ID_ADAPTER if cls is ID else TypeAdapter(cls)).validate_python(pb_msg)
+
+
+ID.from_protobuf = classmethod(_id_from_protobuf)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

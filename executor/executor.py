@@ -164,7 +164,7 @@ class FinetunerExecutor(Executor):
         for doc, row in zip(docs, probs):
             doc.label = classes[int(row.argmax())]
             doc.scores = {name: float(p) for name, p in zip(classes, row)}
-        return docs
+        return _drop_content(docs) if params.drop_image_content else docs
 
     @requests(on='/evaluate')
     async def evaluate(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[EvaluationResult]:
@@ -257,13 +257,13 @@ class FinetunerExecutor(Executor):
                             'each as uri, blob or tensor')
         return [it.content for it in items], [f'document {it.id!r}' for it in items]
 
-    async def _embed(self, docs: DocList[FinetunerDoc], params: P.ModelParams) -> DocList[FinetunerDoc]:
+    async def _embed(self, docs: DocList[FinetunerDoc], params: P.DocModelParams) -> DocList[FinetunerDoc]:
         if len(docs) == 0:
             return docs
         embeddings, _ = await self._run_model(docs, params, 'encode')  # (N, D)
         for doc, embedding in zip(docs, embeddings):
             doc.embedding = embedding
-        return docs
+        return _drop_content(docs) if params.drop_image_content else docs
 
     async def _run_model(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str) -> tuple:
         """Embeddings (or logits) of the documents and the encoder; small requests go through the batcher."""
@@ -336,6 +336,17 @@ def _run_info(state: RunState) -> RunInfo:
     return RunInfo(**state.info())
 
 
+def _drop_content(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:
+    """The documents without their image bytes (``blob``, ``tensor``, a ``data:`` URI): a reply of ids and results,
+    a tenth of the bytes for a batch of JPEGs. A path or http URI stays: it names the document for the client."""
+    for doc in docs:
+        doc.blob = doc.tensor = None
+        if doc.uri is not None and doc.uri.startswith('data:'):
+            doc.uri = None
+    return docs
+
+
 def _preprocess(encoder: 'Encoder', images: list, names: list, batch_size: int) -> torch.Tensor:
     """One request's images decoded (on the encoder's decode threads) and stacked: ``(N, 3, H, W)``."""
-    return torch.cat(list(encoder.preprocessor.iter_batches(images, batch_size, names, encoder.decode_workers)))
+    batches = list(encoder.preprocessor.iter_batches(images, batch_size, names, encoder.decode_workers))
+    return batches[0] if len(batches) == 1 else torch.cat(batches)

@@ -206,15 +206,23 @@ class ModelParams(EndpointParams):
         return self
 
 
-class EncodeParams(ModelParams):
+class DocModelParams(ModelParams):
+    """A model endpoint that answers with the documents it was sent."""
+
+    drop_image_content: bool = Field(False, description="clear each document's blob, tensor and data: URI in the "
+                                     'reply (path and http URIs stay): the reply carries ids and results only, as '
+                                     "clip-as-service's parameter of the same name does")
+
+
+class EncodeParams(DocModelParams):
     """Parameters of ``/encode``."""
 
 
-class IndexParams(ModelParams):
+class IndexParams(DocModelParams):
     """Parameters of ``/index``: the model that embeds the documents; VectorIndexer then stores them."""
 
 
-class SearchParams(ModelParams):
+class SearchParams(DocModelParams):
     """Parameters of ``/search``: the model that embeds the queries, and how many matches VectorIndexer returns."""
 
     limit: int = Field(10, ge=1, le=10_000, description='number of matches returned per query')
@@ -226,7 +234,7 @@ class DeleteParams(EndpointParams):
     ids: list[str] = Field(default_factory=list)
 
 
-class ClassifyParams(ModelParams):
+class ClassifyParams(DocModelParams):
     """Parameters of ``/classify``: the model must have a classifier head (a run trained with CrossEntropyLoss)."""
 
 

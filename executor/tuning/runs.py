@@ -472,9 +472,9 @@ class RequestBatcher:
             while pending and (not group or rows + len(pending[0][0]) <= self.max_rows):
                 group.append(pending.pop(0))
                 rows += len(group[-1][0])
-            x, fn = torch.cat([item[0] for item in group]), group[0][1]
-            try:
-                out = await asyncio.to_thread(fn, x)
+            parts, fn = [item[0] for item in group], group[0][1]
+            try:  # concatenated in the worker thread too: a copy of many MB would stall the event loop
+                out = await asyncio.to_thread(_run_concatenated, fn, parts)
             except Exception as err:  # the batch's error is each of its requests' error
                 for _, _, future in group:
                     if not future.done():
@@ -486,3 +486,8 @@ class RequestBatcher:
                     future.set_result(out[start:start + len(part)])
                 start += len(part)
         self._pending.pop(key, None)
+
+
+def _run_concatenated(fn: Callable[[torch.Tensor], np.ndarray], parts: list[torch.Tensor]) -> np.ndarray:
+    """``fn`` on the requests' rows, copied into one tensor only when there are several."""
+    return fn(parts[0] if len(parts) == 1 else torch.cat(parts))

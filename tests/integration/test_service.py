@@ -2,6 +2,8 @@
 Python client) and over HTTP (plain JSON), concurrent requests for different models, and fine-tuning that helps."""
 from __future__ import annotations
 
+import base64
+import io
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 from jina import Deployment
+from PIL import Image
 
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
@@ -78,6 +81,11 @@ def test_lifecycle_grpc(tmp_path: Path, free_port: Callable[[], int], data_root:
 
         torch_emb = np.stack(client.encode(queries, run_id='tiny').embedding)
         assert torch_emb.shape == (len(queries), 512) and np.isfinite(torch_emb).all()
+        # the client leaves the images it sent out of the reply unless asked to keep them
+        dropped = client.encode(queries[:2], run_id='tiny')
+        kept = client.encode(queries[:2], run_id='tiny', drop_image_content=False)
+        assert dropped.id == kept.id == [q.id for q in queries[:2]] and dropped.label == kept.label
+        assert dropped.tensor == [None, None] and all(t is not None for t in kept.tensor)
         after = client.evaluate(queries, run_id='tiny')
         assert set(before) <= set(after) and 0 <= after['accuracy'] <= 1
         assert sum(k.startswith('accuracy/') for k in after) == 10
@@ -127,6 +135,12 @@ def as_json(doc: FinetunerDoc) -> dict[str, Any]:
     return {'id': doc.id, 'tensor': np.asarray(doc.tensor).tolist(), 'label': doc.label}
 
 
+def png_bytes(doc: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(doc['tensor'], dtype=np.uint8)).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
 def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root: Path):
     queries = [as_json(d) for d in held_out()]
     train_docs = [as_json(d) for d in held_out(per_class=4, offset=60)]
@@ -145,7 +159,10 @@ def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root:
 
         encoded = http(port, '/encode', {'run_id': 'sent'}, queries)  # on onnxruntime: the run exported itself
         assert [d['id'] for d in encoded] == [q['id'] for q in queries]
-        assert np.array(encoded[0]['embedding']).shape == (512,)
+        assert np.array(encoded[0]['embedding']).shape == (512,) and encoded[0]['tensor'] is not None
+        png = {'id': 'png', 'uri': 'data:image/png;base64,' + base64.b64encode(png_bytes(queries[0])).decode()}
+        (slim,) = http(port, '/encode', {'run_id': 'sent', 'drop_image_content': True}, [png])
+        assert (slim['id'], slim['uri'], slim['tensor']) == ('png', None, None) and len(slim['embedding']) == 512
         assert http(port, '/encode', {'run_id': 'sent'}) == []
         (before,) = http(port, '/evaluate', {'model': 'efficientnet_lite0', 'limit': 5}, queries)
         (after,) = http(port, '/evaluate', {'run_id': 'sent', 'limit': 5}, queries)
