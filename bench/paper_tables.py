@@ -10,7 +10,7 @@
 Data: ``../shared/data/tll-dev`` (1600 pairs; 1200 train, 400 evaluate: queries = left, index = right, relevant =
 same id). The model is the offline default (efficientnet_lite0): no other pretrained weights are reachable here.
 
-    .venv/bin/python bench/paper_tables.py [--tll ../shared/data/tll-dev] [--size 128] [--epochs 8]
+    .venv/bin/python bench/paper_tables.py [--tll ../shared/data/tll-dev] [--size 224] [--epochs 8]
                                           [--augmentation strong]
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def row(name: str, metrics: dict, seconds: float | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--tll', type=Path, default=Path(__file__).resolve().parents[2] / 'shared/data/tll-dev')
-    parser.add_argument('--size', type=int, default=128)
+    parser.add_argument('--size', type=int, default=224, help='image size (bench/tune_tll.py chose 224)')
     parser.add_argument('--epochs', type=int, default=8)
     parser.add_argument('--ssl-epochs', type=int, default=2)
     parser.add_argument('--augmentation', default='strong', choices=['none', 'light', 'strong'],
