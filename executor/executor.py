@@ -26,7 +26,7 @@ from executor.tuning.jobs import JobQueue, check_training_data
 from executor.tuning.evaluation import classification_metrics, retrieval_metrics
 from executor.tuning.models import build_model, list_models, load_model
 from executor.tuning.models.registry import unknown_model
-from executor.tuning.runs import EncoderCache, RequestBatcher, RunState, RunStore, open_artifact
+from executor.tuning.runs import EncoderCache, RequestBatcher, RunState, RunStore, concat_rows, open_artifact
 
 if TYPE_CHECKING:
     from executor.tuning.inference import Encoder
@@ -348,5 +348,4 @@ def _drop_content(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:
 
 def _preprocess(encoder: 'Encoder', images: list, names: list, batch_size: int) -> torch.Tensor:
     """One request's images decoded (on the encoder's decode threads) and stacked: ``(N, 3, H, W)``."""
-    batches = list(encoder.preprocessor.iter_batches(images, batch_size, names, encoder.decode_workers))
-    return batches[0] if len(batches) == 1 else torch.cat(batches)
+    return concat_rows(list(encoder.preprocessor.iter_batches(images, batch_size, names, encoder.decode_workers)))

@@ -488,6 +488,11 @@ class RequestBatcher:
         self._pending.pop(key, None)
 
 
+def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' rows as one tensor, copied only when there are several parts (a batch of 32 at 224 px is 19 MB)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _run_concatenated(fn: Callable[[torch.Tensor], np.ndarray], parts: list[torch.Tensor]) -> np.ndarray:
-    """``fn`` on the requests' rows, copied into one tensor only when there are several."""
-    return fn(parts[0] if len(parts) == 1 else torch.cat(parts))
+    """``fn`` on the requests' rows as one batch."""
+    return fn(concat_rows(parts))

@@ -173,7 +173,8 @@ def test_bad_requests_are_reported_and_the_service_keeps_serving(
         encoder_params = {'model': 'efficientnet_lite0', 'runtime': 'torch', 'batch_size': 4}
         call('/index', corpus[4:5], encoder_params)
         assert len(call('/search', _queries(centers)[:1], {'limit': 2, **encoder_params})[0].matches) == 2
-        with pytest.raises(ServiceError, match=r"/index: unknown parameter 'limit'; allowed: batch_size, drop_image_content, model"):
+        with pytest.raises(ServiceError,
+                           match=r"/index: unknown parameter 'limit'; allowed: batch_size, drop_image_content, model"):
             call('/index', corpus[5:6], {'limit': 2})
 
 
