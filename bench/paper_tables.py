@@ -32,8 +32,8 @@ from executor.tuning.data.samples import digits_items  # noqa: E402
 
 HITS = ['hit@1', 'hit@5', 'hit@10']
 # Table (a)'s recipe, shared with bench/tune_tll.py, which tunes it on the training pairs.
-# freeze=4 (stem and the first three block stages, 2 % of the weights but most of the pixels): as good as freeze=2 on
-# the validation split and a third faster per epoch.
+# freeze=4 (stem and the first three block stages, under 2 % of the weights but most of the pixels): as good as
+# freeze=2 on the validation split and a third faster per epoch.
 COMMON = dict(model='efficientnet_lite0', limit=10, tensorboard=False, freeze=4, seed=0)
 TRIPLET = dict(loss='TripletMarginLoss', loss_options={'margin': 0.2}, num_items_per_class=2)
 # The tutorial's miner: each anchor's hardest negative in the batch (Finetuner's TripletEasyHardMiner with

@@ -4,7 +4,7 @@ The 1200 training pairs are split 900 / 300: train on the first 900, search the 
 configuration is a JSON object of ``fit`` options over table (a)'s recipe; its per-epoch hit@1/5/10 are printed so one
 long run shows where the curve flattens.
 
-    .venv/bin/python bench/tune_tll.py '{"epochs": 16}' '{"image_size": 128, "augmentation": "light"}'
+    .venv/bin/python bench/tune_tll.py '{"epochs": 16}' '{"freeze": 2, "batch_size": 128}'
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def main() -> None:
         for logs in result.history:
             cells = ' '.join(f'{k} {logs[k]:.3f}' for k in HITS if k in logs)
             print(f'  epoch {int(logs["epoch"]):>2} loss {logs.get("train_loss", float("nan")):.4f} {cells}')
-        print(f'  hit@10 x{max(l.get("hit@10", 0) for l in result.history) / before["hit@10"]:.2f} (best epoch)',
+        last, best = result.history[-1].get('hit@10', 0), max(l.get('hit@10', 0) for l in result.history)
+        print(f'  hit@10 x{last / before["hit@10"]:.2f} (last epoch), x{best / before["hit@10"]:.2f} (best epoch)',
               flush=True)
 
 
