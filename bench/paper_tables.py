@@ -35,7 +35,10 @@ HITS = ['hit@1', 'hit@5', 'hit@10']
 # freeze=4 (stem and the first three block stages, under 2 % of the weights but most of the pixels): as good as
 # freeze=2 on the validation split and a third faster per epoch.
 COMMON = dict(model='efficientnet_lite0', limit=10, tensorboard=False, freeze=4, seed=0)
-TRIPLET = dict(loss='TripletMarginLoss', loss_options={'margin': 0.2}, num_items_per_class=2)
+# learning rate 2e-4 decaying on a cosine after 5 % warmup: validation hit@10 0.577 at epoch 8 against 0.530 at a
+# constant 1e-4 and 0.510 with the cosine from 1e-4.
+TRIPLET = dict(loss='TripletMarginLoss', loss_options={'margin': 0.2}, num_items_per_class=2, learning_rate=2e-4,
+               scheduler='cosine', scheduler_options={'num_warmup_steps': 0.05})
 # The tutorial's miner: each anchor's hardest negative in the batch (Finetuner's TripletEasyHardMiner with
 # neg_strategy='hard'; pytorch-metric-learning's BatchHardMiner).
 HARD_MINER = dict(miner='BatchHardMiner', batch_size=64)
@@ -108,7 +111,10 @@ def main() -> None:
     print(head)
     print(row('pre-trained', before))
     print(row('fine-tuned', after, t_sup))
-    print(f'hit@10 x{after["hit@10"] / before["hit@10"]:.2f} (Finetuner, ResNet50 on full TLL: 0.183 -> 0.301, x1.64)')
+    ratio, theirs = after['hit@10'] / before['hit@10'], 0.301 / 0.183
+    print(f'hit@10 x{ratio:.4f}: {before["hit@10"] * len(queries):.0f} -> {after["hit@10"] * len(queries):.0f} of '
+          f'{len(queries)} queries (Finetuner, ResNet50 on full TLL: 0.183 -> 0.301, x{theirs:.4f}; '
+          f'{"beaten" if ratio > theirs else "not beaten"})')
     print(f'\n(b) self-supervised tutorial, its "placeholder" column filled (10 % = 120 pairs)')
     print(head)
     print(row('pre-trained', before))
