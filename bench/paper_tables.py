@@ -1,7 +1,7 @@
 """Finetuner's published tables, reproduced side by side on this machine (2 CPU cores, offline).
 
 (a) the Totally-Looks-Like tutorial: hit@1/5/10 of the pre-trained vs the fine-tuned model (TripletMarginLoss with a
-    hard miner); Finetuner's ResNet50 on full TLL moved hit@10 0.183 -> 0.301 (x1.64).
+    hard miner); Finetuner's ResNet50 on full TLL moved hit@10 0.183 -> 0.301 (x1.645).
 (b) the self-supervised tutorial, whose results column said "placeholder": SimCLR pre-training on the training
     images without labels, then supervised fine-tuning on 10 % of the pairs, against pre-trained, 10 % supervised
     only, and fully supervised.
