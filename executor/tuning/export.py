@@ -210,6 +210,7 @@ def _export_graph(module: nn.Module, x: torch.Tensor, path: Path, outputs: Seque
                   dynamo: bool, large: bool) -> Literal['dynamo', 'legacy']:
     """Trace ``module`` into ``path``. The dynamo exporter's graph runs faster in onnxruntime (efficientnet-lite0:
     182 vs 129 img/s on 2 cores), so the legacy TorchScript exporter is only the fallback."""
+    dynamo_error = None
     if dynamo:
         try:
             torch.onnx.export(
@@ -219,13 +220,21 @@ def _export_graph(module: nn.Module, x: torch.Tensor, path: Path, outputs: Seque
             )
             return 'dynamo'
         except Exception as err:  # the dynamo exporter fails in many library-specific ways; the reason is logged
-            logger.warning('the dynamo ONNX exporter failed (%s: %s); falling back to the legacy TorchScript '
-                           'exporter, whose graph runs slower', type(err).__name__, err)
+            dynamo_error = f'{type(err).__name__}: {err}'
+            logger.warning('the dynamo ONNX exporter failed (%s); falling back to the legacy TorchScript exporter, '
+                           'whose graph runs slower', dynamo_error)
     axes = {name: {0: 'batch'} for name in (INPUT_NAME, *outputs)}
-    with warnings.catch_warnings():  # its deprecation notice: chosen knowingly, and the reason is logged above
-        warnings.simplefilter('ignore', DeprecationWarning)
-        torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                          output_names=list(outputs), dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+    try:
+        with warnings.catch_warnings():  # its deprecation notice: chosen knowingly, and the reason is logged above
+            warnings.simplefilter('ignore', DeprecationWarning)
+            torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                              output_names=list(outputs), dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True)
+    except Exception as err:
+        if dynamo_error is None:
+            raise
+        raise ExportError(f'neither ONNX exporter could export the model: the dynamo exporter failed with '
+                          f'{dynamo_error}, then the legacy exporter with {type(err).__name__}: {err}') from err
     return 'legacy'
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 
 class GeM(nn.Module):
@@ -19,8 +18,8 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C)
-        pooled = F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), kernel_size=x.shape[-2:])
-        return pooled.pow(1.0 / self.p).flatten(1)
+        # a mean over H and W rather than avg_pool2d with the input's shape as window: both ONNX exporters take it
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
 class AvgPool(nn.Module):

@@ -91,34 +91,43 @@ def test_preprocessing_travels_beside_and_inside(exported):
     assert json.loads(meta['finetuner_executor.preprocessing']) == beside
 
 
-@pytest.fixture(scope='module')
-def avg_pooled():
-    # the legacy exporter cannot export GeM (its pooling window comes from the input's shape): average pooling here
-    return small_model('avg').eval()
-
-
-def test_legacy_exporter_gives_the_same_graph_outputs(tmp_path, avg_pooled):
-    model = avg_pooled
+@pytest.mark.parametrize('pooler', ['gem', 'avg'])
+def test_legacy_exporter_gives_the_same_graph_outputs(tmp_path, pooler):
+    model = small_model(pooler).eval()
     report = export_onnx(model, tmp_path / 'legacy.onnx', dynamo=False)
     assert report.exporter == 'legacy' and report.min_cosine > 0.9999
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        np.testing.assert_allclose(run(report.path, x)[0], model.eval()(x).numpy(), atol=1e-4)
+        np.testing.assert_allclose(run(report.path, x)[0], model(x).numpy(), atol=1e-4)
 
 
-def test_dynamo_failure_falls_back_to_legacy_and_says_why(tmp_path, avg_pooled, monkeypatch, caplog):
+def failing_exporter(monkeypatch, *, legacy_too: bool = False) -> None:
     real_export = torch.onnx.export
 
-    def failing_dynamo(*args, **kwargs):
+    def export(*args, **kwargs):
         if kwargs.get('dynamo'):
             raise RuntimeError('unsupported op for this test')
+        if legacy_too:
+            raise ValueError('no legacy export in this test')
         return real_export(*args, **kwargs)
 
-    monkeypatch.setattr(torch.onnx, 'export', failing_dynamo)
+    monkeypatch.setattr(torch.onnx, 'export', export)
+
+
+def test_dynamo_failure_falls_back_to_legacy_and_says_why(tmp_path, monkeypatch, caplog):
+    failing_exporter(monkeypatch)
     with caplog.at_level(logging.WARNING, logger='executor.tuning.export'):
-        report = export_onnx(avg_pooled, tmp_path / 'fallback.onnx')
+        report = export_onnx(small_model(), tmp_path / 'fallback.onnx')  # GeM pooling, the default
     assert report.exporter == 'legacy' and report.min_cosine > 0.9999
     assert 'dynamo ONNX exporter failed (RuntimeError: unsupported op for this test)' in caplog.text
+
+
+def test_both_exporters_failing_names_both_reasons_and_leaves_no_file(tmp_path, monkeypatch):
+    failing_exporter(monkeypatch, legacy_too=True)
+    with pytest.raises(ExportError, match=r'dynamo exporter failed with RuntimeError: unsupported op for this test, '
+                                          r'then the legacy exporter with ValueError: no legacy export in this test'):
+        export_onnx(small_model(), tmp_path / 'none.onnx')
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_parity_failure_raises_and_leaves_no_file(tmp_path, exported):
@@ -138,8 +147,8 @@ def test_bad_arguments_are_refused(tmp_path, exported):
         export_onnx(model, tmp_path / 'm.onnx', sample=[np.zeros((64, 64, 3), np.uint8)])
 
 
-def test_fp16_keeps_float32_inputs_and_outputs(tmp_path, avg_pooled):
-    report = export_onnx(avg_pooled, tmp_path / 'fp16.onnx', fp16=True)
+def test_fp16_keeps_float32_inputs_and_outputs(tmp_path):
+    report = export_onnx(small_model().eval(), tmp_path / 'fp16.onnx', fp16=True)
     assert report.variant == 'fp16' and report.min_cosine >= 0.999
     proto = onnx.load(str(report.path))
     assert {v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]} == {onnx.TensorProto.FLOAT}
