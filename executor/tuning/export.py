@@ -219,6 +219,9 @@ def _export_graph(module: nn.Module, x: torch.Tensor, path: Path, outputs: Seque
                 verbose=False,
             )
             return 'dynamo'
+        except OSError as err:  # a full disk or a folder not writable: the legacy exporter would fail the same way
+            raise ExportError(f'could not write the ONNX graph under {path.parent}: {err}; free space there or '
+                              f'export to another folder') from err
         except Exception as err:  # the dynamo exporter fails in many library-specific ways; the reason is logged
             dynamo_error = f'{type(err).__name__}: {err}'
             logger.warning('the dynamo ONNX exporter failed (%s); falling back to the legacy TorchScript exporter, '

@@ -91,6 +91,20 @@ def test_preprocessing_travels_beside_and_inside(exported):
     assert json.loads(meta['finetuner_executor.preprocessing']) == beside
 
 
+def test_a_full_disk_is_said_and_not_retried_with_the_legacy_exporter(tmp_path, monkeypatch):
+    calls = []
+
+    def no_space(*args, **kwargs):
+        calls.append(kwargs.get('dynamo'))
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch.onnx, 'export', no_space)
+    with pytest.raises(ExportError, match=r'could not write the ONNX graph under .*No space left on device; free '
+                                          r'space there or export to another folder'):
+        export_onnx(small_model(), tmp_path / 'full.onnx')
+    assert calls == [True] and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize('pooler', ['gem', 'avg'])
 def test_legacy_exporter_gives_the_same_graph_outputs(tmp_path, pooler):
     model = small_model(pooler).eval()
