@@ -91,20 +91,6 @@ def test_preprocessing_travels_beside_and_inside(exported):
     assert json.loads(meta['finetuner_executor.preprocessing']) == beside
 
 
-def test_a_full_disk_is_said_and_not_retried_with_the_legacy_exporter(tmp_path, monkeypatch):
-    calls = []
-
-    def no_space(*args, **kwargs):
-        calls.append(kwargs.get('dynamo'))
-        raise OSError(28, 'No space left on device')
-
-    monkeypatch.setattr(torch.onnx, 'export', no_space)
-    with pytest.raises(ExportError, match=r'could not write the ONNX graph under .*No space left on device; free '
-                                          r'space there or export to another folder'):
-        export_onnx(small_model(), tmp_path / 'full.onnx')
-    assert calls == [True] and list(tmp_path.iterdir()) == []
-
-
 @pytest.mark.parametrize('pooler', ['gem', 'avg'])
 def test_legacy_exporter_gives_the_same_graph_outputs(tmp_path, pooler):
     model = small_model(pooler).eval()
@@ -115,17 +101,22 @@ def test_legacy_exporter_gives_the_same_graph_outputs(tmp_path, pooler):
         np.testing.assert_allclose(run(report.path, x)[0], model(x).numpy(), atol=1e-4)
 
 
-def failing_exporter(monkeypatch, *, legacy_too: bool = False) -> None:
+def failing_exporter(monkeypatch, dynamo_error: Exception | None = None, *, legacy_too: bool = False) -> list[bool]:
+    """Make the dynamo exporter raise ``dynamo_error`` (and the legacy one too); returns each call's ``dynamo`` flag."""
+    dynamo_error = dynamo_error or RuntimeError('unsupported op for this test')
     real_export = torch.onnx.export
+    calls = []
 
     def export(*args, **kwargs):
+        calls.append(kwargs.get('dynamo'))
         if kwargs.get('dynamo'):
-            raise RuntimeError('unsupported op for this test')
+            raise dynamo_error
         if legacy_too:
             raise ValueError('no legacy export in this test')
         return real_export(*args, **kwargs)
 
     monkeypatch.setattr(torch.onnx, 'export', export)
+    return calls
 
 
 def test_dynamo_failure_falls_back_to_legacy_and_says_why(tmp_path, monkeypatch, caplog):
@@ -142,6 +133,14 @@ def test_both_exporters_failing_names_both_reasons_and_leaves_no_file(tmp_path, 
                                           r'then the legacy exporter with ValueError: no legacy export in this test'):
         export_onnx(small_model(), tmp_path / 'none.onnx')
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_said_and_not_retried_with_the_legacy_exporter(tmp_path, monkeypatch):
+    calls = failing_exporter(monkeypatch, OSError(28, 'No space left on device'))
+    with pytest.raises(ExportError, match=r'could not write the ONNX graph under .*No space left on device; free '
+                                          r'space there or export to another folder'):
+        export_onnx(small_model(), tmp_path / 'full.onnx')
+    assert calls == [True] and list(tmp_path.iterdir()) == []
 
 
 def test_parity_failure_raises_and_leaves_no_file(tmp_path, exported):
