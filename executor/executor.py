@@ -74,6 +74,7 @@ class FinetunerExecutor(Executor):
         self.data_roots = [str(workspace / 'data'), *extra_roots]
         self.store = RunStore(workspace / 'runs')
         self.unpack_dir = workspace / 'artifacts'
+        self.model_cache = workspace / 'models'  # registry models' ONNX exports, by name and weights digest
         self.encoders = EncoderCache(self.settings.max_cached_models)
         self.batcher = RequestBatcher()
         self.served = None
@@ -95,7 +96,8 @@ class FinetunerExecutor(Executor):
         """Start a run (queued behind the one training); with `wait=true`, answer when it has ended."""
         params = P.parse(P.TrainParams, parameters, '/train')
         if params.resume is not None:
-            state = await asyncio.to_thread(self.jobs.resume, params.resume)
+            epochs = params.epochs if 'epochs' in params.model_fields_set else None
+            state = await asyncio.to_thread(self.jobs.resume, params.resume, epochs)
         else:
             state = await asyncio.to_thread(self._create_run, docs, params)
         if params.wait:
@@ -198,7 +200,7 @@ class FinetunerExecutor(Executor):
             items = self._items(docs)
             for item in items:  # decode now: a bad image is an error of this request, not a failed run
                 if item.kind == 'image':
-                    load_image(item.content, f'document {item.id!r}')
+                    load_image(item.content, item.name)
         config = TrainConfig(**request, train_data=items) if items else TrainConfig(**request)
         check_training_data(config)
         state = self.store.create(request, run_id=params.run_name, docs=items)
@@ -236,7 +238,7 @@ class FinetunerExecutor(Executor):
         return from_records(records, self.data_roots)
 
     def _encoder(self, params: P.ModelParams) -> 'Encoder':
-        from executor.tuning.inference import TorchEncoder, create_encoder  # onnxruntime: loaded on first use
+        from executor.tuning.inference import create_encoder  # onnxruntime: loaded on first use
 
         runtime, device = params.runtime or self.settings.runtime, self.settings.device
         if params.run_id is not None:
@@ -245,17 +247,31 @@ class FinetunerExecutor(Executor):
             path = self.served
         else:
             name = params.model or self.settings.model
-            return self.encoders.get(('model', name, device, None),
-                                      lambda: TorchEncoder(build_model(name), device=device, copy_model=False))
+            return self.encoders.get(('model', name, runtime, device, None),
+                                      lambda: self._registry_encoder(name, runtime, device))
         key = ('file', str(path), path.stat().st_mtime_ns, device, params.run_id)
         return self.encoders.get(key, lambda: create_encoder(path, device=device))
 
+    def _registry_encoder(self, name: str, runtime: str, device: str) -> 'Encoder':
+        """A registry model, pre-trained: on runtime 'onnx' through onnxruntime, exported on first use and cached in
+        ``<workspace>/models`` by name and weights; a model that does not export is served by torch, with a warning."""
+        from executor.tuning.export import ExportError
+        from executor.tuning.inference import TorchEncoder, cached_onnx_encoder
+
+        model = build_model(name)
+        if runtime == 'onnx':
+            try:
+                return cached_onnx_encoder(model, name, self.model_cache, device=device)
+            except ExportError as err:
+                logger.warning("model %r cannot be served by onnxruntime (%s); serving it with torch", name, err)
+        return TorchEncoder(model, device=device, copy_model=False)
+
     def _images(self, items: list) -> tuple:
-        text = [it.id for it in items if it.kind == 'text']
+        text = [it.name for it in items if it.kind == 'text']
         if text:
-            raise DataError(f'document {text[0]!r} is text only ({len(text)} such), but this model embeds images; send '
+            raise DataError(f'{text[0]} is text only ({len(text)} such), but this model embeds images; send '
                             'each as uri, blob or tensor')
-        return [it.content for it in items], [f'document {it.id!r}' for it in items]
+        return [it.content for it in items], [it.name for it in items]
 
     async def _embed(self, docs: DocList[FinetunerDoc], params: P.DocModelParams) -> DocList[FinetunerDoc]:
         if len(docs) == 0:
@@ -298,7 +314,7 @@ class FinetunerExecutor(Executor):
             query, index = self._items(docs), None
         for item in [*query, *(index or [])]:
             if item.label is None:
-                raise DataError(f'item {item.id!r} has no label: evaluation needs a label on every item (relevant '
+                raise DataError(f'{item.name} has no label: evaluation needs a label on every item (relevant '
                                 'means same label)')
         encoder = self._encoder(params)
         batch_size = params.batch_size or self.settings.batch_size

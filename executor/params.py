@@ -125,10 +125,10 @@ class _TrainOptions(EndpointParams):
     @model_validator(mode='after')
     def _check(self) -> _TrainOptions:
         if self.resume is not None:
-            extra = sorted(self.model_fields_set - {'resume', 'wait'})
+            extra = sorted(self.model_fields_set - {'resume', 'wait', 'epochs'})
             if extra:
                 raise ValueError(f'resume={self.resume!r} continues that run with its own options; drop {extra}, or '
-                                 'start a new run with them')
+                                 'start a new run with them (only epochs may change on resume)')
         else:
             self.config_dict()  # TrainConfig's own checks (known loss and miner, device, data pairs)
         return self

@@ -6,6 +6,7 @@ thread pool that decodes the next batch while the model runs the current one, so
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -347,3 +348,30 @@ def create_encoder(
     with tempfile.TemporaryDirectory(prefix='onnx-export-') as tmp:
         report = export_onnx(model, Path(tmp) / 'model.onnx')
         return OnnxEncoder(report.path, device=device, **options)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short digest of the model's weights and buffers (names, shapes, dtypes and values): it names the ONNX export
+    of exactly these weights, so a different checkpoint of the same architecture never reuses it."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f'{name}:{tuple(tensor.shape)}:{tensor.dtype};'.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+    return digest.hexdigest()[:16]
+
+
+def cached_onnx_encoder(model: EmbeddingModel, name: str, cache_dir: str | os.PathLike, device: str = 'auto',
+                        **options: Any) -> OnnxEncoder:
+    """An onnxruntime encoder for ``model``, exported (and parity-checked) once into
+    ``cache_dir/<name>-<weights digest>/model.onnx`` and reused from there, across restarts too."""
+    safe_name = ''.join(ch if ch.isalnum() or ch in '._-' else '_' for ch in name)
+    target = Path(cache_dir) / f'{safe_name}-{weights_digest(model)}' / 'model.onnx'
+    if target.is_file() and target.with_name(PREPROCESSING_FILE).is_file():
+        logger.info('serving %s from its cached ONNX export %s', name, target)
+    else:
+        from executor.tuning.export import export_onnx  # export imports this module for its preprocessing
+
+        logger.info('exporting %s to ONNX for serving (once; cached in %s)', name, target.parent)
+        export_onnx(model, target)  # writes through a temporary folder: a crash leaves no half-written file
+    return OnnxEncoder(target, device=device, **options)

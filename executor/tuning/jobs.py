@@ -65,7 +65,7 @@ def check_training_data(config: TrainConfig) -> list[Item]:
     if len(items) < 2:
         raise DataError(f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
                         'metric learning at least 2 per class')
-    text = [it.id for it in items if it.kind == 'text']
+    text = [it.name for it in items if it.kind == 'text']
     if text:
         raise DataError(f'{len(text)} training items are text ({text[:3]}), but the models here embed images; send '
                         'images (uri, blob or tensor)')
@@ -75,6 +75,15 @@ def check_training_data(config: TrainConfig) -> list[Item]:
         if data is not None:
             load_items(data, config.data_roots)
     return items
+
+
+def _check_resumed_epochs(run_id: str, state: RunState, epochs: int, extends: bool) -> None:
+    if epochs < state.epoch:
+        raise ValueError(f'run {run_id!r} has done {state.epoch} epochs already, so it cannot end after {epochs}: give '
+                         f'epochs >= {state.epoch}, or start a new run')
+    if extends and epochs == state.epoch:
+        raise ValueError(f'run {run_id!r} finished its {state.epoch} epochs: give epochs > {state.epoch} to train it '
+                         'further')
 
 
 class JobQueue:
@@ -99,17 +108,47 @@ class JobQueue:
     def submit(self, run_id: str) -> None:
         self._queue.put(run_id)
 
-    def resume(self, run_id: str) -> RunState:
-        """Queue a FAILED or CANCELLED run again; it continues from its last checkpoint."""
+    def resume(self, run_id: str, epochs: int | None = None) -> RunState:
+        """Queue a FAILED or CANCELLED run again; it continues from its last checkpoint.
+
+        ``epochs`` changes how many epochs the run has in all (more or fewer, but not fewer than it has done); with
+        more than it has done, a FINISHED run continues too. The learning-rate schedule is stretched or shortened
+        to the new length from the step the run is at, as Hugging Face's Trainer does on resume.
+        """
+        from executor.tuning.trainer import CHECKPOINT
+
+        self._wait_for_exit(run_id)
         with self._lock:
             state = self.store.get(run_id)
-            if state.status not in RESUMABLE:
+            if self._current is not None and self._current[0] == run_id and state.done:
+                raise ValueError(f'run {run_id!r} is {state.status} but its training process is still exiting; '
+                                 'resume it again in a few seconds')
+            extends = state.status == 'FINISHED' and epochs is not None
+            if state.status not in RESUMABLE and not extends:
                 why = ('it is still queued or training' if not state.done else
-                       'it finished; start a new run with model=' + repr(run_id) + ' to train further from its model')
+                       f'it finished; resume it with epochs=N (more than its {state.epoch}) to train it further, or '
+                       f'start a new run with model={run_id!r}')
                 raise ValueError(f'run {run_id!r} is {state.status} and cannot be resumed: {why}')
-            state = self.store.update(run_id, status='CREATED', finished_at=None, error=None, resume=True)
+            if epochs is not None:
+                _check_resumed_epochs(run_id, state, epochs, extends)
+                if extends and not (self.store.folder(run_id) / CHECKPOINT).is_file():
+                    raise ValueError(f'run {run_id!r} has no checkpoint to continue from ({CHECKPOINT}); start a new '
+                                     f'run with model={run_id!r} instead')
+                self.store.update_request(run_id, epochs=epochs)
+            changes = {'epochs': epochs} if epochs is not None else {}
+            state = self.store.update(run_id, status='CREATED', finished_at=None, error=None, resume=True, **changes)
         self._queue.put(run_id)
         return state
+
+    def _wait_for_exit(self, run_id: str) -> None:
+        """A run's process writes its final status just before it exits: give it that moment (a resume sooner would
+        be taken back by the worker thread settling the process it saw end)."""
+        deadline = time.monotonic() + CANCEL_GRACE
+        while time.monotonic() < deadline:
+            current = self._current
+            if current is None or current[0] != run_id or not self.store.get(run_id).done:
+                return
+            time.sleep(0.05)
 
     def cancel(self, run_id: str) -> RunState:
         """Stop a run: a queued one at once, a training one by ending its process. Returns its final state."""

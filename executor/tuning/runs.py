@@ -213,6 +213,13 @@ class RunStore:
     def _write(self, state: RunState) -> None:
         atomic_write(self.root / state.run_id / STATUS_FILE, json.dumps(asdict(state), indent=2))
 
+    def update_request(self, run_id: str, **changes: Any) -> dict[str, Any]:
+        """Change options of a run's request (``resume`` with other ``epochs``), written back atomically."""
+        with self._lock:
+            request = {**self.request(run_id), **changes}
+            atomic_write(self.folder(run_id) / REQUEST_FILE, json.dumps(request, indent=2))
+            return request
+
     def request(self, run_id: str) -> dict[str, Any]:
         return json.loads((self.folder(run_id) / REQUEST_FILE).read_text(encoding='utf-8'))
 
@@ -278,7 +285,7 @@ class RunStore:
             record: dict[str, Any] = {'id': item.id, 'label': item.label}
             if item.tensor is not None:
                 name = f'{i:06d}.png'
-                array_to_image(item.tensor, f'document {item.id!r}').save(folder / name)
+                array_to_image(item.tensor, item.name).save(folder / name)
                 record['file'] = name
             elif item.blob is not None:
                 name = f'{i:06d}.bin'

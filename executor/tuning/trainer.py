@@ -450,9 +450,9 @@ class Trainer:
         matches, relevant = [], []
         for q, (row, query) in enumerate(zip(chosen, picked)):
             ranked = [col for col in neighbours[q].tolist() if not (same and col == row)][:k]
-            matches.append([load_image(index_items[col].content, f'item {index_items[col].id!r}') for col in ranked])
+            matches.append([load_image(index_items[col].content, index_items[col].name) for col in ranked])
             relevant.append([index_items[col].label == query.label for col in ranked])
-        images = [load_image(it.content, f'item {it.id!r}') for it in picked]
+        images = [load_image(it.content, it.name) for it in picked]
         return reports.plot_matches(images, matches, relevant, folder)
 
     # --- evaluation -----------------------------------------------------------------------------------------------

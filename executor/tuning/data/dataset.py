@@ -41,7 +41,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         item = self.items[index]
-        image = load_image(item.content, name=f'item {item.id!r}')
+        image = load_image(item.content, name=item.name)
         if self.views == 1:
             return self.transform(image), self.label_index(item)
         return torch.stack([self.transform(image) for _ in range(self.views)]), self.label_index(item)

@@ -19,7 +19,11 @@ IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.ti
 
 @dataclass
 class Item:
-    """One example: exactly one of ``uri`` / ``blob`` / ``tensor`` / ``text`` is the content."""
+    """One example: exactly one of ``uri`` / ``blob`` / ``tensor`` / ``text`` is the content.
+
+    ``name`` is how errors call it: a document by the ``uri`` it was sent with (what its sender can find), else by its
+    id; a CSV row by file and line.
+    """
 
     id: str
     uri: str | None = None
@@ -27,6 +31,10 @@ class Item:
     tensor: np.ndarray | None = None
     text: str | None = None
     label: str | None = None
+    name: str = ''
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f'item {self.id!r}'
 
     @property
     def content(self) -> Any:
@@ -75,12 +83,12 @@ def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None 
                     raise DataError(f'{name}: empty uri')
                 if '://' not in uri:
                     uri = str(check_under_roots(path.parent / uri, roots, name))
-                items.append(Item(id=name, uri=uri, label=label))
+                items.append(Item(id=name, uri=uri, label=label, name=name))
             else:
                 text = (row.get('text') or '').strip()
                 if not text:
                     raise DataError(f'{name}: empty text')
-                items.append(Item(id=name, text=text, label=label))
+                items.append(Item(id=name, text=text, label=label, name=name))
     if not items:
         raise DataError(f'{str(path)!r} has a header but no rows')
     return items
@@ -107,8 +115,9 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
     for i, rec in enumerate(records):
         get = rec.get if isinstance(rec, dict) else (lambda k, r=rec: getattr(r, k, None))
         ident = str(get('id') or i)
-        name = f'document {ident!r}'
         uri, blob, tensor, text = get('uri'), get('blob'), get('tensor'), get('text')
+        shown = str(uri) if uri is not None and not str(uri).startswith('data:') else ident  # as the sender knows it
+        name = f'document {shown!r}'
         if uri is not None and '://' not in str(uri) and not str(uri).startswith('data:'):
             uri = str(check_under_roots(uri, roots, name))
         if isinstance(text, str) and not text.strip() and uri is None and blob is None and tensor is None:
@@ -117,7 +126,7 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
             raise DataError(f'{name}: has no content; set one of uri, blob, tensor or text')
         label = get('label')
         items.append(Item(id=ident, uri=uri, blob=blob, tensor=None if tensor is None else np.asarray(tensor),
-                          text=text, label=None if label in (None, '') else str(label)))
+                          text=text, label=None if label in (None, '') else str(label), name=name))
     return items
 
 

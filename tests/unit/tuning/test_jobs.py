@@ -176,6 +176,38 @@ def test_cancel_stops_torchrun_and_its_workers_and_resume_continues(store: RunSt
     wait_for(lambda: not run_processes(folder), 10, 'every process of the resumed run to end')
 
 
+def test_resume_with_epochs_cuts_a_run_short_or_extends_a_finished_one(store: RunStore, jobs: JobQueue, digits: str):
+    def ended(run_id: str) -> RunState:
+        return wait_for(lambda: (s := store.get(run_id)).done and s, START_TIMEOUT, f'run {run_id} to end')
+
+    # cut short: a long run, cancelled after its first epochs, resumed to end one epoch later
+    submit(store, jobs, 'cut', train_data=digits, epochs=1000, num_devices=1)
+    wait_for(lambda: store.get('cut').epoch >= 1, START_TIMEOUT, 'the first epoch')
+    done = jobs.cancel('cut').epoch
+    with pytest.raises(ValueError, match=rf"run 'cut' has done {done} epochs already, so it cannot end after "
+                                         rf"{done - 1}: give epochs >= {done}"):
+        jobs.resume('cut', epochs=done - 1)
+    assert jobs.resume('cut', epochs=done + 1).epochs == done + 1
+    state = ended('cut')
+    assert (state.status, state.epoch, state.epochs) == ('FINISHED', done + 1, done + 1)
+    assert [row['epoch'] for row in store.history('cut')] == list(range(1, done + 2))
+    assert store.request('cut')['epochs'] == done + 1
+
+    # extended: a FINISHED run trains two more epochs from its checkpoint
+    submit(store, jobs, 'short', train_data=digits, epochs=1, num_devices=1)
+    assert ended('short').status == 'FINISHED'
+    with pytest.raises(ValueError, match=r"'short' is FINISHED and cannot be resumed: it finished; resume it with "
+                                         r"epochs=N \(more than its 1\)"):
+        jobs.resume('short')
+    with pytest.raises(ValueError, match=r"run 'short' finished its 1 epochs: give epochs > 1"):
+        jobs.resume('short', epochs=1)
+    jobs.resume('short', epochs=3)
+    state = ended('short')
+    assert (state.status, state.epoch, state.epochs) == ('FINISHED', 3, 3)
+    assert [row['epoch'] for row in store.history('short')] == [1, 2, 3]
+    assert 'resumed from' in (store.folder('short') / 'train.log').read_text()
+
+
 @pytest.mark.slow
 def test_killing_the_service_ends_torchrun_and_its_workers(store: RunStore, digits: str):
     store.create({**TINY, 'train_data': digits, 'epochs': 1000}, run_id='orphan')
