@@ -9,12 +9,14 @@ The endpoints' `parameters` are pydantic models too, in `executor.params`.
 """
 # No `from __future__ import annotations` here: jina copies these classes into new pydantic models to describe its
 # endpoints, and postponed (string) annotations cannot be resolved there ("`FinetunerDoc` is not fully defined").
-from typing import Literal, Optional
+import os
+from typing import Any, Literal, Optional
 
 from docarray import BaseDoc, DocList
 from docarray.typing import ID, NdArray
 from pydantic import Field, TypeAdapter
 
+FINETUNER_LABEL = 'finetuner_label'  # Finetuner kept a document's class in tags['finetuner_label']
 RunStatus = Literal['CREATED', 'STARTED', 'FINISHED', 'FAILED', 'CANCELLED']
 
 _ID_ADAPTER = TypeAdapter(ID)
@@ -45,7 +47,11 @@ class MatchDoc(BaseDoc):
 
 
 class FinetunerDoc(BaseDoc):
-    """An item to train on, embed, classify, index or search with: an image (`uri`, `blob`, `tensor`) or a text."""
+    """An item to train on, embed, classify, index or search with: an image (`uri`, `blob`, `tensor`) or a text.
+
+    docarray's own `ImageDoc` and `TextDoc` fit too: their `url` is read as `uri` and their `bytes_` as `blob`; and a
+    label may come as Finetuner's `tags['finetuner_label']`. `uri_of`, `blob_of` and `label_of` read them.
+    """
 
     uri: Optional[str] = None
     # Raw bytes travel over gRPC only: JSON carries `blob` as UTF-8 text, so HTTP clients send images as `uri`/`tensor`.
@@ -53,9 +59,44 @@ class FinetunerDoc(BaseDoc):
     tensor: Optional[NdArray] = None
     text: Optional[str] = None
     label: Optional[str] = None
+    url: Optional[str] = Field(None, description="docarray ImageDoc/TextDoc's name for uri")
+    bytes_: Optional[bytes] = Field(None, description="docarray ImageDoc's name for blob")
+    tags: Optional[dict[str, Any]] = Field(None, description=f"Finetuner's document tags; tags['{FINETUNER_LABEL}'] "
+                                                             'is read as label')
     embedding: Optional[NdArray] = None
     scores: Optional[dict[str, float]] = Field(None, description='classification score per class name')
     matches: DocList[MatchDoc] = Field(DocList[MatchDoc](), description='search results, best first')
+
+
+def ensure_ids(docs: DocList) -> DocList:
+    """Give each document without an id a new one, as docarray does on construction: a Flow's HTTP gateway builds
+    documents from JSON with a class rebuilt from their schema, which leaves `id` None when the JSON has none."""
+    for doc in docs:
+        if not doc.id:
+            doc.id = ID(os.urandom(16).hex())
+    return docs
+
+
+def uri_of(doc: FinetunerDoc) -> Optional[str]:
+    """The document's `uri`, or docarray's `url`; both set and different is an error naming the document."""
+    if doc.uri is not None and doc.url is not None and doc.uri != doc.url:
+        raise ValueError(f'document {doc.id!r} has uri={doc.uri!r} and url={doc.url!r}; send one of them')
+    return doc.uri if doc.uri is not None else doc.url
+
+
+def blob_of(doc: FinetunerDoc) -> Optional[bytes]:
+    """The document's `blob`, or docarray's `bytes_`."""
+    return doc.blob if doc.blob is not None else doc.bytes_
+
+
+def label_of(doc: FinetunerDoc) -> Optional[str]:
+    """The document's `label`, or Finetuner's `tags['finetuner_label']` (a whole number sent as 3.0 reads '3')."""
+    if doc.label is not None:
+        return doc.label
+    value = (doc.tags or {}).get(FINETUNER_LABEL)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return None if value is None or value == '' else str(value)
 
 
 class IndexStats(BaseDoc):

@@ -18,7 +18,7 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executor import params as P
-from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs
+from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, blob_of, ensure_ids, label_of, uri_of
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import DataError, load_image, load_items
 from executor.tuning.data.sources import from_records
@@ -51,6 +51,7 @@ class FinetunerExecutor(Executor):
         runtime: str = 'onnx',
         data_roots: Optional[list] = None,
         max_cached_models: int = 4,
+        model_cache: Optional[str] = None,
         **kwargs,
     ):
         """
@@ -62,11 +63,14 @@ class FinetunerExecutor(Executor):
         :param runtime: 'onnx' serves a model's ONNX export where it has one; 'torch' always serves the .pt model.
         :param data_roots: folders requests may read data from, besides `<workspace>/data` (symlinks resolved).
         :param max_cached_models: models held in memory at once; the least recently used is dropped first.
+        :param model_cache: folder of the registry models' ONNX exports (default `<workspace>/models`); replicas and
+            restarts that share it export each model once.
         """
         super().__init__(**kwargs)
         self.settings = P.ServiceConfig(
             model=model, artifact=artifact, batch_size=batch_size, select_model=select_model, device=device,
             runtime=runtime, data_roots=list(data_roots or []), max_cached_models=max_cached_models,
+            model_cache=model_cache,
         )
         workspace = Path(self.workspace)
         (workspace / 'data').mkdir(parents=True, exist_ok=True)
@@ -74,7 +78,7 @@ class FinetunerExecutor(Executor):
         self.data_roots = [str(workspace / 'data'), *extra_roots]
         self.store = RunStore(workspace / 'runs')
         self.unpack_dir = workspace / 'artifacts'
-        self.model_cache = workspace / 'models'  # registry models' ONNX exports, by name and weights digest
+        self.model_cache = Path(self.settings.model_cache or workspace / 'models').expanduser()
         self.encoders = EncoderCache(self.settings.max_cached_models)
         self.batcher = RequestBatcher()
         self.served = None
@@ -225,8 +229,8 @@ class FinetunerExecutor(Executor):
     def _items(self, docs: DocList[FinetunerDoc]) -> list:
         """The documents as the core's items; a `data:` URI becomes its bytes; local paths must be under a root."""
         records = []
-        for doc in docs:
-            uri, blob = doc.uri, doc.blob
+        for doc in ensure_ids(docs):  # the reply and the indexer after this executor see the same ids
+            uri, blob = uri_of(doc), blob_of(doc)
             if uri is not None and uri.startswith('data:'):
                 header, _, payload = uri.partition(',')
                 base64_coded = header.endswith(';base64')
@@ -234,7 +238,7 @@ class FinetunerExecutor(Executor):
                 uri = None
             tensor = None if doc.tensor is None else np.asarray(doc.tensor)
             records.append({'id': doc.id, 'uri': uri, 'blob': blob, 'tensor': tensor, 'text': doc.text,
-                            'label': doc.label})
+                            'label': label_of(doc)})
         return from_records(records, self.data_roots)
 
     def _encoder(self, params: P.ModelParams) -> 'Encoder':
@@ -356,9 +360,11 @@ def _drop_content(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:
     """The documents without their image bytes (``blob``, ``tensor``, a ``data:`` URI): a reply of ids and results,
     a tenth of the bytes for a batch of JPEGs. A path or http URI stays: it names the document for the client."""
     for doc in docs:
-        doc.blob = doc.tensor = None
+        doc.blob = doc.bytes_ = doc.tensor = None
         if doc.uri is not None and doc.uri.startswith('data:'):
             doc.uri = None
+        if doc.url is not None and doc.url.startswith('data:'):
+            doc.url = None
     return docs
 
 

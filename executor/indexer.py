@@ -29,7 +29,7 @@ from docarray.typing import NdArray
 from jina import Executor, requests
 from pydantic import Field, create_model
 
-from executor.docs import FinetunerDoc, IndexStats, MatchDoc
+from executor.docs import FinetunerDoc, IndexStats, MatchDoc, ensure_ids, label_of, uri_of
 from executor.params import DeleteParams, EndpointParams, IndexParams, SearchParams, parse
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class VectorIndexer(Executor):
         parse(IndexParams, parameters, '/index')
         if not docs:
             return docs
-        duplicates = sorted(i for i, n in Counter(docs.id).items() if n > 1)
+        duplicates = sorted(i for i, n in Counter(ensure_ids(docs).id).items() if n > 1)
         if duplicates:
             raise ValueError(f'documents {duplicates} appear more than once in the request; send each id once')
         embeddings = self._embeddings(docs, 'document')  # (n, dim)
@@ -111,7 +111,7 @@ class VectorIndexer(Executor):
             self._open(embeddings.shape[1])
         self._index.index(
             DocList[self._schema](
-                self._schema(id=doc.id, uri=doc.uri, text=doc.text, label=doc.label, embedding=embedding)
+                self._schema(id=doc.id, uri=uri_of(doc), text=doc.text, label=label_of(doc), embedding=embedding)
                 for doc, embedding in zip(docs, embeddings)
             )
         )

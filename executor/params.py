@@ -279,6 +279,8 @@ class ServiceConfig(BaseModel):
     data_roots: list[str] = Field(default_factory=list, description='folders requests may read data from, besides '
                                                                     "the workspace's data/ folder")
     max_cached_models: int = Field(4, ge=1, le=64, description='models held in memory at once (LRU)')
+    model_cache: Optional[str] = Field(None, description="folder of the registry models' ONNX exports, by name and "
+                                                         'weights (default: <workspace>/models)')
 
     @field_validator('device')
     @classmethod
