@@ -67,6 +67,7 @@ class FinetunerExecutor(Executor):
             restarts that share it export each model once.
         """
         super().__init__(**kwargs)
+        self.names = P.executor_names(self)  # what per-executor parameters address it by
         self.settings = P.ServiceConfig(
             model=model, artifact=artifact, batch_size=batch_size, select_model=select_model, device=device,
             runtime=runtime, data_roots=list(data_roots or []), max_cached_models=max_cached_models,
@@ -98,7 +99,7 @@ class FinetunerExecutor(Executor):
     @requests(on='/train')
     async def train(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
         """Start a run (queued behind the one training); with `wait=true`, answer when it has ended."""
-        params = P.parse(P.TrainParams, parameters, '/train')
+        params = P.parse(P.TrainParams, parameters, '/train', self.names)
         if params.resume is not None:
             epochs = params.epochs if 'epochs' in params.model_fields_set else None
             state = await asyncio.to_thread(self.jobs.resume, params.resume, epochs)
@@ -113,30 +114,30 @@ class FinetunerExecutor(Executor):
     @requests(on='/runs')
     async def runs(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
         """Every run of the workspace, oldest first."""
-        P.parse(P.EndpointParams, parameters, '/runs')
+        P.parse(P.EndpointParams, parameters, '/runs', self.names)
         return DocList[RunInfo]([_run_info(s) for s in await asyncio.to_thread(self.store.list)])
 
     @requests(on='/runs/status')
     async def status(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
-        params = P.parse(P.RunParams, parameters, '/runs/status')
+        params = P.parse(P.RunParams, parameters, '/runs/status', self.names)
         return DocList[RunInfo]([_run_info(self.store.get(params.run_id))])
 
     @requests(on='/runs/logs')
     async def logs(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunLogs]:
         """Log lines from `since` on; pass the reply's `next_since` as `since` to follow the log."""
-        params = P.parse(P.LogsParams, parameters, '/runs/logs')
+        params = P.parse(P.LogsParams, parameters, '/runs/logs', self.names)
         lines, next_since = await asyncio.to_thread(self.store.read_log, params.run_id, params.since, params.limit)
         return DocList[RunLogs]([RunLogs(run_id=params.run_id, lines=lines, next_since=next_since)])
 
     @requests(on='/runs/cancel')
     async def cancel(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
-        params = P.parse(P.RunParams, parameters, '/runs/cancel')
+        params = P.parse(P.RunParams, parameters, '/runs/cancel', self.names)
         return DocList[RunInfo]([_run_info(await asyncio.to_thread(self.jobs.cancel, params.run_id))])
 
     @requests(on='/export')
     async def export(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
         """Export a finished run to ONNX (checked against torch); the reply's `artifact` is the file written."""
-        params = P.parse(P.ExportParams, parameters, '/export')
+        params = P.parse(P.ExportParams, parameters, '/export', self.names)
         state, path = await asyncio.to_thread(self._export, params)
         return DocList[RunInfo]([RunInfo(**{**state.info(), 'artifact': str(path)})])
 
@@ -145,22 +146,22 @@ class FinetunerExecutor(Executor):
     @requests(on='/encode')
     async def encode(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Set each document's `embedding`. Concurrent requests for the same model share forward passes."""
-        return await self._embed(docs, P.parse(P.EncodeParams, parameters, '/encode'))
+        return await self._embed(docs, P.parse(P.EncodeParams, parameters, '/encode', self.names))
 
     @requests(on='/index')
     async def index(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Embed the documents to index, as /encode does; in flows/search.yml the VectorIndexer stores them next."""
-        return await self._embed(docs, P.parse(P.IndexParams, parameters, '/index'))
+        return await self._embed(docs, P.parse(P.IndexParams, parameters, '/index', self.names))
 
     @requests(on='/search')
     async def search(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Embed the queries, as /encode does; in flows/search.yml the VectorIndexer finds their `limit` matches."""
-        return await self._embed(docs, P.parse(P.SearchParams, parameters, '/search'))
+        return await self._embed(docs, P.parse(P.SearchParams, parameters, '/search', self.names))
 
     @requests(on='/classify')
     async def classify(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Set each document's predicted `label` and its `scores` (softmax probability per class)."""
-        params = P.parse(P.ClassifyParams, parameters, '/classify')
+        params = P.parse(P.ClassifyParams, parameters, '/classify', self.names)
         if len(docs) == 0:
             return docs
         logits, encoder = await self._run_model(docs, params, 'classify')  # (N, C)
@@ -175,7 +176,7 @@ class FinetunerExecutor(Executor):
     @requests(on='/evaluate')
     async def evaluate(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[EvaluationResult]:
         """Retrieval metrics (and accuracy for a classifier) of a run's model, or of the pre-trained one."""
-        params = P.parse(P.EvaluateParams, parameters, '/evaluate')
+        params = P.parse(P.EvaluateParams, parameters, '/evaluate', self.names)
         if len(docs) == 0 and params.data is None and params.query_data is None:
             return DocList[EvaluationResult]()
         return DocList[EvaluationResult]([await asyncio.to_thread(self._evaluate, docs, params)])

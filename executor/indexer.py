@@ -30,7 +30,7 @@ from jina import Executor, requests
 from pydantic import Field, create_model
 
 from executor.docs import FinetunerDoc, IndexStats, MatchDoc, ensure_ids, label_of, uri_of
-from executor.params import DeleteParams, EndpointParams, IndexParams, SearchParams, parse
+from executor.params import DeleteParams, EndpointParams, IndexParams, SearchParams, executor_names, parse
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class VectorIndexer(Executor):
         :param index_dir: folder of the index; by default `hnsw` in the executor's workspace.
         """
         super().__init__(**kwargs)
+        self.names = executor_names(self)  # what per-executor parameters address it by
         self._dir = Path(index_dir) if index_dir else Path(self.workspace) / 'hnsw'
         self._schema: Optional[type[BaseDoc]] = None
         self._index: Optional[HnswDocumentIndex] = None
@@ -100,7 +101,7 @@ class VectorIndexer(Executor):
 
         The parameters are those of FinetunerExecutor's `/index`, which embeds the documents before this in a Flow.
         """
-        parse(IndexParams, parameters, '/index')
+        parse(IndexParams, parameters, '/index', self.names)
         if not docs:
             return docs
         duplicates = sorted(i for i, n in Counter(ensure_ids(docs).id).items() if n > 1)
@@ -124,7 +125,7 @@ class VectorIndexer(Executor):
 
         The other parameters choose the model of FinetunerExecutor's `/search`, which embeds the queries before this.
         """
-        limit = parse(SearchParams, parameters, '/search').limit
+        limit = parse(SearchParams, parameters, '/search', self.names).limit
         if not docs:
             return docs
         queries = self._embeddings(docs, 'query')  # (n, dim)
@@ -147,7 +148,7 @@ class VectorIndexer(Executor):
     @_on_index_thread
     def delete(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Deletes the documents with the ids sent (as documents or `ids`); returns those that were in the index."""
-        ids = list(dict.fromkeys(docs.id + parse(DeleteParams, parameters, '/delete').ids))
+        ids = list(dict.fromkeys(docs.id + parse(DeleteParams, parameters, '/delete', self.names).ids))
         if not ids or self._index is None:
             return DocList[FinetunerDoc]()
         try:
@@ -163,7 +164,7 @@ class VectorIndexer(Executor):
     @_on_index_thread
     def count(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[IndexStats]:
         """Returns one `IndexStats` document: the number of indexed documents and the embedding size."""
-        parse(EndpointParams, parameters, '/count')
+        parse(EndpointParams, parameters, '/count', self.names)
         return DocList[IndexStats]([IndexStats(count=self._index.num_docs() if self._index else 0, dim=self._dim)])
 
     @requests
@@ -223,6 +224,14 @@ class VectorIndexer(Executor):
 class ShardMerger(Executor):
     """Merges the replies of a sharded VectorIndexer: the next executor of the Flow, or the indexer's `uses_after`."""
 
+    def __init__(self, indexer: str = 'indexer', **kwargs):
+        """
+        :param indexer: the name of the indexer it merges for: parameters addressed to it (`{"indexer": {"limit":
+            3}}`) are the merger's too, so that it keeps as many matches as each shard found.
+        """
+        super().__init__(**kwargs)
+        self.names = (*executor_names(self), indexer)
+
     @requests(on='/search')
     def search(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """One document per query holding its `limit` best matches over all shards, best first.
@@ -230,7 +239,7 @@ class ShardMerger(Executor):
         Each shard found its own `limit` matches. The indexer's head concatenates them into one document per query,
         or, with this as its `uses_after`, hands over each shard's copy of the query: both shapes are merged here.
         """
-        limit = parse(SearchParams, parameters, '/search').limit
+        limit = parse(SearchParams, parameters, '/search', self.names).limit
         queries: dict[str, FinetunerDoc] = {}
         found: dict[str, list[MatchDoc]] = {}
         for doc in docs:
@@ -244,7 +253,7 @@ class ShardMerger(Executor):
     @requests(on='/count')
     def count(self, docs: DocList[IndexStats], parameters: dict, **kwargs) -> DocList[IndexStats]:
         """Sums the shards' counts into one `IndexStats`; the size is that of any shard holding documents."""
-        parse(EndpointParams, parameters, '/count')
+        parse(EndpointParams, parameters, '/count', self.names)
         dim = next((stats.dim for stats in docs if stats.dim is not None), None)
         return DocList[IndexStats]([IndexStats(count=sum(stats.count for stats in docs), dim=dim)])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Type, TypeVar
 
@@ -65,10 +66,54 @@ class EndpointParams(BaseModel):
         return data
 
 
-def parse(model: Type[P], parameters: dict[str, Any] | None, endpoint: str) -> P:
-    """Validate an endpoint's parameters; every problem is listed, named by its parameter."""
+def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: Type[BaseModel]) -> dict[str, Any]:
+    """The parameters addressed to the executor called ``names`` (its name in the Flow, its class name), by jina's
+    per-executor rule: ``{"<executor>": {...}}`` and ``<executor>__<key>`` (jina's gateway parses the last ``__`` part
+    as the key) are another executor's unless ``<executor>`` is one of ``names``, and then they win over top-level
+    keys. Top-level keys are every executor's, so an unknown one stays an error, and so does an object under a key
+    close to an object-valued field of ``model`` (``optimizer_option: {...}`` is a typo, not an executor)."""
+    own, addressed = {}, {}
+    mapping_fields = [name for name, field in model.model_fields.items() if _takes_mapping(field.annotation)]
+    for key, value in parameters.items():
+        executor, sep, field = key.rpartition('__')
+        if isinstance(value, dict) and key in names:
+            addressed.update(value)
+        elif sep and executor and field:
+            if executor in names:
+                addressed[field] = value
+        elif (isinstance(value, dict) and key not in model.model_fields
+              and not difflib.get_close_matches(key, mapping_fields, n=1)):
+            continue  # {"<another executor>": {...}}
+        else:
+            own[key] = value
+    return {**own, **addressed}
+
+
+def executor_names(executor: Any) -> tuple[str, ...]:
+    """The names a jina executor is addressed by: its name in the Flow or Deployment (``runtime_args.name`` is
+    ``<name>/rep-<i>`` or ``<name>/shard-<j>/rep-<i>``), and its ``metas.name`` (its class name by default)."""
+    runtime_name = getattr(getattr(executor, 'runtime_args', None), 'name', None)
+    metas_name = getattr(getattr(executor, 'metas', None), 'name', None)
+    names = [str(runtime_name).split('/')[0] if runtime_name else None, metas_name, type(executor).__name__]
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+def _takes_mapping(annotation: Any) -> bool:
+    """Whether a field's type accepts an object: a dict or a pydantic model, maybe inside Optional/Union."""
+    if isinstance(annotation, type):
+        return issubclass(annotation, (dict, BaseModel))
+    origin = typing.get_origin(annotation)
+    return origin is dict or any(_takes_mapping(arg) for arg in typing.get_args(annotation))
+
+
+def parse(model: Type[P], parameters: dict[str, Any] | None, endpoint: str, executor: Sequence[str] = ()) -> P:
+    """Validate an endpoint's parameters; every problem is listed, named by its parameter. With ``executor`` (the
+    executor's names), the parameters addressed to other executors of a Flow are left to them (``own_parameters``)."""
+    parameters = parameters or {}
+    if executor:
+        parameters = own_parameters(parameters, executor, model)
     try:
-        return model.model_validate(parameters or {})
+        return model.model_validate(parameters)
     except ValidationError as err:
         problems = []
         for error in err.errors(include_url=False):

@@ -1,0 +1,148 @@
+"""What a Jina or docarray user sends first, through a real Deployment of config.yml on 127.0.0.1 (gRPC and HTTP):
+docarray's own ImageDoc/TextDoc, plain JSON without ids, Finetuner's tags['finetuner_label'], a corrupt file named by
+its uri, the default registry model on onnxruntime with no run, and resume with other epochs."""
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from docarray import DocList
+from docarray.documents import ImageDoc, TextDoc
+from jina import Client, Deployment
+from PIL import Image
+
+from executor.client import FinetunerClient, ServiceError
+from executor.docs import FinetunerDoc
+from executor.tuning.data.samples import digits, write_digits_folder
+
+CONFIG = Path(__file__).resolve().parents[2] / 'config.yml'
+TINY = {'model': 'resnet18', 'pretrained': False, 'image_size': 32, 'batch_size': 20}
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`digits/<digit>/*.png` (3 of each) and a truncated PNG, `broken/cut.png`."""
+    root = tmp_path_factory.mktemp('data')
+    write_digits_folder(root / 'digits', per_class=3, size=32)
+    (root / 'broken').mkdir()
+    (root / 'broken' / 'cut.png').write_bytes((root / 'digits' / '0' / '0000.png').read_bytes()[:70])
+    return root
+
+
+@contextmanager
+def deployment(workspace: Path, ports: list[int], data_root: Path, **uses_with: Any) -> Iterator[None]:
+    """config.yml behind a gRPC and an HTTP port."""
+    with Deployment(uses=str(CONFIG), workspace=str(workspace), protocol=['grpc', 'http'], host='127.0.0.1',
+                    port=ports, uses_with={'data_roots': [str(data_root)], **uses_with}):
+        yield
+
+
+def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = None) -> list[dict]:
+    reply = requests.post(f'http://127.0.0.1:{port}{endpoint}', json={'data': data, 'parameters': parameters or {}},
+                          timeout=300)
+    if reply.status_code != 200:
+        raise ServiceError(f'{reply.status_code}: {reply.json()["detail"]}')
+    return reply.json()['data']
+
+
+def png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def unit(rows: Any) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def test_docarray_documents_finetuner_tags_and_documents_without_ids(tmp_path: Path, data_root: Path,
+                                                                    free_port: Callable[[], int]):
+    paths = [data_root / 'digits' / d / f'{int(d) * 3:04d}.png' for d in '012']
+    array = np.asarray(Image.open(paths[2]))
+    grpc_port, http_port = free_port(), free_port()
+    torch_only = {'runtime': 'torch', 'batch_size': 4}
+    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root):
+        ours = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+        reference = unit(ours.encode([FinetunerDoc(uri=str(p)) for p in paths], **torch_only).embedding)
+
+        # docarray's ImageDoc over gRPC, answered in the client's own type: url, bytes_ and tensor are read
+        client = Client(host=f'grpc://127.0.0.1:{grpc_port}')
+        sent = DocList[ImageDoc]([ImageDoc(url=str(paths[0])), ImageDoc(bytes_=png(paths[1])), ImageDoc(tensor=array)])
+        got = client.post('/encode', sent, parameters=torch_only, return_type=DocList[ImageDoc])
+        assert got.id == sent.id and str(got[0].url) == str(paths[0])
+        np.testing.assert_allclose(unit(np.stack(got.embedding)), reference, atol=1e-5)
+        with pytest.raises(Exception, match=r'is text only \(1 such\), but this model embeds images'):
+            client.post('/encode', DocList[TextDoc]([TextDoc(text='a handwritten seven')]), parameters=torch_only,
+                        return_type=DocList[TextDoc])
+
+        # the same as docarray's JSON over HTTP, with no ids: each document gets one, kept in the reply
+        as_json = [{'url': str(paths[0])}, {'tensor': array.tolist()}, {'uri': str(paths[1])}]
+        replied = http(http_port, '/encode', as_json, torch_only)
+        ids = [doc['id'] for doc in replied]
+        assert all(isinstance(i, str) and len(i) == 32 for i in ids) and len(set(ids)) == 3
+        np.testing.assert_allclose(unit([d['embedding'] for d in replied]), reference[[0, 2, 1]], atol=1e-5)
+        with pytest.raises(ServiceError, match=r"is text only"):
+            http(http_port, '/encode', [{'text': 'a handwritten seven'}], torch_only)
+
+        # Finetuner's label field: /evaluate needs a label on every document, and tags carry it
+        labelled = [{'uri': str(p), 'tags': {'finetuner_label': p.parent.name}} for p in paths * 2]
+        (result,) = http(http_port, '/evaluate', labelled, torch_only)
+        assert result['metrics']['hit@1'] == 1.0  # each image finds its own copy first
+        with pytest.raises(ServiceError, match=r"document '.*0000.png' has no label"):
+            http(http_port, '/evaluate', [{'uri': str(paths[0])}, *labelled], torch_only)
+
+
+def test_errors_name_the_document_by_its_uri(tmp_path: Path, data_root: Path, free_port: Callable[[], int]):
+    cut = data_root / 'broken' / 'cut.png'
+    good = str(data_root / 'digits' / '1' / '0003.png')
+    grpc_port, http_port = free_port(), free_port()
+    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root, runtime='torch'):
+        client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+        expected = rf"document '{cut}': cannot decode the image"
+        with pytest.raises(ServiceError, match=expected):
+            client.encode([FinetunerDoc(id='good', uri=good), FinetunerDoc(id='x1', uri=str(cut))])
+        with pytest.raises(ServiceError, match=expected):
+            http(http_port, '/encode', [{'uri': good}, {'uri': str(cut)}])
+        with pytest.raises(ServiceError, match=r"document 'no-uri': cannot decode the image"):
+            client.encode([FinetunerDoc(id='no-uri', blob=cut.read_bytes())])  # no uri: named by its id
+        with pytest.raises(ServiceError, match=rf"document '{cut}': cannot decode the image"):
+            http(http_port, '/train', [{'uri': good, 'label': '1'}, {'uri': str(cut), 'label': '1'}], TINY)
+        assert len(http(http_port, '/encode', [{'uri': good}])[0]['embedding']) == 1280  # still serving
+
+
+def test_the_default_model_with_no_run_is_served_by_onnxruntime_from_a_cached_export(
+        tmp_path: Path, data_root: Path, free_port: Callable[[], int]):
+    cache = tmp_path / 'models'
+    docs = [FinetunerDoc(uri=str(p)) for p in sorted((data_root / 'digits').rglob('*.png'))[:6]]
+    with deployment(tmp_path / 'ws', [free_port(), http_port := free_port()], data_root, model_cache=str(cache)):
+        as_json = [{'uri': d.uri} for d in docs]
+        onnx_rows = unit([d['embedding'] for d in http(http_port, '/encode', as_json)])  # the default: 'onnx'
+        (exported,) = cache.glob('efficientnet_lite0-*/model.onnx')  # exported on first use, named by its weights
+        torch_rows = unit([d['embedding'] for d in http(http_port, '/encode', as_json, {'runtime': 'torch'})])
+    assert (onnx_rows * torch_rows).sum(-1).min() > 0.9999
+    exported_at = exported.stat().st_mtime_ns
+
+    with deployment(tmp_path / 'ws', [port := free_port(), free_port()], data_root, model_cache=str(cache)):
+        again = unit(np.stack(FinetunerClient(f'grpc://127.0.0.1:{port}').encode(docs).embedding))
+    assert list(cache.glob('*/model.onnx')) == [exported] and exported.stat().st_mtime_ns == exported_at  # reused
+    np.testing.assert_allclose(again, onnx_rows, atol=1e-6)
+
+
+def test_resume_with_more_or_fewer_epochs_over_grpc_and_http(tmp_path: Path, data_root: Path,
+                                                             free_port: Callable[[], int]):
+    grpc_port, http_port = free_port(), free_port()
+    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root, runtime='torch'):
+        client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+        client.fit(train_data='digits', epochs=1, run_name='short', **TINY).wait(timeout=240)
+        (info,) = http(http_port, '/train', [], {'resume': 'short', 'epochs': 3, 'wait': True})
+        assert (info['status'], info['epoch'], info['epochs']) == ('FINISHED', 3, 3)
+        with pytest.raises(ServiceError, match=r"run 'short' has done 3 epochs already, so it cannot end after 2"):
+            client.post('/train', [], {'resume': 'short', 'epochs': 2})
+        with pytest.raises(ServiceError, match=r"continues that run with its own options; drop \['learning_rate'\]"):
+            http(http_port, '/train', [], {'resume': 'short', 'epochs': 4, 'learning_rate': 0.1})
+        assert client.get_run('short').info().epoch == 3
