@@ -18,7 +18,9 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executor import params as P
-from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, blob_of, ensure_ids, label_of, uri_of
+from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
+from executor.docs import (EvaluationResult, FinetunerDoc, RunInfo, RunLogs, blob_of, ensure_ids, label_of,
+                           uri_of)
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import DataError, load_image, load_items
 from executor.tuning.data.sources import from_records

@@ -29,6 +29,7 @@ from docarray.typing import NdArray
 from jina import Executor, requests
 from pydantic import Field, create_model
 
+from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
 from executor.docs import FinetunerDoc, IndexStats, MatchDoc, ensure_ids, label_of, uri_of
 from executor.params import DeleteParams, EndpointParams, IndexParams, SearchParams, executor_names, parse
 

@@ -331,3 +331,13 @@ class ServiceConfig(BaseModel):
     @classmethod
     def _device(cls, value: str) -> str:
         return check_device(value)
+
+
+# Every endpoint's parameters, by path: what the endpoints validate with, and what the OpenAPI page shows
+# (executor.rest).
+ENDPOINT_PARAMS: dict[str, Type[EndpointParams]] = {
+    '/train': TrainParams, '/runs': EndpointParams, '/runs/status': RunParams, '/runs/logs': LogsParams,
+    '/runs/cancel': RunParams, '/export': ExportParams, '/encode': EncodeParams, '/index': IndexParams,
+    '/search': SearchParams, '/classify': ClassifyParams, '/evaluate': EvaluateParams, '/delete': DeleteParams,
+    '/count': EndpointParams,
+}

@@ -1,0 +1,46 @@
+"""Which parameters are an executor's own in a Flow: jina's per-executor rule, and typos still errors."""
+from __future__ import annotations
+
+import pytest
+
+from executor import params as P
+
+ENCODER = ('encoder', 'FinetunerExecutor')
+
+
+def test_keys_addressed_to_an_executor_are_its_own_and_win_over_top_level_keys():
+    sent = {'batch_size': 4, 'encoder': {'batch_size': 8}, 'encoder__runtime': 'torch', 'limit': 5}
+    assert P.own_parameters(sent, ENCODER, P.SearchParams) == {'batch_size': 8, 'runtime': 'torch', 'limit': 5}
+    # by class name too, as jina's worker merges `metas.name`
+    assert P.own_parameters({'FinetunerExecutor': {'limit': 2}}, ENCODER, P.SearchParams) == {'limit': 2}
+
+
+def test_keys_addressed_to_other_executors_are_left_to_them():
+    sent = {'indexer': {'limit': 3}, 'reranker': {'top_k': 2, 'mode': 'fast'}, 'reranker__top_k': 2, 'limit': 3}
+    assert P.own_parameters(sent, ENCODER, P.SearchParams) == {'limit': 3}
+    params = P.parse(P.SearchParams, sent, '/search', ENCODER)
+    assert params.limit == 3 and params.batch_size is None
+
+
+def test_a_misspelt_key_is_still_an_error():
+    with pytest.raises(P.ParameterError, match=r"unknown parameter 'limt' \(did you mean 'limit'\?\)"):
+        P.parse(P.SearchParams, {'indexer': {'limit': 3}, 'limt': 3}, '/search', ENCODER)
+    # an object under a name close to an object-valued field is a typo, not another executor
+    with pytest.raises(P.ParameterError, match=r"unknown parameter 'optimizer_option' \(did you mean 'optimizer_opt"):
+        P.parse(P.TrainParams, {'train_data': 'd', 'optimizer_option': {'lr': 0.1}}, '/train', ENCODER)
+    # a typo inside the executor's own object is its error too
+    with pytest.raises(P.ParameterError, match=r"unknown parameter 'batchsize'"):
+        P.parse(P.SearchParams, {'encoder': {'batchsize': 8}}, '/search', ENCODER)
+
+
+def test_executor_names_come_from_the_flow_and_the_class():
+    class Runtime:
+        name = 'encoder/shard-0/rep-1'
+
+    class Metas:
+        name = 'FinetunerExecutor'
+
+    class Fake:
+        runtime_args, metas = Runtime(), Metas()
+
+    assert P.executor_names(Fake()) == ('encoder', 'FinetunerExecutor', 'Fake')
