@@ -3,7 +3,7 @@ docarray's own ImageDoc/TextDoc, plain JSON without ids, Finetuner's tags['finet
 its uri, the default registry model on onnxruntime with no run, and resume with other epochs."""
 from __future__ import annotations
 
-import io
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +14,7 @@ import pytest
 import requests
 from docarray import DocList
 from docarray.documents import ImageDoc, TextDoc
-from jina import Client, Deployment
+from jina import Client, Deployment, Flow
 from PIL import Image
 
 from executor.client import FinetunerClient, ServiceError
@@ -146,3 +146,122 @@ def test_resume_with_more_or_fewer_epochs_over_grpc_and_http(tmp_path: Path, dat
         with pytest.raises(ServiceError, match=r"continues that run with its own options; drop \['learning_rate'\]"):
             http(http_port, '/train', [], {'resume': 'short', 'epochs': 4, 'learning_rate': 0.1})
         assert client.get_run('short').info().epoch == 3
+
+
+STRANGER = '''
+from typing import Optional
+
+from docarray import BaseDoc, DocList
+from docarray.base_doc import AnyDoc
+from jina import Executor, requests
+
+
+class Note(BaseDoc):
+    text: Optional[str] = None
+
+
+class Tagger(Executor):
+    """Someone else's executor: it reads its own parameter, `mode`, from what is addressed to it, and passes the
+    documents of other endpoints through (jina chains an executor only after one whose endpoints it has)."""
+
+    @requests
+    def pass_through(self, docs: DocList[AnyDoc], **kwargs) -> DocList[AnyDoc]:
+        return docs
+
+    @requests(on='/tag')
+    def tag(self, docs: DocList[Note], parameters: dict, **kwargs) -> DocList[Note]:
+        for doc in docs:
+            doc.text = f"{doc.text} ({parameters.get('mode')})"
+        return docs
+'''
+
+
+def test_the_search_flow_with_someone_elses_executor_over_http_and_grpc(tmp_path: Path, free_port: Callable[[], int]):
+    """flows/search.yml plus a third executor: id-less JSON documents index over HTTP, parameters addressed to one
+    executor reach it alone, a misspelt key is still an error (422 over HTTP), and the OpenAPI page is typed."""
+    (tmp_path / 'stranger.py').write_text(STRANGER)
+    grpc_port, http_port = free_port(), free_port()
+    overrides = {'host': '127.0.0.1', 'port': [grpc_port, http_port], 'protocol': ['grpc', 'http'],
+                 'workspace': str(tmp_path / 'ws')}
+    images, labels = digits(per_class=1, size=32)
+    as_json = [{'tensor': image.tolist(), 'label': label} for image, label in zip(images, labels)]  # no ids
+    torch_only = {'runtime': 'torch', 'batch_size': 4}
+    flow = Flow.load_config(str(CONFIG.with_name('flows') / 'search.yml'), uses_with=overrides)
+    with flow.add(name='tagger', uses='Tagger', py_modules=[str(tmp_path / 'stranger.py')]):
+        indexed = http(http_port, '/index', as_json, torch_only)
+        ids = [doc['id'] for doc in indexed]
+        assert len(set(ids)) == 10 and all(ids)
+        (stats,) = http(http_port, '/count', [])
+        assert stats['count'] == 10
+
+        for parameters, expected in (({'indexer': {'limit': 3}}, 3), ({'indexer__limit': 2}, 2), ({}, 10),
+                                     ({'indexer': {'limit': 4}, 'tagger': {'mode': 'loud'}, 'limit': 6}, 4)):
+            (by_http,) = http(http_port, '/search', as_json[:1], {**torch_only, **parameters})
+            assert len(by_http['matches']) == expected, parameters
+            assert by_http['matches'][0]['id'] == ids[0] and by_http['matches'][0]['label'] == '0'
+        client = Client(host=f'grpc://127.0.0.1:{grpc_port}')
+        (by_grpc,) = client.post('/search', DocList[FinetunerDoc]([FinetunerDoc(tensor=images[0])]),
+                                 parameters={**torch_only, 'indexer': {'limit': 3}, 'tagger': {'mode': 'x'}},
+                                 return_type=DocList[FinetunerDoc])
+        assert [m.id for m in by_grpc.matches] == [m['id'] for m in by_http['matches']][:3]
+        (tagged,) = http(http_port, '/tag', [{'text': 'hello'}], {'tagger': {'mode': 'loud'}})
+        assert tagged['text'] == 'hello (loud)'
+
+        # misspelt: at the top level, or inside the object addressed to the executor it is meant for
+        for parameters, error in (({'limt': 3}, r"unknown parameter 'limt' \(did you mean 'limit'\?\)"),
+                                  ({'indexer': {'limt': 3}}, r"unknown parameter 'limt'"),
+                                  ({'encoder': {'batchsize': 3}}, r"unknown parameter 'batchsize'")):
+            reply = requests.post(f'http://127.0.0.1:{http_port}/search', timeout=60,
+                                  json={'data': as_json[:1], 'parameters': {**torch_only, **parameters}})
+            assert reply.status_code == 422, (parameters, reply.status_code, reply.text)
+            assert re.search(error, reply.json()['detail']), reply.text
+            with pytest.raises(ServiceError, match=error):
+                FinetunerClient(f'grpc://127.0.0.1:{grpc_port}').post('/search', [FinetunerDoc(tensor=images[0])],
+                                                                      {**torch_only, **parameters})
+
+        # other bad input is a 4xx too, and each endpoint's parameters are typed on the OpenAPI page
+        reply = requests.post(f'http://127.0.0.1:{http_port}/runs/status',
+                              json={'data': [], 'parameters': {'run_id': 'nope'}}, timeout=60)
+        assert reply.status_code == 404 and 'unknown run_id' in reply.json()['detail']
+        reply = requests.post(f'http://127.0.0.1:{http_port}/encode', json={'data': [{'uri': '/etc/hostname'}]},
+                              timeout=60)
+        assert reply.status_code == 400 and 'outside the data roots' in reply.json()['detail']
+        assert_typed_openapi(requests.get(f'http://127.0.0.1:{http_port}/openapi.json', timeout=60).json())
+
+
+def assert_typed_openapi(schema: dict) -> None:
+    components = schema['components']['schemas']
+
+    def parameters_of(path: str) -> dict:
+        ref = schema['paths'][path]['post']['requestBody']['content']['application/json']['schema']['$ref']
+        inner = components[ref.rpartition('/')[2]]['properties']['parameters']['$ref']
+        return components[inner.rpartition('/')[2]]
+
+    def types(field: dict) -> set[str]:
+        return {option.get('type') for option in field.get('anyOf', [field])}
+
+    search = parameters_of('/search')
+    assert search['properties']['limit']['default'] == 10 and types(search['properties']['limit']) == {'integer'}
+    assert types(search['properties']['batch_size']) == {'integer', 'null'}
+    assert search['additionalProperties'] == {'type': 'object'}  # only objects, addressed to other executors
+    train = parameters_of('/train')
+    assert 'integer' in types(train['properties']['epochs']) and 'number' in types(train['properties']['learning_rate'])
+    assert parameters_of('/runs/status')['required'] == ['run_id']
+
+
+def test_a_deployment_answers_bad_input_4xx_and_types_its_parameters(tmp_path: Path, data_root: Path,
+                                                                     free_port: Callable[[], int]):
+    grpc_port, http_port = free_port(), free_port()
+    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root, runtime='torch'):
+        base = f'http://127.0.0.1:{http_port}'
+        cases = [('/encode', {'batchsize': 4}, [], 422), ('/train', {'train_data': 'digits', 'epoch': 2}, [], 422),
+                 ('/encode', {}, [{'uri': str(data_root / 'broken' / 'cut.png')}], 400),
+                 ('/runs/logs', {'run_id': 'nope'}, [], 404), ('/train', {'resume': 'nope', 'epochs': 2}, [], 404)]
+        for endpoint, parameters, data, status in cases:
+            reply = requests.post(base + endpoint, json={'data': data, 'parameters': parameters}, timeout=60)
+            assert reply.status_code == status, (endpoint, parameters, reply.status_code, reply.text)
+        # the executor's own name in a Deployment is 'executor': addressed keys are its own
+        (doc,) = http(http_port, '/encode', [{'uri': str(data_root / 'digits' / '1' / '0003.png')}],
+                      {'executor': {'batch_size': 2}, 'someone_else': {'x': 1}})
+        assert len(doc['embedding']) == 1280
+        assert_typed_openapi(requests.get(f'{base}/openapi.json', timeout=60).json())
