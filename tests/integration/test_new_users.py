@@ -264,4 +264,6 @@ def test_a_deployment_answers_bad_input_4xx_and_types_its_parameters(tmp_path: P
         (doc,) = http(http_port, '/encode', [{'uri': str(data_root / 'digits' / '1' / '0003.png')}],
                       {'executor': {'batch_size': 2}, 'someone_else': {'x': 1}})
         assert len(doc['embedding']) == 1280
+        reply = requests.post(f'{base}/encode', timeout=60, json={'data': [], 'parameters': {'executor': {'batchsize': 2}}})
+        assert reply.status_code == 422 and "unknown parameter 'batchsize'" in reply.json()['detail']  # its own key
         assert_typed_openapi(requests.get(f'{base}/openapi.json', timeout=60).json())

@@ -22,10 +22,12 @@ from executor.tuning.inference import (
     OnnxEncoder,
     Preprocessor,
     TorchEncoder,
+    cached_onnx_encoder,
     create_encoder,
     onnx_providers,
     resolve_device,
     usable_cores,
+    weights_digest,
 )
 from executor.tuning.models import build_model, save_model
 
@@ -207,3 +209,25 @@ def test_providers_are_explicit():
     with pytest.raises(ValueError, match="use 'auto', 'cpu', 'cuda'"):
         resolve_device('gpu')
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_the_weights_digest_names_exactly_these_weights():
+    model = build_model('resnet18', pretrained=False)
+    same = build_model('resnet18', pretrained=False)
+    same.load_state_dict(model.state_dict())
+    assert weights_digest(model) == weights_digest(same) and len(weights_digest(model)) == 16
+    with torch.no_grad():
+        next(same.parameters()).view(-1)[0] += 1e-6  # one weight, by a hair
+    assert weights_digest(model) != weights_digest(same)
+
+
+def test_cached_onnx_encoder_exports_once_and_reuses_the_file(tmp_path, images):
+    model = build_model('resnet18', pretrained=False)
+    first = cached_onnx_encoder(model, 'resnet18', tmp_path, device='cpu')
+    (path,) = tmp_path.glob('resnet18-*/model.onnx')
+    assert path.parent.name == f'resnet18-{weights_digest(model)}' and first.path == path
+    exported_at = path.stat().st_mtime_ns
+    again = cached_onnx_encoder(model, 'resnet18', tmp_path, device='cpu')
+    assert again.path == path and path.stat().st_mtime_ns == exported_at  # not exported again
+    reference = TorchEncoder(model, device='cpu').encode(images)
+    assert cosine(again.encode(images), reference).min() > 0.9999
