@@ -66,7 +66,7 @@ class FinetunerExecutor(Executor):
         :param data_roots: folders requests may read data from, besides `<workspace>/data` (symlinks resolved).
         :param max_cached_models: models held in memory at once; the least recently used is dropped first.
         :param model_cache: folder of the registry models' ONNX exports (default `<workspace>/models`); replicas and
-            restarts that share it export each model once.
+            restarts that share it export each model once (under a file lock).
         """
         super().__init__(**kwargs)
         self.names = P.executor_names(self)  # what per-executor parameters address it by
@@ -269,8 +269,9 @@ class FinetunerExecutor(Executor):
         if runtime == 'onnx':
             try:
                 return cached_onnx_encoder(model, name, self.model_cache, device=device)
-            except ExportError as err:
-                logger.warning("model %r cannot be served by onnxruntime (%s); serving it with torch", name, err)
+            except (ExportError, OSError, ValueError) as err:  # no export, or an unwritable or broken cache folder
+                logger.warning('model %r cannot be served by onnxruntime from %s (%s); serving it with torch', name,
+                               self.model_cache, err)
         return TorchEncoder(model, device=device, copy_model=False)
 
     def _images(self, items: list) -> tuple:

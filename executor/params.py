@@ -3,9 +3,9 @@ pydantic models, unknown keys rejected.
 
 Endpoints take ``parameters: dict`` and validate it here (``parse``) rather than through jina's ``parameters: Model``
 annotation: behind a Flow's HTTP gateway the annotation makes the gateway validate against one executor's model, drop
-unknown keys silently and send that model's defaults to every executor of the chain, and jina refuses
-``@dynamic_batching`` with it. Validation is lax, so numbers that gRPC carries as floats (protobuf's ``Struct`` has no
-integers) become the integers the fields ask for: ``3.0`` -> ``3``.
+unknown keys silently and send that model's fields alone, with their defaults, to every executor of the chain.
+Validation is lax, so numbers that gRPC carries as floats (protobuf's ``Struct`` has no integers) become the integers
+the fields ask for: ``3.0`` -> ``3``.
 
 A Flow hands a request's parameters to every executor on its path, so ``/index`` and ``/search``, which
 flows/search.yml routes through FinetunerExecutor (embeds) and then VectorIndexer (stores, finds), take one model each
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import typing
 from pathlib import Path
@@ -31,6 +32,7 @@ from executor.tuning.devices import check_device
 from executor.tuning.runs import RUN_ID_PATTERN
 
 P = TypeVar('P', bound=BaseModel)
+logger = logging.getLogger(__name__)
 
 EXECUTOR_SET = ('output_dir', 'callbacks', 'data_roots')  # TrainConfig fields the executor fills in
 DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')
@@ -72,20 +74,27 @@ def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: Type
     as the key) are another executor's unless ``<executor>`` is one of ``names``, and then they win over top-level
     keys. Top-level keys are every executor's, so an unknown one stays an error, and so does an object under a key
     close to an object-valued field of ``model`` (``optimizer_option: {...}`` is a typo, not an executor)."""
-    own, addressed = {}, {}
+    own, addressed, others = {}, {}, []
     mapping_fields = [name for name, field in model.model_fields.items() if _takes_mapping(field.annotation)]
     for key, value in parameters.items():
         executor, sep, field = key.rpartition('__')
         if isinstance(value, dict) and key in names:
             addressed.update(value)
         elif sep and executor and field:
-            if executor in names:
-                addressed[field] = value
+            # jina's gateway hands an executor only its own `<name>__<key>` keys (and strips the `<name>__`): one
+            # that gets here unstripped came with no gateway in between (an HTTP Deployment), so it is no other's
+            if executor not in names:
+                raise ParameterError(f'parameter {key!r} is addressed to an executor named {executor!r}, but this one '
+                                     f"is called {' or '.join(map(repr, names))}; write {field!r} or "
+                                     f'{names[0]}__{field}')
+            addressed[field] = value
         elif (isinstance(value, dict) and key not in model.model_fields
               and not difflib.get_close_matches(key, mapping_fields, n=1)):
-            continue  # {"<another executor>": {...}}
+            others.append(key)  # {"<another executor>": {...}}
         else:
             own[key] = value
+    if others:
+        logger.info('parameters %s are left to the executors of those names (this one is %s)', others, names[0])
     return {**own, **addressed}
 
 
@@ -111,7 +120,10 @@ def parse(model: Type[P], parameters: dict[str, Any] | None, endpoint: str, exec
     executor's names), the parameters addressed to other executors of a Flow are left to them (``own_parameters``)."""
     parameters = parameters or {}
     if executor:
-        parameters = own_parameters(parameters, executor, model)
+        try:
+            parameters = own_parameters(parameters, executor, model)
+        except ParameterError as err:
+            raise ParameterError(f'invalid parameters for {endpoint}: {err}') from None
     try:
         return model.model_validate(parameters)
     except ValidationError as err:

@@ -32,9 +32,8 @@ STATUS_BY_ERROR = {
     'ParameterError': 422,  # a misspelt or invalid parameter: what FastAPI answers for a body that fails its model
     'DataError': 400,  # a document or data file that cannot be used
     'ValueError': 400,  # a request the executor refuses as it stands (a run in the wrong state, both run_id and model)
-    'WeightsNotFoundError': 400,
+    'WeightsNotFoundError': 400,  # a model asked for pretrained whose weights are not on the server
     'RunNotFoundError': 404,
-    'FileNotFoundError': 404,
 }
 _ERROR_NAME = re.compile(r'^(\w+)\(')
 _PARAMETERS_NOTE = ('The endpoint\'s own parameters; an object under the name of an executor of the Flow '

@@ -350,10 +350,14 @@ def create_encoder(
         return OnnxEncoder(report.path, device=device, **options)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """A short digest of the model's weights and buffers (names, shapes, dtypes and values): it names the ONNX export
-    of exactly these weights, so a different checkpoint of the same architecture never reuses it."""
+def weights_digest(model: EmbeddingModel) -> str:
+    """A short digest of what an export of the model depends on: its weights and buffers (names, shapes, dtypes and
+    values), its configuration and preprocessing, and the torch and export format versions. It names the ONNX export
+    of exactly this model, so another checkpoint of the same architecture, or an upgrade, never reuses a file."""
     digest = hashlib.sha256()
+    context = {'config': model.config, 'data_config': model.data_config, 'torch': torch.__version__,
+               'format': ONNX_FORMAT}
+    digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f'{name}:{tuple(tensor.shape)}:{tensor.dtype};'.encode())
@@ -364,14 +368,27 @@ def weights_digest(model: nn.Module) -> str:
 def cached_onnx_encoder(model: EmbeddingModel, name: str, cache_dir: str | os.PathLike, device: str = 'auto',
                         **options: Any) -> OnnxEncoder:
     """An onnxruntime encoder for ``model``, exported (and parity-checked) once into
-    ``cache_dir/<name>-<weights digest>/model.onnx`` and reused from there, across restarts too."""
+    ``cache_dir/<name>-<weights digest>/model.onnx`` and reused from there, across restarts too.
+
+    Processes sharing ``cache_dir`` (replicas, a restart during an export) take a file lock around the check and the
+    export, so one exports and the others then load its file. A cached file that onnxruntime cannot load is exported
+    again."""
+    import fcntl
+
+    from executor.tuning.export import export_onnx  # export imports this module for its preprocessing
+
     safe_name = ''.join(ch if ch.isalnum() or ch in '._-' else '_' for ch in name)
     target = Path(cache_dir) / f'{safe_name}-{weights_digest(model)}' / 'model.onnx'
-    if target.is_file() and target.with_name(PREPROCESSING_FILE).is_file():
-        logger.info('serving %s from its cached ONNX export %s', name, target)
-    else:
-        from executor.tuning.export import export_onnx  # export imports this module for its preprocessing
-
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent.with_name(f'.{target.parent.name}.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file() and target.with_name(PREPROCESSING_FILE).is_file():
+            try:
+                encoder = OnnxEncoder(target, device=device, **options)
+                logger.info('serving %s from its cached ONNX export %s', name, target)
+                return encoder
+            except ValueError as err:
+                logger.warning('the cached ONNX export %s cannot be loaded (%s); exporting %s again', target, err, name)
         logger.info('exporting %s to ONNX for serving (once; cached in %s)', name, target.parent)
         export_onnx(model, target)  # writes through a temporary folder: a crash leaves no half-written file
-    return OnnxEncoder(target, device=device, **options)
+        return OnnxEncoder(target, device=device, **options)

@@ -135,11 +135,11 @@ class JobQueue:
                     raise ValueError(f'run {run_id!r} has no checkpoint to continue from ({CHECKPOINT}); start a new '
                                      f'run with model={run_id!r} instead')
                 self.store.update_request(run_id, epochs=epochs)
+            changes = {'epochs': epochs} if epochs is not None else {}
+            state = self.store.update(run_id, status='CREATED', finished_at=None, error=None, resume=True, **changes)
             if extends:  # its ONNX exports are of the model it had: serving them after it trains on would be stale
                 for export in self.store.folder(run_id).glob('model*.onnx*'):
                     export.unlink()
-            changes = {'epochs': epochs} if epochs is not None else {}
-            state = self.store.update(run_id, status='CREATED', finished_at=None, error=None, resume=True, **changes)
         self._queue.put(run_id)
         return state
 

@@ -282,7 +282,7 @@ class RunStore:
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for i, item in enumerate(docs):
-            record: dict[str, Any] = {'id': item.id, 'label': item.label}
+            record: dict[str, Any] = {'id': item.id, 'label': item.label, 'name': item.name}
             if item.tensor is not None:
                 name = f'{i:06d}.png'
                 array_to_image(item.tensor, item.name).save(folder / name)
@@ -308,7 +308,8 @@ class RunStore:
         for line in index.read_text(encoding='utf-8').splitlines():
             record = json.loads(line)
             uri = str(folder / record['file']) if 'file' in record else record.get('uri')
-            items.append(Item(id=record['id'], uri=uri, text=record.get('text'), label=record.get('label')))
+            items.append(Item(id=record['id'], uri=uri, text=record.get('text'), label=record.get('label'),
+                              name=record.get('name', '')))
         return items
 
 

@@ -20,6 +20,8 @@ from PIL import Image
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
 from executor.tuning.data.samples import digits, write_digits_folder
+from executor.tuning.export import export_onnx
+from executor.tuning.models import build_model
 
 CONFIG = Path(__file__).resolve().parents[2] / 'config.yml'
 TINY = {'model': 'resnet18', 'pretrained': False, 'image_size': 32, 'batch_size': 20}
@@ -51,10 +53,6 @@ def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = N
     return reply.json()['data']
 
 
-def png(path: Path) -> bytes:
-    return path.read_bytes()
-
-
 def unit(rows: Any) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64)
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
@@ -72,7 +70,7 @@ def test_docarray_documents_finetuner_tags_and_documents_without_ids(tmp_path: P
 
         # docarray's ImageDoc over gRPC, answered in the client's own type: url, bytes_ and tensor are read
         client = Client(host=f'grpc://127.0.0.1:{grpc_port}')
-        sent = DocList[ImageDoc]([ImageDoc(url=str(paths[0])), ImageDoc(bytes_=png(paths[1])), ImageDoc(tensor=array)])
+        sent = DocList[ImageDoc]([ImageDoc(url=str(paths[0])), ImageDoc(bytes_=paths[1].read_bytes()), ImageDoc(tensor=array)])
         got = client.post('/encode', sent, parameters=torch_only, return_type=DocList[ImageDoc])
         assert got.id == sent.id and str(got[0].url) == str(paths[0])
         np.testing.assert_allclose(unit(np.stack(got.embedding)), reference, atol=1e-5)
@@ -131,6 +129,12 @@ def test_the_default_model_with_no_run_is_served_by_onnxruntime_from_a_cached_ex
         again = unit(np.stack(FinetunerClient(f'grpc://127.0.0.1:{port}').encode(docs).embedding))
     assert list(cache.glob('*/model.onnx')) == [exported] and exported.stat().st_mtime_ns == exported_at  # reused
     np.testing.assert_allclose(again, onnx_rows, atol=1e-6)
+
+    # what answers is that file in onnxruntime: put another model's export in its place, and its embeddings come back
+    export_onnx(build_model('resnet18', pretrained=False), exported)
+    with deployment(tmp_path / 'ws', [port := free_port(), free_port()], data_root, model_cache=str(cache)):
+        swapped = np.stack(FinetunerClient(f'grpc://127.0.0.1:{port}').encode(docs).embedding)
+    assert swapped.shape == (len(docs), 512)  # resnet18's width; efficientnet_lite0 gives 1280
 
 
 def test_resume_with_more_or_fewer_epochs_over_grpc_and_http(tmp_path: Path, data_root: Path,

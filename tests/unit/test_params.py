@@ -16,10 +16,20 @@ def test_keys_addressed_to_an_executor_are_its_own_and_win_over_top_level_keys()
 
 
 def test_keys_addressed_to_other_executors_are_left_to_them():
-    sent = {'indexer': {'limit': 3}, 'reranker': {'top_k': 2, 'mode': 'fast'}, 'reranker__top_k': 2, 'limit': 3}
+    sent = {'indexer': {'limit': 3}, 'reranker': {'top_k': 2, 'mode': 'fast'}, 'limit': 3}
     assert P.own_parameters(sent, ENCODER, P.SearchParams) == {'limit': 3}
     params = P.parse(P.SearchParams, sent, '/search', ENCODER)
     assert params.limit == 3 and params.batch_size is None
+
+
+def test_a_key_prefixed_with_another_name_reaches_no_executor_but_this_one_and_is_an_error():
+    # jina's gateway strips every `<name>__<key>` but the addressed executor's own; with no gateway in between (an
+    # HTTP Deployment) such a key is a typo such as `batch__size`, not another executor's
+    for key in ('reranker__top_k', 'batch__size'):
+        with pytest.raises(P.ParameterError, match=rf"invalid parameters for /search: parameter '{key}' is addressed "
+                                                   rf"to an executor named '{key.split('__')[0]}', but this one is "
+                                                   r"called 'encoder' or 'FinetunerExecutor'"):
+            P.parse(P.SearchParams, {key: 2}, '/search', ENCODER)
 
 
 def test_a_misspelt_key_is_still_an_error():

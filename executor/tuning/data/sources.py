@@ -116,7 +116,7 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
         get = rec.get if isinstance(rec, dict) else (lambda k, r=rec: getattr(r, k, None))
         ident = str(get('id') or i)
         uri, blob, tensor, text = get('uri'), get('blob'), get('tensor'), get('text')
-        shown = str(uri) if uri is not None and not str(uri).startswith('data:') else ident  # as the sender knows it
+        shown = str(uri) if uri and str(uri).strip() and not str(uri).startswith('data:') else ident  # as sent
         name = f'document {shown!r}'
         if uri is not None and '://' not in str(uri) and not str(uri).startswith('data:'):
             uri = str(check_under_roots(uri, roots, name))

@@ -192,6 +192,11 @@ def test_resume_with_epochs_cuts_a_run_short_or_extends_a_finished_one(store: Ru
     assert (state.status, state.epoch, state.epochs) == ('FINISHED', done + 1, done + 1)
     assert [row['epoch'] for row in store.history('cut')] == list(range(1, done + 2))
     assert store.request('cut')['epochs'] == done + 1
+    assert f'resumed from {store.folder("cut") / "checkpoints" / "last.pt"} at epoch {done}' in (
+        store.folder('cut') / 'train.log').read_text()
+    (store.folder('cut') / 'checkpoints' / 'last.pt').unlink()
+    with pytest.raises(ValueError, match=r"run 'cut' has no checkpoint to continue from \(checkpoints/last.pt\)"):
+        jobs.resume('cut', epochs=done + 2)
 
     # extended: a FINISHED run trains two more epochs from its checkpoint
     submit(store, jobs, 'short', train_data=digits, epochs=1, num_devices=1)
@@ -201,7 +206,9 @@ def test_resume_with_epochs_cuts_a_run_short_or_extends_a_finished_one(store: Ru
         jobs.resume('short')
     with pytest.raises(ValueError, match=r"run 'short' finished its 1 epochs: give epochs > 1"):
         jobs.resume('short', epochs=1)
+    (store.folder('short') / 'model.onnx').write_bytes(b'an export of the 1-epoch model')
     jobs.resume('short', epochs=3)
+    assert not (store.folder('short') / 'model.onnx').exists()  # stale once the run trains on
     state = ended('short')
     assert (state.status, state.epoch, state.epochs) == ('FINISHED', 3, 3)
     assert [row['epoch'] for row in store.history('short')] == [1, 2, 3]
