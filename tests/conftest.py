@@ -24,3 +24,10 @@ def free_port() -> Callable[[], int]:
             return sock.getsockname()[1]
 
     return pick
+
+
+@pytest.fixture(scope='session')
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One `model_cache` for the Deployments of a test session: the default model is exported to ONNX (about 20 s)
+    once, on the first request that serves it, rather than once per Deployment."""
+    return str(tmp_path_factory.mktemp('model-cache'))

@@ -34,6 +34,9 @@ class Callback:
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None: ...
 
+    def on_checkpoint(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        """After the epoch's checkpoint is written (rank 0): what has been reported here can be resumed from."""
+
     def on_fit_end(self, trainer: Trainer) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:

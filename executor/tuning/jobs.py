@@ -308,9 +308,9 @@ class StatusCallback(Callback):
             self._last_write = time.monotonic()
             self.store.update(self.run_id, step=trainer.step, metrics=finite_metrics({'train_loss': loss}))
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_checkpoint(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        # written once the epoch's checkpoint is, so the status's `epoch` is always what `resume` continues from
         self._last_write = time.monotonic()
-        # trainer.epoch counts the finished epochs once this hook runs; logs['epoch'] is the same number
         self.store.update(self.run_id, epoch=int(logs['epoch']), step=trainer.step, metrics=finite_metrics(logs))
 
 

@@ -378,6 +378,8 @@ class Trainer:
                 if self.rank == 0:
                     self._write_history()
                     self.save_checkpoint(self.output_dir / CHECKPOINT)
+                    for callback in self.callbacks:
+                        callback.on_checkpoint(self, logs)
                 logger.info('epoch %d/%d: %s', self.epoch, self.epochs,
                             ', '.join(f'{k}={v:.4g}' for k, v in logs.items() if k != 'epoch'))
         finally:

@@ -180,7 +180,7 @@ def test_a_misspelt_parameter_is_an_error_through_the_search_flow(tmp_path: Path
             with pytest.raises(ServiceError, match=r"parameter 'limit': Input should be greater than or equal to 1"):
                 post('/search', {'limit': 0})
 
-        client.post('/index', docs, {'model': 'efficientnet_lite0', 'batch_size': 4})
+        client.post('/index', docs, {'model': 'efficientnet_lite0', 'runtime': 'torch', 'batch_size': 4})
         model_and_limit = {'model': 'efficientnet_lite0', 'runtime': 'torch', 'batch_size': 4, 'limit': 2}
         (by_grpc,) = client.post('/search', docs[:1], model_and_limit)
         (by_http,) = http(http_port, '/search', [{'id': 'q', 'tensor': images[0].tolist()}], model_and_limit)

@@ -4,6 +4,7 @@ its uri, the default registry model on onnxruntime with no run, and resume with 
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,20 @@ def deployment(workspace: Path, ports: list[int], data_root: Path, **uses_with: 
         yield
 
 
+@pytest.fixture(scope='module')
+def served(data_root: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: str) -> Iterator[tuple[int, int]]:
+    """One Deployment for the tests that only send requests (runtime 'torch'): its gRPC and HTTP ports."""
+    ports = [free_local_port(), free_local_port()]
+    with deployment(tmp_path_factory.mktemp('ws'), ports, data_root, runtime='torch', model_cache=model_cache):
+        yield ports[0], ports[1]
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = None) -> list[dict]:
     reply = requests.post(f'http://127.0.0.1:{port}{endpoint}', json={'data': data, 'parameters': parameters or {}},
                           timeout=300)
@@ -58,59 +73,57 @@ def unit(rows: Any) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
-def test_docarray_documents_finetuner_tags_and_documents_without_ids(tmp_path: Path, data_root: Path,
-                                                                    free_port: Callable[[], int]):
+def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tuple[int, int], data_root: Path):
     paths = [data_root / 'digits' / d / f'{int(d) * 3:04d}.png' for d in '012']
     array = np.asarray(Image.open(paths[2]))
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = served
     torch_only = {'runtime': 'torch', 'batch_size': 4}
-    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root):
-        ours = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
-        reference = unit(ours.encode([FinetunerDoc(uri=str(p)) for p in paths], **torch_only).embedding)
+    ours = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+    reference = unit(ours.encode([FinetunerDoc(uri=str(p)) for p in paths], **torch_only).embedding)
 
-        # docarray's ImageDoc over gRPC, answered in the client's own type: url, bytes_ and tensor are read
-        client = Client(host=f'grpc://127.0.0.1:{grpc_port}')
-        sent = DocList[ImageDoc]([ImageDoc(url=str(paths[0])), ImageDoc(bytes_=paths[1].read_bytes()), ImageDoc(tensor=array)])
-        got = client.post('/encode', sent, parameters=torch_only, return_type=DocList[ImageDoc])
-        assert got.id == sent.id and str(got[0].url) == str(paths[0])
-        np.testing.assert_allclose(unit(np.stack(got.embedding)), reference, atol=1e-5)
-        with pytest.raises(Exception, match=r'is text only \(1 such\), but this model embeds images'):
-            client.post('/encode', DocList[TextDoc]([TextDoc(text='a handwritten seven')]), parameters=torch_only,
-                        return_type=DocList[TextDoc])
+    # docarray's ImageDoc over gRPC, answered in the client's own type: url, bytes_ and tensor are read
+    client = Client(host=f'grpc://127.0.0.1:{grpc_port}')
+    sent = DocList[ImageDoc]([ImageDoc(url=str(paths[0])), ImageDoc(bytes_=paths[1].read_bytes()),
+                              ImageDoc(tensor=array)])
+    got = client.post('/encode', sent, parameters=torch_only, return_type=DocList[ImageDoc])
+    assert got.id == sent.id and str(got[0].url) == str(paths[0])
+    np.testing.assert_allclose(unit(np.stack(got.embedding)), reference, atol=1e-5)
+    with pytest.raises(Exception, match=r'is text only \(1 such\), but this model embeds images'):
+        client.post('/encode', DocList[TextDoc]([TextDoc(text='a handwritten seven')]), parameters=torch_only,
+                    return_type=DocList[TextDoc])
 
-        # the same as docarray's JSON over HTTP, with no ids: each document gets one, kept in the reply
-        as_json = [{'url': str(paths[0])}, {'tensor': array.tolist()}, {'uri': str(paths[1])}]
-        replied = http(http_port, '/encode', as_json, torch_only)
-        ids = [doc['id'] for doc in replied]
-        assert all(isinstance(i, str) and len(i) == 32 for i in ids) and len(set(ids)) == 3
-        np.testing.assert_allclose(unit([d['embedding'] for d in replied]), reference[[0, 2, 1]], atol=1e-5)
-        with pytest.raises(ServiceError, match=r"is text only"):
-            http(http_port, '/encode', [{'text': 'a handwritten seven'}], torch_only)
+    # the same as docarray's JSON over HTTP, with no ids: each document gets one, kept in the reply
+    as_json = [{'url': str(paths[0])}, {'tensor': array.tolist()}, {'uri': str(paths[1])}]
+    replied = http(http_port, '/encode', as_json, torch_only)
+    ids = [doc['id'] for doc in replied]
+    assert all(isinstance(i, str) and len(i) == 32 for i in ids) and len(set(ids)) == 3
+    np.testing.assert_allclose(unit([d['embedding'] for d in replied]), reference[[0, 2, 1]], atol=1e-5)
+    with pytest.raises(ServiceError, match=r"is text only"):
+        http(http_port, '/encode', [{'text': 'a handwritten seven'}], torch_only)
 
-        # Finetuner's label field: /evaluate needs a label on every document, and tags carry it
-        labelled = [{'uri': str(p), 'tags': {'finetuner_label': p.parent.name}} for p in paths * 2]
-        (result,) = http(http_port, '/evaluate', labelled, torch_only)
-        assert result['metrics']['hit@1'] == 1.0  # each image finds its own copy first
-        with pytest.raises(ServiceError, match=r"document '.*0000.png' has no label"):
-            http(http_port, '/evaluate', [{'uri': str(paths[0])}, *labelled], torch_only)
+    # Finetuner's label field: /evaluate needs a label on every document, and tags carry it
+    labelled = [{'uri': str(p), 'tags': {'finetuner_label': p.parent.name}} for p in paths * 2]
+    (result,) = http(http_port, '/evaluate', labelled, torch_only)
+    assert result['metrics']['hit@1'] == 1.0  # each image finds its own copy first
+    with pytest.raises(ServiceError, match=r"document '.*0000.png' has no label"):
+        http(http_port, '/evaluate', [{'uri': str(paths[0])}, *labelled], torch_only)
 
 
-def test_errors_name_the_document_by_its_uri(tmp_path: Path, data_root: Path, free_port: Callable[[], int]):
+def test_errors_name_the_document_by_its_uri(served: tuple[int, int], data_root: Path):
     cut = data_root / 'broken' / 'cut.png'
     good = str(data_root / 'digits' / '1' / '0003.png')
-    grpc_port, http_port = free_port(), free_port()
-    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root, runtime='torch'):
-        client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
-        expected = rf"document '{cut}': cannot decode the image"
-        with pytest.raises(ServiceError, match=expected):
-            client.encode([FinetunerDoc(id='good', uri=good), FinetunerDoc(id='x1', uri=str(cut))])
-        with pytest.raises(ServiceError, match=expected):
-            http(http_port, '/encode', [{'uri': good}, {'uri': str(cut)}])
-        with pytest.raises(ServiceError, match=r"document 'no-uri': cannot decode the image"):
-            client.encode([FinetunerDoc(id='no-uri', blob=cut.read_bytes())])  # no uri: named by its id
-        with pytest.raises(ServiceError, match=rf"document '{cut}': cannot decode the image"):
-            http(http_port, '/train', [{'uri': good, 'label': '1'}, {'uri': str(cut), 'label': '1'}], TINY)
-        assert len(http(http_port, '/encode', [{'uri': good}])[0]['embedding']) == 1280  # still serving
+    grpc_port, http_port = served
+    client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+    expected = rf"document '{cut}': cannot decode the image"
+    with pytest.raises(ServiceError, match=expected):
+        client.encode([FinetunerDoc(id='good', uri=good), FinetunerDoc(id='x1', uri=str(cut))])
+    with pytest.raises(ServiceError, match=expected):
+        http(http_port, '/encode', [{'uri': good}, {'uri': str(cut)}])
+    with pytest.raises(ServiceError, match=r"document 'no-uri': cannot decode the image"):
+        client.encode([FinetunerDoc(id='no-uri', blob=cut.read_bytes())])  # no uri: named by its id
+    with pytest.raises(ServiceError, match=rf"document '{cut}': cannot decode the image"):
+        http(http_port, '/train', [{'uri': good, 'label': '1'}, {'uri': str(cut), 'label': '1'}], TINY)
+    assert len(http(http_port, '/encode', [{'uri': good}])[0]['embedding']) == 1280  # still serving
 
 
 def test_the_default_model_with_no_run_is_served_by_onnxruntime_from_a_cached_export(
@@ -123,33 +136,28 @@ def test_the_default_model_with_no_run_is_served_by_onnxruntime_from_a_cached_ex
         (exported,) = cache.glob('efficientnet_lite0-*/model.onnx')  # exported on first use, named by its weights
         torch_rows = unit([d['embedding'] for d in http(http_port, '/encode', as_json, {'runtime': 'torch'})])
     assert (onnx_rows * torch_rows).sum(-1).min() > 0.9999
-    exported_at = exported.stat().st_mtime_ns
 
-    with deployment(tmp_path / 'ws', [port := free_port(), free_port()], data_root, model_cache=str(cache)):
-        again = unit(np.stack(FinetunerClient(f'grpc://127.0.0.1:{port}').encode(docs).embedding))
-    assert list(cache.glob('*/model.onnx')) == [exported] and exported.stat().st_mtime_ns == exported_at  # reused
-    np.testing.assert_allclose(again, onnx_rows, atol=1e-6)
-
-    # what answers is that file in onnxruntime: put another model's export in its place, and its embeddings come back
+    # after a restart the cached file answers, in onnxruntime, and is not exported again: put another model's export
+    # in its place, and that model's embeddings come back
     export_onnx(build_model('resnet18', pretrained=False), exported)
+    swapped_at = exported.stat().st_mtime_ns
     with deployment(tmp_path / 'ws', [port := free_port(), free_port()], data_root, model_cache=str(cache)):
         swapped = np.stack(FinetunerClient(f'grpc://127.0.0.1:{port}').encode(docs).embedding)
     assert swapped.shape == (len(docs), 512)  # resnet18's width; efficientnet_lite0 gives 1280
+    assert list(cache.glob('*/model.onnx')) == [exported] and exported.stat().st_mtime_ns == swapped_at
 
 
-def test_resume_with_more_or_fewer_epochs_over_grpc_and_http(tmp_path: Path, data_root: Path,
-                                                             free_port: Callable[[], int]):
-    grpc_port, http_port = free_port(), free_port()
-    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root, runtime='torch'):
-        client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
-        client.fit(train_data='digits', epochs=1, run_name='short', **TINY).wait(timeout=240)
-        (info,) = http(http_port, '/train', [], {'resume': 'short', 'epochs': 3, 'wait': True})
-        assert (info['status'], info['epoch'], info['epochs']) == ('FINISHED', 3, 3)
-        with pytest.raises(ServiceError, match=r"run 'short' has done 3 epochs already, so it cannot end after 2"):
-            client.post('/train', [], {'resume': 'short', 'epochs': 2})
-        with pytest.raises(ServiceError, match=r"continues that run with its own options; drop \['learning_rate'\]"):
-            http(http_port, '/train', [], {'resume': 'short', 'epochs': 4, 'learning_rate': 0.1})
-        assert client.get_run('short').info().epoch == 3
+def test_resume_with_more_or_fewer_epochs_over_grpc_and_http(served: tuple[int, int], data_root: Path):
+    grpc_port, http_port = served
+    client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+    client.fit(train_data='digits', epochs=1, run_name='short', **TINY).wait(timeout=240)
+    (info,) = http(http_port, '/train', [], {'resume': 'short', 'epochs': 3, 'wait': True})
+    assert (info['status'], info['epoch'], info['epochs']) == ('FINISHED', 3, 3)
+    with pytest.raises(ServiceError, match=r"run 'short' has done 3 epochs already, so it cannot end after 2"):
+        client.post('/train', [], {'resume': 'short', 'epochs': 2})
+    with pytest.raises(ServiceError, match=r"continues that run with its own options; drop \['learning_rate'\]"):
+        http(http_port, '/train', [], {'resume': 'short', 'epochs': 4, 'learning_rate': 0.1})
+    assert client.get_run('short').info().epoch == 3
 
 
 STRANGER = '''
@@ -253,21 +261,19 @@ def assert_typed_openapi(schema: dict) -> None:
     assert parameters_of('/runs/status')['required'] == ['run_id']
 
 
-def test_a_deployment_answers_bad_input_4xx_and_types_its_parameters(tmp_path: Path, data_root: Path,
-                                                                     free_port: Callable[[], int]):
-    grpc_port, http_port = free_port(), free_port()
-    with deployment(tmp_path / 'ws', [grpc_port, http_port], data_root, runtime='torch'):
-        base = f'http://127.0.0.1:{http_port}'
-        cases = [('/encode', {'batchsize': 4}, [], 422), ('/train', {'train_data': 'digits', 'epoch': 2}, [], 422),
-                 ('/encode', {}, [{'uri': str(data_root / 'broken' / 'cut.png')}], 400),
-                 ('/runs/logs', {'run_id': 'nope'}, [], 404), ('/train', {'resume': 'nope', 'epochs': 2}, [], 404)]
-        for endpoint, parameters, data, status in cases:
-            reply = requests.post(base + endpoint, json={'data': data, 'parameters': parameters}, timeout=60)
-            assert reply.status_code == status, (endpoint, parameters, reply.status_code, reply.text)
-        # the executor's own name in a Deployment is 'executor': addressed keys are its own
-        (doc,) = http(http_port, '/encode', [{'uri': str(data_root / 'digits' / '1' / '0003.png')}],
-                      {'executor': {'batch_size': 2}, 'someone_else': {'x': 1}})
-        assert len(doc['embedding']) == 1280
-        reply = requests.post(f'{base}/encode', timeout=60, json={'data': [], 'parameters': {'executor': {'batchsize': 2}}})
-        assert reply.status_code == 422 and "unknown parameter 'batchsize'" in reply.json()['detail']  # its own key
-        assert_typed_openapi(requests.get(f'{base}/openapi.json', timeout=60).json())
+def test_a_deployment_answers_bad_input_4xx_and_types_its_parameters(served: tuple[int, int], data_root: Path):
+    grpc_port, http_port = served
+    base = f'http://127.0.0.1:{http_port}'
+    cases = [('/encode', {'batchsize': 4}, [], 422), ('/train', {'train_data': 'digits', 'epoch': 2}, [], 422),
+             ('/encode', {}, [{'uri': str(data_root / 'broken' / 'cut.png')}], 400),
+             ('/runs/logs', {'run_id': 'nope'}, [], 404), ('/train', {'resume': 'nope', 'epochs': 2}, [], 404)]
+    for endpoint, parameters, data, status in cases:
+        reply = requests.post(base + endpoint, json={'data': data, 'parameters': parameters}, timeout=60)
+        assert reply.status_code == status, (endpoint, parameters, reply.status_code, reply.text)
+    # the executor's own name in a Deployment is 'executor': addressed keys are its own
+    (doc,) = http(http_port, '/encode', [{'uri': str(data_root / 'digits' / '1' / '0003.png')}],
+                  {'executor': {'batch_size': 2}, 'someone_else': {'x': 1}})
+    assert len(doc['embedding']) == 1280
+    reply = requests.post(f'{base}/encode', timeout=60, json={'data': [], 'parameters': {'executor': {'batchsize': 2}}})
+    assert reply.status_code == 422 and "unknown parameter 'batchsize'" in reply.json()['detail']  # its own key
+    assert_typed_openapi(requests.get(f'{base}/openapi.json', timeout=60).json())

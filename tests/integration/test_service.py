@@ -42,11 +42,17 @@ def held_out(per_class: int = 2, size: int = 32, offset: int = 50) -> list[Finet
     return [FinetunerDoc(id=f'q{i}', tensor=img, label=label) for i, (img, label) in enumerate(zip(images, labels))]
 
 
-@contextmanager
-def serve(protocol: str, workspace: Path, port: int, data_root: Path, **uses_with: Any) -> Iterator[int]:
-    with Deployment(uses=str(CONFIG), workspace=str(workspace), protocol=protocol, host='127.0.0.1', port=port,
-                    uses_with={'data_roots': [str(data_root)], **uses_with}):
-        yield port
+@pytest.fixture
+def serve(model_cache: str) -> Callable[..., Any]:
+    """A Deployment of config.yml on 127.0.0.1 (its registry models' ONNX exports in the session's cache)."""
+
+    @contextmanager
+    def start(protocol: str, workspace: Path, port: int, data_root: Path, **uses_with: Any) -> Iterator[int]:
+        with Deployment(uses=str(CONFIG), workspace=str(workspace), protocol=protocol, host='127.0.0.1', port=port,
+                        uses_with={'data_roots': [str(data_root)], 'model_cache': model_cache, **uses_with}):
+            yield port
+
+    return start
 
 
 def wait_for(client: FinetunerClient, run_id: str, statuses: set[str], timeout: float = 240) -> Any:
@@ -61,7 +67,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def test_lifecycle_grpc(tmp_path: Path, free_port: Callable[[], int], data_root: Path):
+def test_lifecycle_grpc(tmp_path: Path, free_port: Callable[[], int], data_root: Path, serve: Callable[..., Any]):
     queries = held_out()
     with serve('grpc', tmp_path, free_port(), data_root) as port:
         client = FinetunerClient(f'grpc://127.0.0.1:{port}')
@@ -141,7 +147,7 @@ def png_bytes(doc: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root: Path):
+def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root: Path, serve: Callable[..., Any]):
     queries = [as_json(d) for d in held_out()]
     train_docs = [as_json(d) for d in held_out(per_class=4, offset=60)]
     with serve('http', tmp_path, free_port(), data_root) as port:
@@ -189,7 +195,7 @@ def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root:
 
 @pytest.mark.slow
 def test_fine_tuning_the_default_model_improves_retrieval(tmp_path: Path, free_port: Callable[[], int],
-                                                          data_root: Path):
+                                                          data_root: Path, serve: Callable[..., Any]):
     queries = held_out(per_class=4, size=64)
     with serve('grpc', tmp_path, free_port(), data_root) as port:
         client = FinetunerClient(f'grpc://127.0.0.1:{port}')
