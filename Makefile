@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/encode.py --quick
 	$(PY) bench/knn.py
 	$(PY) bench/ddp.py
+	$(PY) bench/batching.py --rounds 1 --seconds 10
 
 clean:
 	rm -rf $(VENV) .pytest_cache
