@@ -261,7 +261,7 @@ class FinetunerExecutor(Executor):
 
     def _registry_encoder(self, name: str, runtime: str, device: str) -> 'Encoder':
         """A registry model, pre-trained: on runtime 'onnx' through onnxruntime, exported on first use and cached in
-        ``<workspace>/models`` by name and weights; a model that does not export is served by torch, with a warning."""
+        ``model_cache`` by name and weights; a model that does not export is served by torch, with a warning."""
         from executor.tuning.export import ExportError
         from executor.tuning.inference import TorchEncoder, cached_onnx_encoder
 

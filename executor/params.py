@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 EXECUTOR_SET = ('output_dir', 'callbacks', 'data_roots')  # TrainConfig fields the executor fills in
 DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')
+JINA_RESULTS = '__results__'  # jina's own key in every request's parameters, never a user's
 Runtime = Literal['onnx', 'torch']
 
 
@@ -58,7 +59,7 @@ class EndpointParams(BaseModel):
             return data
         # jina's client sends `__results__: {}` with requests that have no parameters, and executors that return a
         # dict hand their results downstream under that key: it is jina's, never a user's typo.
-        data = {key: value for key, value in data.items() if key != '__results__'}
+        data = {key: value for key, value in data.items() if key != JINA_RESULTS}
         allowed = sorted({field.alias or name for name, field in cls.model_fields.items()})
         for key in data:
             if key not in allowed:
@@ -78,7 +79,9 @@ def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: Type
     mapping_fields = [name for name, field in model.model_fields.items() if _takes_mapping(field.annotation)]
     for key, value in parameters.items():
         executor, sep, field = key.rpartition('__')
-        if isinstance(value, dict) and key in names:
+        if key == JINA_RESULTS:
+            own[key] = value  # the model's key check drops it
+        elif isinstance(value, dict) and key in names:
             addressed.update(value)
         elif sep and executor and field:
             # jina's gateway hands an executor only its own `<name>__<key>` keys (and strips the `<name>__`): one
@@ -94,7 +97,7 @@ def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: Type
         else:
             own[key] = value
     if others:
-        logger.info('parameters %s are left to the executors of those names (this one is %s)', others, names[0])
+        logger.debug('parameters %s are left to the executors of those names (this one is %s)', others, names[0])
     return {**own, **addressed}
 
 

@@ -14,7 +14,7 @@ os.environ.setdefault('JINA_MP_START_METHOD', 'spawn')
 os.environ.setdefault('JINA_OPTOUT_TELEMETRY', '1')
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def free_port() -> Callable[[], int]:
     """Call it for a TCP port on 127.0.0.1 that nothing listens on now."""
 

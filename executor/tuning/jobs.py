@@ -112,8 +112,8 @@ class JobQueue:
         """Queue a FAILED or CANCELLED run again; it continues from its last checkpoint.
 
         ``epochs`` changes how many epochs the run has in all (more or fewer, but not fewer than it has done); with
-        more than it has done, a FINISHED run continues too. The learning-rate schedule is stretched or shortened
-        to the new length from the step the run is at, as Hugging Face's Trainer does on resume.
+        more than it has done, a FINISHED run continues too. The learning-rate schedule is rebuilt for the new length
+        and taken up at the step the run is at, as Hugging Face's Trainer does on resume.
         """
         from executor.tuning.trainer import CHECKPOINT
 

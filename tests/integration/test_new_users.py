@@ -4,7 +4,6 @@ its uri, the default registry model on onnxruntime with no run, and resume with 
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,17 +46,12 @@ def deployment(workspace: Path, ports: list[int], data_root: Path, **uses_with: 
 
 
 @pytest.fixture(scope='module')
-def served(data_root: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: str) -> Iterator[tuple[int, int]]:
+def served(data_root: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: str,
+           free_port: Callable[[], int]) -> Iterator[tuple[int, int]]:
     """One Deployment for the tests that only send requests (runtime 'torch'): its gRPC and HTTP ports."""
-    ports = [free_local_port(), free_local_port()]
+    ports = [free_port(), free_port()]
     with deployment(tmp_path_factory.mktemp('ws'), ports, data_root, runtime='torch', model_cache=model_cache):
         yield ports[0], ports[1]
-
-
-def free_local_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = None) -> list[dict]:

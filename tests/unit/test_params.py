@@ -15,9 +15,12 @@ def test_keys_addressed_to_an_executor_are_its_own_and_win_over_top_level_keys()
     assert P.own_parameters({'FinetunerExecutor': {'limit': 2}}, ENCODER, P.SearchParams) == {'limit': 2}
 
 
-def test_keys_addressed_to_other_executors_are_left_to_them():
+def test_keys_addressed_to_other_executors_are_left_to_them(caplog: pytest.LogCaptureFixture):
     sent = {'indexer': {'limit': 3}, 'reranker': {'top_k': 2, 'mode': 'fast'}, 'limit': 3}
     assert P.own_parameters(sent, ENCODER, P.SearchParams) == {'limit': 3}
+    with caplog.at_level('DEBUG', logger='executor.params'):  # jina's own `__results__` is no other executor's
+        assert P.parse(P.SearchParams, {'__results__': {}, 'limit': 2}, '/search', ENCODER).limit == 2
+    assert '__results__' not in caplog.text
     params = P.parse(P.SearchParams, sent, '/search', ENCODER)
     assert params.limit == 3 and params.batch_size is None
 
