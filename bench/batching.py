@@ -81,7 +81,7 @@ def jpeg(array: np.ndarray) -> bytes:
 
 def make_runs(runs_dir: Path, artifact: Path) -> None:
     """Runs ``a`` and ``b``, FINISHED, each holding a copy of the same artifact (``model.pt``, ``model.onnx``)."""
-    from executor.tuning.runs import RunStore, now
+    from executor.service.store import RunStore, now
 
     store = RunStore(runs_dir)
     for run_id in ('a', 'b'):
@@ -154,7 +154,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--seconds', type=float, default=15.0, help='how long each client set sends requests')
     parser.add_argument('--rounds', type=int, default=2, help='rounds, the two variants taking turns; best kept')
     args = parser.parse_args(argv)
-    from executor.tuning.export import export_onnx, sample_photos
+    from executor.tuning.export import export_onnx
+    from executor.tuning.inputs import sample_photos
     from executor.tuning.models import build_model, save_model
 
     photo = jpeg(sample_photos()[0])

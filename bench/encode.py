@@ -39,8 +39,10 @@ from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from executor.docs import FinetunerDoc  # noqa: E402
-from executor.tuning.export import export_onnx, sample_photos  # noqa: E402
-from executor.tuning.inference import OnnxEncoder, Preprocessor, TorchEncoder, usable_cores  # noqa: E402
+from executor.tuning.devices import usable_cores  # noqa: E402
+from executor.tuning.export import export_onnx  # noqa: E402
+from executor.tuning.inference import OnnxEncoder, TorchEncoder  # noqa: E402
+from executor.tuning.inputs import sample_photos  # noqa: E402
 from executor.tuning.models import EmbeddingModel, build_model  # noqa: E402
 
 # A timed run: a call, and the work one call does (images, or FLOPs for the GEMM).
@@ -66,7 +68,7 @@ FLOW_STREAM = 4  # requests of FLOW_BATCH in one streamed post
 
 def photo_batch(model: EmbeddingModel, size: int) -> torch.Tensor:
     """``(size, 3, H, W)``: skimage photos through the model's eval transform, repeated."""
-    photos = Preprocessor(model.data_config).batch(sample_photos())
+    photos = model.inputs.batch(sample_photos())['images']
     return photos.repeat((size + len(photos) - 1) // len(photos), 1, 1, 1)[:size].contiguous()
 
 
@@ -109,7 +111,7 @@ def compare_runtimes(label: str, model: EmbeddingModel, settings: Settings, int8
     channels_last = TorchEncoder(model, device='cpu')
     columns = ['torch eager', 'channels_last', 'onnx', *(['onnx int8'] if int8 else []), 'onnx/eager', 'onnx/ch_last']
     print(f'\n{label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, '
-          f'input {tuple(model.data_config["input_size"])}, export {exported["fp32"].seconds:.1f} s')
+          f'input {tuple(model.inputs.data_config["input_size"])}, export {exported["fp32"].seconds:.1f} s')
     print(f'{"batch":>5}' + ''.join(f'{c:>15}' for c in columns) + '   (img/s)')
     for batch in settings.batches:
         x = photo_batch(model, batch)
@@ -234,7 +236,7 @@ def concurrent_clients(artifact: Path, photo: bytes, settings: Settings) -> None
     16 in this process, and what it allows for the ratio (ceiling / 1 client): batching can only raise throughput
     towards the model's own rate at batch 16."""
     encoder = OnnxEncoder(artifact / 'model.onnx', device='cpu')
-    x = Preprocessor(encoder.data_config).batch([Image.open(io.BytesIO(photo))] * CLIENTS)
+    x = encoder.inputs.batch([Image.open(io.BytesIO(photo))] * CLIENTS)['images']
     ceiling = throughputs({'onnx': (lambda: encoder.encode(x, batch_size=CLIENTS), CLIENTS)}, settings)['onnx']
     del encoder
     print(f'\n/encode of one {Image.open(io.BytesIO(photo)).size} JPEG per request through a Deployment (onnx), '

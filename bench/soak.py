@@ -166,7 +166,7 @@ def serving_rss(group: int) -> int:
             continue
         try:
             stat = (proc / 'stat').read_text().rsplit(')', 1)[1].split()
-            if int(stat[2]) != group or b'executor.tuning.jobs' in (proc / 'cmdline').read_bytes():
+            if int(stat[2]) != group or b'executor.service.worker' in (proc / 'cmdline').read_bytes():
                 continue
             fields = dict(line.split(':', 1) for line in (proc / 'status').read_text().splitlines() if ':' in line)
             total += int(fields['VmRSS'].split()[0]) * 1024

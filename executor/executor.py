@@ -2,7 +2,7 @@
 
 The Jina layer only: each endpoint validates its parameters (``executor.params``), turns documents into the core's
 items and arrays, calls the core (``executor.tuning``) off the event loop, and turns the results back into
-documents. Training runs in child processes (``tuning.jobs``); runs live in ``<workspace>/runs/`` (``tuning.runs``).
+documents. Training runs in child processes (``service.jobs``); runs live in ``<workspace>/runs/`` (``service.store``).
 """
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations as live objects.
 import asyncio
@@ -13,22 +13,44 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 from docarray import DocList
 from jina import Executor, requests
 
-from executor import params as P
+from executor.params import (
+    ClassifyParams,
+    DATA_FIELDS,
+    DocModelParams,
+    EncodeParams,
+    EndpointParams,
+    EvaluateParams,
+    ExportParams,
+    IndexParams,
+    LogsParams,
+    ModelParams,
+    ParameterError,
+    RunParams,
+    SearchParams,
+    ServiceConfig,
+    TrainParams,
+    executor_names,
+    parse,
+    resolve_path,
+)
 from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
 from executor.docs import (EvaluationResult, FinetunerDoc, RunInfo, RunLogs, blob_of, ensure_ids, label_of,
                            uri_of)
+from executor.service.artifacts import open_artifact
+from executor.service.batcher import RequestBatcher
+from executor.service.encoder_cache import EncoderCache
+from executor.service.jobs import JobQueue
+from executor.service.store import RunState, RunStore
 from executor.tuning.config import TrainConfig
-from executor.tuning.data import DataError, load_image, load_items
+from executor.tuning.artifact import EXPORT_FILES
+from executor.tuning.data import load_items
 from executor.tuning.data.sources import from_records
-from executor.tuning.jobs import JobQueue, check_training_data
-from executor.tuning.evaluation import classification_metrics, retrieval_metrics
-from executor.tuning.models import build_model, list_models, load_model
-from executor.tuning.models.registry import unknown_model
-from executor.tuning.runs import EncoderCache, RequestBatcher, RunState, RunStore, concat_rows, open_artifact
+from executor.tuning.evaluation import Evaluator
+from executor.tuning.models import build_model, list_models, load_model, unknown_model
+from executor.tuning.trainer import check_training_data
 
 if TYPE_CHECKING:
     from executor.tuning.inference import Encoder
@@ -36,7 +58,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WAIT_POLL = 0.25  # seconds between status reads while /train waits for its run
-EXPORT_NAMES = {'fp32': 'model.onnx', 'fp16': 'model-fp16.onnx', 'int8': 'model-int8.onnx'}
 
 
 class FinetunerExecutor(Executor):
@@ -69,8 +90,8 @@ class FinetunerExecutor(Executor):
             restarts that share it export each model once (under a file lock).
         """
         super().__init__(**kwargs)
-        self.names = P.executor_names(self)  # what per-executor parameters address it by
-        self.settings = P.ServiceConfig(
+        self.names = executor_names(self)  # what per-executor parameters address it by
+        self.settings = ServiceConfig(
             model=model, artifact=artifact, batch_size=batch_size, select_model=select_model, device=device,
             runtime=runtime, data_roots=list(data_roots or []), max_cached_models=max_cached_models,
             model_cache=model_cache,
@@ -101,7 +122,7 @@ class FinetunerExecutor(Executor):
     @requests(on='/train')
     async def train(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
         """Start a run (queued behind the one training); with `wait=true`, answer when it has ended."""
-        params = P.parse(P.TrainParams, parameters, '/train', self.names)
+        params = parse(TrainParams, parameters, '/train', self.names)
         if params.resume is not None:
             epochs = params.epochs if 'epochs' in params.model_fields_set else None
             state = await asyncio.to_thread(self.jobs.resume, params.resume, epochs)
@@ -116,30 +137,30 @@ class FinetunerExecutor(Executor):
     @requests(on='/runs')
     async def runs(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
         """Every run of the workspace, oldest first."""
-        P.parse(P.EndpointParams, parameters, '/runs', self.names)
+        parse(EndpointParams, parameters, '/runs', self.names)
         return DocList[RunInfo]([_run_info(s) for s in await asyncio.to_thread(self.store.list)])
 
     @requests(on='/runs/status')
     async def status(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
-        params = P.parse(P.RunParams, parameters, '/runs/status', self.names)
+        params = parse(RunParams, parameters, '/runs/status', self.names)
         return DocList[RunInfo]([_run_info(self.store.get(params.run_id))])
 
     @requests(on='/runs/logs')
     async def logs(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunLogs]:
         """Log lines from `since` on; pass the reply's `next_since` as `since` to follow the log."""
-        params = P.parse(P.LogsParams, parameters, '/runs/logs', self.names)
+        params = parse(LogsParams, parameters, '/runs/logs', self.names)
         lines, next_since = await asyncio.to_thread(self.store.read_log, params.run_id, params.since, params.limit)
         return DocList[RunLogs]([RunLogs(run_id=params.run_id, lines=lines, next_since=next_since)])
 
     @requests(on='/runs/cancel')
     async def cancel(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
-        params = P.parse(P.RunParams, parameters, '/runs/cancel', self.names)
+        params = parse(RunParams, parameters, '/runs/cancel', self.names)
         return DocList[RunInfo]([_run_info(await asyncio.to_thread(self.jobs.cancel, params.run_id))])
 
     @requests(on='/export')
     async def export(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[RunInfo]:
         """Export a finished run to ONNX (checked against torch); the reply's `artifact` is the file written."""
-        params = P.parse(P.ExportParams, parameters, '/export', self.names)
+        params = parse(ExportParams, parameters, '/export', self.names)
         state, path = await asyncio.to_thread(self._export, params)
         return DocList[RunInfo]([RunInfo(**{**state.info(), 'artifact': str(path)})])
 
@@ -148,22 +169,22 @@ class FinetunerExecutor(Executor):
     @requests(on='/encode')
     async def encode(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Set each document's `embedding`. Concurrent requests for the same model share forward passes."""
-        return await self._embed(docs, P.parse(P.EncodeParams, parameters, '/encode', self.names))
+        return await self._embed(docs, parse(EncodeParams, parameters, '/encode', self.names))
 
     @requests(on='/index')
     async def index(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Embed the documents to index, as /encode does; in flows/search.yml the VectorIndexer stores them next."""
-        return await self._embed(docs, P.parse(P.IndexParams, parameters, '/index', self.names))
+        return await self._embed(docs, parse(IndexParams, parameters, '/index', self.names))
 
     @requests(on='/search')
     async def search(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Embed the queries, as /encode does; in flows/search.yml the VectorIndexer finds their `limit` matches."""
-        return await self._embed(docs, P.parse(P.SearchParams, parameters, '/search', self.names))
+        return await self._embed(docs, parse(SearchParams, parameters, '/search', self.names))
 
     @requests(on='/classify')
     async def classify(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Set each document's predicted `label` and its `scores` (softmax probability per class)."""
-        params = P.parse(P.ClassifyParams, parameters, '/classify', self.names)
+        params = parse(ClassifyParams, parameters, '/classify', self.names)
         if len(docs) == 0:
             return docs
         logits, encoder = await self._run_model(docs, params, 'classify')  # (N, C)
@@ -178,7 +199,7 @@ class FinetunerExecutor(Executor):
     @requests(on='/evaluate')
     async def evaluate(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[EvaluationResult]:
         """Retrieval metrics (and accuracy for a classifier) of a run's model, or of the pre-trained one."""
-        params = P.parse(P.EvaluateParams, parameters, '/evaluate', self.names)
+        params = parse(EvaluateParams, parameters, '/evaluate', self.names)
         if len(docs) == 0 and params.data is None and params.query_data is None:
             return DocList[EvaluationResult]()
         return DocList[EvaluationResult]([await asyncio.to_thread(self._evaluate, docs, params)])
@@ -189,27 +210,25 @@ class FinetunerExecutor(Executor):
 
     # --- the work, off the event loop ------------------------------------------------------------------------------
 
-    def _create_run(self, docs: DocList[FinetunerDoc], params: P.TrainParams) -> RunState:
+    def _create_run(self, docs: DocList[FinetunerDoc], params: TrainParams) -> RunState:
         request = params.config_dict()
-        for key in P.DATA_FIELDS:
+        for key in DATA_FIELDS:
             if request.get(key) is not None:
-                request[key] = P.resolve_path(request[key], self.data_roots, key)
+                request[key] = resolve_path(request[key], self.data_roots, key)
         if 'model' in request:
             request['model'] = self._model_source(request['model'])
         if request.get('weights') is not None:
-            request['weights'] = P.resolve_path(request['weights'], self.data_roots, 'weights')
+            request['weights'] = resolve_path(request['weights'], self.data_roots, 'weights')
         request.setdefault('device', self.settings.device)
         request['data_roots'] = self.data_roots
         items = None
         if len(docs):
             if request.get('train_data') is not None:
-                raise P.ParameterError('/train got documents and train_data: send the training data one way')
+                raise ParameterError('/train got documents and train_data: send the training data one way')
             items = self._items(docs)
-            for item in items:  # decode now: a bad image is an error of this request, not a failed run
-                if item.kind == 'image':
-                    load_image(item.content, item.name)
         config = TrainConfig(**request, train_data=items) if items else TrainConfig(**request)
-        check_training_data(config)
+        # documents are decoded now too: a bad image is an error of this request, not a failed run
+        check_training_data(config, decode=items is not None)
         state = self.store.create(request, run_id=params.run_name, docs=items)
         self.jobs.submit(state.run_id)
         return state
@@ -218,7 +237,7 @@ class FinetunerExecutor(Executor):
         """What a run starts from: a model file under the data roots, a finished run's model, or a registry name
         (checked now, so that a typo is an error of the request)."""
         if Path(model).suffix in ('.pt', '.pth'):
-            return P.resolve_path(model, self.data_roots, 'model')
+            return resolve_path(model, self.data_roots, 'model')
         if model not in list_models() and model in self.store.ids():
             return str(self.store.model_file(model, 'torch'))
         self._check_model_name(model)
@@ -244,7 +263,7 @@ class FinetunerExecutor(Executor):
                             'label': label_of(doc)})
         return from_records(records, self.data_roots)
 
-    def _encoder(self, params: P.ModelParams) -> 'Encoder':
+    def _encoder(self, params: ModelParams) -> 'Encoder':
         from executor.tuning.inference import create_encoder  # onnxruntime: loaded on first use
 
         runtime, device = params.runtime or self.settings.runtime, self.settings.device
@@ -274,14 +293,7 @@ class FinetunerExecutor(Executor):
                                self.model_cache, err)
         return TorchEncoder(model, device=device, copy_model=False)
 
-    def _images(self, items: list) -> tuple:
-        text = [it.name for it in items if it.kind == 'text']
-        if text:
-            raise DataError(f'{text[0]} is text only ({len(text)} such), but this model embeds images; send '
-                            'each as uri, blob or tensor')
-        return [it.content for it in items], [it.name for it in items]
-
-    async def _embed(self, docs: DocList[FinetunerDoc], params: P.DocModelParams) -> DocList[FinetunerDoc]:
+    async def _embed(self, docs: DocList[FinetunerDoc], params: DocModelParams) -> DocList[FinetunerDoc]:
         if len(docs) == 0:
             return docs
         embeddings, _ = await self._run_model(docs, params, 'encode')  # (N, D)
@@ -289,68 +301,53 @@ class FinetunerExecutor(Executor):
             doc.embedding = embedding
         return _drop_content(docs) if params.drop_image_content else docs
 
-    async def _run_model(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str) -> tuple:
+    async def _run_model(self, docs: DocList[FinetunerDoc], params: ModelParams, task: str) -> tuple:
         """Embeddings (or logits) of the documents and the encoder; small requests go through the batcher."""
         batch_size = params.batch_size or self.settings.batch_size
         with self.batcher.expecting():
-            encoder, images, names, x = await asyncio.to_thread(self._prepare, docs, params, task, batch_size)
+            encoder, contents, names, batch = await asyncio.to_thread(self._prepare, docs, params, task, batch_size)
         run = encoder.encode if task == 'encode' else encoder.classify
-        if x is None:  # too large to share a batch: encoded on its own, decoding overlapped with the model
-            return await asyncio.to_thread(run, images, batch_size, names), encoder
-        out = await self.batcher.run((task, id(encoder), batch_size), x, lambda batch: run(batch, batch_size))
+        if batch is None:  # too large to share a batch: encoded on its own, preparing overlapped with the model
+            return await asyncio.to_thread(run, contents, batch_size, names), encoder
+        out = await self.batcher.run((task, id(encoder), batch_size), batch, lambda rows: run(rows, batch_size),
+                                     encoder.inputs)
         return out, encoder
 
-    def _prepare(self, docs: DocList[FinetunerDoc], params: P.ModelParams, task: str, batch_size: int) -> tuple:
-        """The encoder, the images and their names, and ``(N, 3, H, W)`` preprocessed when the request is small
+    def _prepare(self, docs: DocList[FinetunerDoc], params: ModelParams, task: str, batch_size: int) -> tuple:
+        """The encoder, the documents' contents and names, and their batch, preprocessed when the request is small
         enough for the batcher (else None): one trip to a worker thread per request."""
         encoder = self._encoder(params)
         if task == 'classify' and not encoder.has_classifier:
             raise ValueError('this model has no classifier head: /classify needs the run_id of a run trained with '
                              'loss="CrossEntropyLoss"')
-        images, names = self._images(self._items(docs))
-        if len(images) > self.batcher.max_rows:
-            return encoder, images, names, None
-        return encoder, images, names, _preprocess(encoder, images, names, batch_size)
+        contents, names = encoder.items(self._items(docs))
+        if len(contents) > self.batcher.max_rows:
+            return encoder, contents, names, None
+        return encoder, contents, names, encoder.preprocess(contents, batch_size, names)
 
-    def _evaluate(self, docs: DocList[FinetunerDoc], params: P.EvaluateParams) -> EvaluationResult:
+    def _evaluate(self, docs: DocList[FinetunerDoc], params: EvaluateParams) -> EvaluationResult:
         if params.query_data is not None:
-            query = load_items(P.resolve_path(params.query_data, self.data_roots, 'query_data'), self.data_roots)
-            index = load_items(P.resolve_path(params.index_data, self.data_roots, 'index_data'), self.data_roots)
+            query = load_items(resolve_path(params.query_data, self.data_roots, 'query_data'), self.data_roots)
+            index = load_items(resolve_path(params.index_data, self.data_roots, 'index_data'), self.data_roots)
         elif params.data is not None:
-            query, index = load_items(P.resolve_path(params.data, self.data_roots, 'data'), self.data_roots), None
+            query, index = load_items(resolve_path(params.data, self.data_roots, 'data'), self.data_roots), None
         else:
             query, index = self._items(docs), None
-        for item in [*query, *(index or [])]:
-            if item.label is None:
-                raise DataError(f'{item.name} has no label: evaluation needs a label on every item (relevant '
-                                'means same label)')
+        evaluator = Evaluator(query, index, params.limit)  # checks every item's label first
         encoder = self._encoder(params)
-        batch_size = params.batch_size or self.settings.batch_size
-        q_images, q_names = self._images(query)
-        q_emb = encoder.encode(q_images, batch_size, q_names)  # (Q, D)
-        q_labels = [it.label for it in query]
-        if index is None:
-            metrics = retrieval_metrics(q_emb, q_labels, limit=params.limit)
-        else:
-            i_images, i_names = self._images(index)
-            metrics = retrieval_metrics(q_emb, q_labels, encoder.encode(i_images, batch_size, i_names),
-                                        [it.label for it in index], limit=params.limit)
+        evaluation = evaluator(encoder.embedder(params.batch_size or self.settings.batch_size))
         result = EvaluationResult(run_id=params.run_id, model=None if params.run_id else
-                                  params.model or str(self.served or self.settings.model), metrics=metrics)
-        known = [k for k, it in enumerate(query) if encoder.has_classifier and it.label in encoder.class_names]
-        if index is None and known:
-            logits = encoder.classify([q_images[k] for k in known], batch_size, [q_names[k] for k in known])
-            accuracy, confusion = classification_metrics(logits, [q_labels[k] for k in known], encoder.class_names)
-            metrics.update(accuracy)
-            result.metrics, result.confusion_matrix, result.class_names = metrics, confusion, encoder.class_names
+                                  params.model or str(self.served or self.settings.model), metrics=evaluation.metrics)
+        if evaluation.confusion is not None:
+            result.confusion_matrix, result.class_names = evaluation.confusion, encoder.class_names
         return result
 
-    def _export(self, params: P.ExportParams) -> tuple:
+    def _export(self, params: ExportParams) -> tuple:
         from executor.tuning.export import export_onnx  # the ONNX exporter and quantizer: loaded on first use
 
         model_file = self.store.model_file(params.run_id, 'torch')
         variant = 'fp16' if params.fp16 else 'int8' if params.quantize else 'fp32'
-        report = export_onnx(load_model(model_file), model_file.with_name(EXPORT_NAMES[variant]), fp16=params.fp16,
+        report = export_onnx(load_model(model_file), model_file.with_name(EXPORT_FILES[variant]), fp16=params.fp16,
                              quantize=params.quantize)
         self.encoders.drop(lambda key: key[-1] == params.run_id)
         return self.store.get(params.run_id), report.path
@@ -370,8 +367,3 @@ def _drop_content(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:
         if doc.url is not None and doc.url.startswith('data:'):
             doc.url = None
     return docs
-
-
-def _preprocess(encoder: 'Encoder', images: list, names: list, batch_size: int) -> torch.Tensor:
-    """One request's images decoded (on the encoder's decode threads) and stacked: ``(N, 3, H, W)``."""
-    return concat_rows(list(encoder.preprocessor.iter_batches(images, batch_size, names, encoder.decode_workers)))

@@ -26,10 +26,10 @@ from typing import Any, Literal, Optional, Sequence, Type, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from executor.service.store import RUN_ID_PATTERN
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import check_under_roots
 from executor.tuning.devices import check_device
-from executor.tuning.runs import RUN_ID_PATTERN
 
 P = TypeVar('P', bound=BaseModel)
 logger = logging.getLogger(__name__)

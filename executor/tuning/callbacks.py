@@ -1,43 +1,55 @@
 """Training callbacks: evaluation, best model, early stopping, progress, TensorBoard.
 
-A callback sees the trainer at four points (fit start, batch end, epoch end, fit end); ``logs`` is the epoch's row
-of the metrics history. Callbacks with state (best score, patience) save it in the checkpoint for exact resume.
+A callback sees the trainer at five points (fit start, batch end, epoch end, checkpoint, fit end); ``logs`` is the
+epoch's row of the metrics history. Callbacks with state (best score, patience) save it in the checkpoint for exact
+resume. The trainer imports this module, never the reverse: what a callback may read of the trainer is
+``TrainerState``.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from executor.tuning.trainer import Trainer
+from executor.tuning.evaluation import Evaluator, metric_mode
 
 logger = logging.getLogger(__name__)
 
 
+class TrainerState(Protocol):
+    """The trainer as callbacks see it."""
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    should_stop: bool
+    metrics_before: dict[str, float] | None
+    raw_model: torch.nn.Module
+
+    def embedder(self, batch_size: int = 64) -> Any: ...
+
 
 def higher_is_better(metric: str) -> bool:
-    from executor.tuning.evaluation import metric_mode
-
     return metric == 'epoch' or metric_mode(metric) == 'max'
 
 
 class Callback:
     """Base class: override the hooks you need; ``state_dict``/``load_state_dict`` for what must survive a resume."""
 
-    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_fit_start(self, trainer: TrainerState) -> None: ...
 
-    def on_batch_end(self, trainer: Trainer, loss: float) -> None: ...
+    def on_batch_end(self, trainer: TrainerState, loss: float) -> None: ...
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None: ...
 
-    def on_checkpoint(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_checkpoint(self, trainer: TrainerState, logs: dict[str, float]) -> None:
         """After the epoch's checkpoint is written (rank 0): what has been reported here can be resumed from."""
 
-    def on_fit_end(self, trainer: Trainer) -> None: ...
+    def on_fit_end(self, trainer: TrainerState) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -46,26 +58,25 @@ class Callback:
 
 
 class EvaluationCallback(Callback):
-    """Embeds ``query_items`` and ``index_items`` each epoch and adds the retrieval metrics to the epoch's logs.
+    """Runs the task's ``Evaluator`` each epoch and adds its metrics to the epoch's logs; before the first epoch it
+    evaluates the pre-trained model, for the before/after report.
 
     Runs before the other callbacks so that best-model and early stopping can monitor its metrics.
     """
 
-    def __init__(self, query_items: list, index_items: list | None = None, limit: int = 20, batch_size: int = 64) -> None:
-        self.query_items = query_items
-        self.index_items = index_items
-        self.limit = limit
+    def __init__(self, evaluator: Evaluator, batch_size: int = 64) -> None:
+        self.evaluator = evaluator
         self.batch_size = batch_size
 
-    def on_fit_start(self, trainer: Trainer) -> None:
-        if trainer.metrics_before is None:  # the pre-trained model, for the before/after report
+    def on_fit_start(self, trainer: TrainerState) -> None:
+        if trainer.metrics_before is None:
             trainer.metrics_before = self.evaluate(trainer)
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
         logs.update(self.evaluate(trainer))
 
-    def evaluate(self, trainer: Trainer) -> dict[str, float]:
-        return trainer.evaluate(self.query_items, self.index_items, self.limit, self.batch_size)
+    def evaluate(self, trainer: TrainerState) -> dict[str, float]:
+        return self.evaluator(trainer.embedder(self.batch_size)).metrics
 
 
 class BestModel(Callback):
@@ -77,7 +88,7 @@ class BestModel(Callback):
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
         value = logs.get(self.monitor)
         if value is None:
             raise ValueError(f'monitor {self.monitor!r} is not among the logged metrics {sorted(logs)}; '
@@ -102,7 +113,7 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.wait = 0
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
         value = logs.get(self.monitor)
         if value is None or math.isnan(value):
             return
@@ -129,7 +140,7 @@ class ProgressBar(Callback):
         self.progress = None
         self.task = None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn('[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}'), BarColumn(),
@@ -139,15 +150,15 @@ class ProgressBar(Callback):
         self.task = self.progress.add_task('train', total=trainer.total_steps, completed=trainer.step,
                                            epoch=trainer.epoch + 1, epochs=trainer.epochs, info='')
 
-    def on_batch_end(self, trainer: Trainer, loss: float) -> None:
+    def on_batch_end(self, trainer: TrainerState, loss: float) -> None:
         self.progress.update(self.task, completed=trainer.step, epoch=trainer.epoch + 1, info=f'loss {loss:.4f}')
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
         shown = {k: v for k, v in logs.items() if k != 'epoch'}
         info = ' '.join(f'{k} {v:.4f}' for k, v in list(shown.items())[:4])
         self.progress.update(self.task, info=info)
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerState) -> None:
         if self.progress is not None:
             self.progress.stop()
 
@@ -159,20 +170,20 @@ class TensorBoardLogger(Callback):
         self.log_dir = log_dir
         self.writer = None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(self.log_dir)
 
-    def on_batch_end(self, trainer: Trainer, loss: float) -> None:
+    def on_batch_end(self, trainer: TrainerState, loss: float) -> None:
         self.writer.add_scalar('train/batch_loss', loss, trainer.step)
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
         for key, value in logs.items():
             if key != 'epoch' and np.isfinite(value):
                 self.writer.add_scalar(f'epoch/{key}', value, int(logs['epoch']))
         self.writer.flush()
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerState) -> None:
         if self.writer is not None:
             self.writer.close()

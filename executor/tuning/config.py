@@ -9,20 +9,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from executor.tuning.devices import check_device
-from executor.tuning.losses import CROSS_ENTROPY, SELF_SUPERVISED, list_losses, list_miners, unknown_name
+from executor.tuning.losses import list_losses, list_miners, unknown_name
 
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
 MAX_DEVICES = 64  # processes on one machine: past any machine's GPU count, and past what CPU training gains from
-
-# Sensible defaults per task, so that naming the loss is enough (see README "Defaults").
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    'metric': {'learning_rate': 1e-4, 'epochs': 5, 'batch_size': 64},
-    'classification': {'learning_rate': 1e-3, 'epochs': 5, 'batch_size': 64},
-    'linear_probe': {'learning_rate': 1e-2, 'epochs': 20, 'batch_size': 128},
-    'self_supervised': {'learning_rate': 3e-4, 'epochs': 10, 'batch_size': 64},
-}
-
 
 class SchedulerOptions(BaseModel):
     """``num_warmup_steps`` (batches, or a fraction of all steps when < 1), cycles and power of the schedule."""
@@ -69,7 +60,7 @@ class TrainConfig(BaseModel):
     # optimisation
     optimizer: Literal['Adam', 'AdamW', 'SGD'] = 'Adam'
     optimizer_options: dict[str, Any] = Field(default_factory=dict)
-    learning_rate: Optional[float] = Field(None, gt=0, le=10, description='default depends on the task')
+    learning_rate: Optional[float] = Field(None, gt=0, le=10, description='default depends on the task (tasks/)')
     loss_optimizer: Literal['Adam', 'AdamW', 'SGD'] = 'Adam'
     loss_optimizer_options: dict[str, Any] = Field(default_factory=lambda: {'lr': 1e-3})
     scheduler: Optional[Scheduler] = None
@@ -157,17 +148,3 @@ class TrainConfig(BaseModel):
     @property
     def has_evaluation(self) -> bool:
         return self.eval_data is not None or self.query_data is not None
-
-    def task(self, labelled: bool) -> str:
-        if self.loss == CROSS_ENTROPY:
-            return 'linear_probe' if self.freeze is True else 'classification'
-        if not labelled and self.loss in SELF_SUPERVISED:
-            return 'self_supervised'
-        return 'metric'
-
-    def resolved(self, labelled: bool) -> TrainConfig:
-        """A copy with the task's defaults filled in where the caller left ``None``."""
-        defaults = dict(TASK_DEFAULTS[self.task(labelled)])
-        defaults['batch_size'] = -(-defaults['batch_size'] // self.num_devices) * self.num_devices  # divides evenly
-        updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        return self.model_copy(update=updates)

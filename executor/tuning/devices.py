@@ -1,5 +1,8 @@
-"""The device names training and serving accept: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+"""Devices: the names training and serving accept ('auto', 'cpu', 'cuda', 'cuda:N'), and the CPUs this process has."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 def check_device(device: str) -> str:
@@ -8,3 +11,32 @@ def check_device(device: str) -> str:
         return device
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}; use 'auto', 'cpu', 'cuda' "
                      "or 'cuda:<index>' ('auto' takes a GPU when there is one)")
+
+
+def resolve_device(device: str) -> str:
+    """``'auto'`` -> ``'cuda'`` when torch sees a GPU, else ``'cpu'``; ``'cuda:N'`` picks a GPU."""
+    if check_device(device) == 'auto':
+        import torch
+
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return device
+
+
+def usable_cpus() -> list[int]:
+    """The logical CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, 'sched_getaffinity'):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """Physical cores among ``usable_cpus()``, SMT siblings counted once: onnxruntime's best intra-op thread count."""
+    cores: set[str] = set()
+    for cpu in usable_cpus():
+        topology = Path(f'/sys/devices/system/cpu/cpu{cpu}/topology')
+        try:
+            cores.add((topology / 'physical_package_id').read_text().strip() + ':'
+                      + (topology / 'core_id').read_text().strip())
+        except OSError:
+            cores.add(f'cpu {cpu}')
+    return max(1, len(cores))

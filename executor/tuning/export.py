@@ -1,9 +1,10 @@
 """ONNX export: one checked, self-contained ``.onnx`` file (fp32, fp16 or int8) with its preprocessing beside it.
 
 Every export runs the model in eval mode, checks the graph with ``onnx.checker`` and compares onnxruntime's outputs
-with torch's on real images; a file outside the tolerance is deleted and the export raises ``ExportError``.
-The graph takes ``images`` ``(B, 3, H, W)`` float32 (batch axis dynamic) and gives ``embeddings`` ``(B, D)``, plus
-``logits`` ``(B, C)`` when the model has a classifier head.
+with torch's on real items of the model's inputs (``model.inputs.example_contents()``: photos for an image model); a
+file outside the tolerance is deleted and the export raises ``ExportError``. The graph's inputs and outputs are the
+contract of ``artifact.py``: the inputs' ONNX names with their dynamic axes, ``embeddings`` and, for a classifier,
+``logits``.
 """
 from __future__ import annotations
 
@@ -28,16 +29,8 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 from torch import nn
 
-from executor.tuning.inference import (
-    EMBEDDINGS,
-    INPUT_NAME,
-    LOGITS,
-    ONNX_FORMAT,
-    ONNX_METADATA_KEY,
-    PREPROCESSING_FILE,
-    Images,
-    Preprocessor,
-)
+from executor.tuning import artifact
+from executor.tuning.inputs import Batch, Inputs
 from executor.tuning.models import EmbeddingModel
 
 logger = logging.getLogger(__name__)
@@ -75,36 +68,14 @@ class ExportReport:
     float_nodes: int = 0  # int8: leading Conv/MatMul/Gemm nodes left in float for parity
 
 
-def sample_photos() -> list[np.ndarray]:
-    """Parity images: skimage's colour photos and two crops, 6 in all (they ship with scikit-image)."""
-    from skimage import data
-
-    astronaut, coffee = data.astronaut(), data.coffee()
-    return [data.chelsea(), coffee, astronaut, data.rocket(), astronaut[30:330, 120:420], coffee[40:360, 260:580]]
-
-
-def calibration_photos() -> list[np.ndarray]:
-    """int8 calibration images, apart from the parity ones: 8 skimage images, each whole, flipped and 2 crops."""
-    from skimage import data
-
-    gray = [np.stack([img] * 3, axis=-1) for img in (data.camera(), data.coins(), data.brick())]
-    photos = [data.hubble_deep_field(), data.immunohistochemistry(), data.retina(), data.colorwheel(),
-              np.ascontiguousarray(data.logo()[..., :3]), *gray]
-    out = []
-    for img in photos:
-        h, w = img.shape[:2]
-        out += [img, np.ascontiguousarray(img[:, ::-1]), img[: h // 2, : w // 2], img[h // 2:, w // 2:]]
-    return out
-
-
 def export_onnx(
     model: EmbeddingModel,
     path: str | os.PathLike,
     *,
     fp16: bool = False,
     quantize: bool = False,
-    sample: Images | None = None,
-    calibration: Images | None = None,
+    sample: Sequence[Any] | Batch | torch.Tensor | None = None,
+    calibration: Sequence[Any] | Batch | torch.Tensor | None = None,
     opset: int | None = None,
     atol: float | None = None,
     min_cosine: float | None = None,
@@ -113,11 +84,11 @@ def export_onnx(
     """Export ``model`` to ``path`` and check it against torch; writes ``preprocessing.json`` beside it.
 
     ``fp16``: weights and activations in float16 with float32 inputs and outputs (for GPUs; slow on CPU).
-    ``quantize``: int8 static quantization (QDQ, per-channel weights) calibrated on ``calibration`` images, default
-    skimage photos; pass images from the model's own domain for the best parity. ``sample``: parity images (a list
-    of images or a preprocessed ``(N, 3, H, W)`` tensor), default 6 skimage photos. ``atol``/``min_cosine``:
-    tolerances, defaulting per variant to ``ATOL``/``MIN_COSINE``. ``dynamo=False`` uses the legacy TorchScript
-    exporter, which is also the fallback when the dynamo exporter fails.
+    ``quantize``: int8 static quantization (QDQ, per-channel weights) calibrated on ``calibration`` items, by default
+    the inputs' own (skimage photos for images); pass items from the model's domain for the best parity. ``sample``:
+    parity items (a list, or a preprocessed batch), by default the inputs' examples (6 skimage photos).
+    ``atol``/``min_cosine``: tolerances, defaulting per variant to ``ATOL``/``MIN_COSINE``. ``dynamo=False`` uses
+    the legacy TorchScript exporter, which is also the fallback when the dynamo exporter fails.
     """
     if fp16 and quantize:
         raise ValueError('choose one of fp16=True or quantize=True: int8 quantization starts from the float32 graph')
@@ -129,95 +100,112 @@ def export_onnx(
         raise ValueError(f'export path must end in .onnx, got {str(path)!r}')
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    preprocessor = Preprocessor(model.data_config)
-    x = _as_batch(preprocessor, sample_photos() if sample is None else sample, 'sample', 2)  # (N, 3, H, W)
+    inputs = model.inputs
+    batch = _as_batch(inputs, inputs.example_contents() if sample is None else sample, 'sample', 2)
     if any(p.device.type != 'cpu' for p in model.parameters()):
         model = copy.deepcopy(model).cpu()  # traced and checked on the CPU; the caller's model stays on its device
-    module = _graph_module(model)
-    outputs = (EMBEDDINGS, LOGITS) if model.classifier is not None else (EMBEDDINGS,)
     was_training = model.training
-    module.eval()  # the model, and the logits wrapper around it
+    module = _GraphModule(model).eval()  # the model, with its outputs as the graph gives them
     try:
         with torch.inference_mode():
-            reference = [t.numpy() for t in _as_tuple(module(x))]
-        large = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT
-        with tempfile.TemporaryDirectory(prefix='.export-', dir=path.parent) as tmp:
-            fp32 = Path(tmp) / 'fp32.onnx'
-            exporter = _export_graph(module, x, fp32, outputs, opset, dynamo, large)
-            float_nodes = 0
-            if variant == 'fp16':
-                proto = _to_fp16(onnx.load(str(fp32)), large)
-            elif variant == 'int8':
-                cal = _as_batch(preprocessor, calibration_photos() if calibration is None else calibration,
-                                'calibration', 1)
-                proto, float_nodes = _quantize_int8(fp32, Path(tmp), x, reference, cal, min_cosine, large)
-            else:
-                proto = onnx.load(str(fp32))
-            final = Path(tmp) / path.name
-            _save(proto, final, _preprocessing(model, outputs), large)
-            max_abs, min_cos = _parity(reference, _run_onnx(final, x))
-            logger.info('%s export of %s: max |onnx - torch| %.3g, min cosine %.6f', variant, path.name, max_abs,
-                        min_cos)
-            if min_cos < min_cosine or (atol is not None and max_abs > atol):
-                raise ExportError(
-                    f'{variant} ONNX export does not match torch: max abs diff {max_abs:.4g} (allowed '
-                    f'{atol if atol is not None else "any"}), min cosine {min_cos:.6f} (needed {min_cosine}); the '
-                    f'file was not written. Check that the model runs the same in eval mode, or for fp16/int8 use '
-                    f'the fp32 export'
-                )
-            for item in Path(tmp).iterdir():
-                if item.name.startswith(path.name):
-                    os.replace(item, path.parent / item.name)
+            reference = [t.numpy() for t in module(*_graph_args(inputs, batch))]
+        exporter, float_nodes, max_abs, min_cos = _export_variant(
+            module, inputs, batch, reference, path, variant, calibration, opset, dynamo, (min_cosine, atol))
     finally:
         model.train(was_training)
-    _write_json(path.with_name(PREPROCESSING_FILE), _preprocessing(model, outputs))
+    artifact.write_preprocessing(path.parent, model)
     report = ExportReport(path, variant, max_abs, min_cos, _size(path), time.perf_counter() - start, exporter,
-                          outputs, float_nodes)
+                          artifact.output_names(model), float_nodes)
     logger.info('exported %s (%s, %.1f MB) in %.1f s', path, variant, report.size_bytes / 1e6, report.seconds)
     return report
 
 
-class _WithLogits(nn.Module):
-    """The model with both outputs, so one graph serves /encode and /classify."""
+def _export_variant(module: _GraphModule, inputs: Inputs, batch: Batch, reference: list[np.ndarray], path: Path,
+                    variant: Variant, calibration: Any, opset: int | None, dynamo: bool,
+                    tolerance: tuple[float, float | None]) -> tuple[str, int, float, float]:
+    """Export into a temporary folder beside ``path``, convert to ``variant``, and move the files over only when
+    parity holds (``tolerance``: min cosine, max abs diff): (exporter, leading float nodes, max abs diff, min cosine).
+    """
+    min_cosine, atol = tolerance
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) > PROTOBUF_LIMIT
+    with tempfile.TemporaryDirectory(prefix='.export-', dir=path.parent) as tmp:
+        fp32 = Path(tmp) / 'fp32.onnx'
+        exporter = _export_graph(module, inputs, batch, fp32, opset, dynamo, large)
+        float_nodes = 0
+        if variant == 'fp16':
+            proto = _to_fp16(onnx.load(str(fp32)), large)
+        elif variant == 'int8':
+            cal = _as_batch(inputs, inputs.calibration_contents() if calibration is None else calibration,
+                            'calibration', 1)
+            proto, float_nodes = _quantize_int8(fp32, Path(tmp), inputs, batch, reference, cal, min_cosine, large)
+        else:
+            proto = onnx.load(str(fp32))
+        final = Path(tmp) / path.name
+        _save(proto, final, artifact.preprocessing(module.model), large)
+        max_abs, min_cos = _parity(reference, _run_onnx(final, batch))
+        logger.info('%s export of %s: max |onnx - torch| %.3g, min cosine %.6f', variant, path.name, max_abs, min_cos)
+        if min_cos < min_cosine or (atol is not None and max_abs > atol):
+            raise ExportError(
+                f'{variant} ONNX export does not match torch: max abs diff {max_abs:.4g} (allowed '
+                f'{atol if atol is not None else "any"}), min cosine {min_cos:.6f} (needed {min_cosine}); the '
+                f'file was not written. Check that the model runs the same in eval mode, or for fp16/int8 use '
+                f'the fp32 export'
+            )
+        for item in Path(tmp).iterdir():
+            if item.name.startswith(path.name):
+                os.replace(item, path.parent / item.name)
+    return exporter, float_nodes, max_abs, min_cos
+
+
+class _GraphModule(nn.Module):
+    """The model as the graph runs it: its inputs as positional tensors, in ``inputs.onnx_inputs`` order, and its
+    outputs as a tuple (embeddings, and logits for a classifier, so one graph serves /encode and /classify)."""
 
     def __init__(self, model: EmbeddingModel) -> None:
         super().__init__()
         self.model = model
+        self.names = model.inputs.onnx_inputs
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> (B, D), (B, C)
-        embeddings = self.model(x)
-        return embeddings, self.model.classifier(embeddings)
-
-
-def _graph_module(model: EmbeddingModel) -> nn.Module:
-    return _WithLogits(model) if model.classifier is not None else model
-
-
-def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return out if isinstance(out, tuple) else (out,)
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        embeddings = self.model(dict(zip(self.names, tensors)))  # (B, D)
+        if self.model.classifier is None:
+            return (embeddings,)
+        return embeddings, self.model.classifier(embeddings)  # (B, D), (B, C)
 
 
-def _as_batch(preprocessor: Preprocessor, images: Images, what: str, minimum: int) -> torch.Tensor:
-    # the parity sample is also the tracing input: with one image the exporter could fix the batch axis to 1
-    if len(images) < minimum:
-        raise ValueError(f'{what} needs at least {minimum} images, got {len(images)}')
-    if isinstance(images, torch.Tensor):
-        return preprocessor.check_tensor(images)
-    return preprocessor.batch(images, [f'{what} image {i}' for i in range(len(images))])
+def _graph_args(inputs: Inputs, batch: Batch) -> tuple[torch.Tensor, ...]:
+    return tuple(batch[name] for name in inputs.onnx_inputs)
 
 
-def _export_graph(module: nn.Module, x: torch.Tensor, path: Path, outputs: Sequence[str], opset: int | None,
-                  dynamo: bool, large: bool) -> Literal['dynamo', 'legacy']:
+def _as_batch(inputs: Inputs, items: Any, what: str, minimum: int) -> Batch:
+    # the parity sample is also the tracing input: with one item the exporter could fix the batch axis to 1
+    if isinstance(items, (dict, torch.Tensor)):
+        batch = inputs.as_batch(items)
+    else:
+        if len(items) < minimum:
+            raise ValueError(f'{what} needs at least {minimum} items, got {len(items)}')
+        batch = inputs.batch(items, [f'{what} {inputs.kind} {i}' for i in range(len(items))])
+    if inputs.rows(batch) < minimum:
+        raise ValueError(f'{what} needs at least {minimum} items, got {inputs.rows(batch)}')
+    return batch
+
+
+def _export_graph(module: _GraphModule, inputs: Inputs, batch: Batch, path: Path, opset: int | None, dynamo: bool,
+                  large: bool) -> Literal['dynamo', 'legacy']:
     """Trace ``module`` into ``path``. The dynamo exporter's graph runs faster in onnxruntime (efficientnet-lite0:
     182 vs 129 img/s on 2 cores), so the legacy TorchScript exporter is only the fallback."""
+    args, names = _graph_args(inputs, batch), list(inputs.onnx_inputs)
+    outputs = list(artifact.output_names(module.model))
+    axes = inputs.dynamic_axes()
     dynamo_error = None
     if dynamo:
+        dims: dict[str, Any] = {}
+        # one entry: forward takes its tensors as *args, which torch.export sees as one tuple
+        shapes = tuple({axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes[n].items()}
+                       for n in names)
         try:
-            torch.onnx.export(
-                module, (x,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=list(outputs),
-                dynamic_shapes=({0: torch.export.Dim('batch')},), opset_version=opset, external_data=large,
-                verbose=False,
-            )
+            torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=outputs,
+                              dynamic_shapes=(shapes,), opset_version=opset, external_data=large, verbose=False)
             return 'dynamo'
         except OSError as err:  # a full disk or a folder not writable: the legacy exporter would fail the same way
             raise ExportError(f'could not write the ONNX graph under {path.parent}: {err}; free space there or '
@@ -226,12 +214,11 @@ def _export_graph(module: nn.Module, x: torch.Tensor, path: Path, outputs: Seque
             dynamo_error = f'{type(err).__name__}: {err}'
             logger.warning('the dynamo ONNX exporter failed (%s); falling back to the legacy TorchScript exporter, '
                            'whose graph runs slower', dynamo_error)
-    axes = {name: {0: 'batch'} for name in (INPUT_NAME, *outputs)}
     try:
         with warnings.catch_warnings():  # its deprecation notice: chosen knowingly, and the reason is logged above
             warnings.simplefilter('ignore', DeprecationWarning)
-            torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                              output_names=list(outputs), dynamic_axes=axes, opset_version=opset,
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=names, output_names=outputs,
+                              dynamic_axes={**axes, **{o: {0: 'batch'} for o in outputs}}, opset_version=opset,
                               do_constant_folding=True)
     except Exception as err:
         if dynamo_error is None:
@@ -250,15 +237,15 @@ def _to_fp16(proto: onnx.ModelProto, large: bool) -> onnx.ModelProto:
 
 
 class _BatchReader(CalibrationDataReader):
-    def __init__(self, x: torch.Tensor) -> None:
-        self.batches = iter([{INPUT_NAME: b.numpy()} for b in x.split(CALIBRATION_BATCH)])
+    def __init__(self, inputs: Inputs, batch: Batch) -> None:
+        self.batches = iter([_feeds(part) for part in inputs.split(batch, CALIBRATION_BATCH)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
 
 
-def _quantize_int8(fp32: Path, tmp: Path, x: torch.Tensor, reference: list[np.ndarray], calibration: torch.Tensor,
-                   min_cosine: float, large: bool) -> tuple[onnx.ModelProto, int]:
+def _quantize_int8(fp32: Path, tmp: Path, inputs: Inputs, batch: Batch, reference: list[np.ndarray],
+                   calibration: Batch, min_cosine: float, large: bool) -> tuple[onnx.ModelProto, int]:
     """Static int8 (uint8 activations, per-channel int8 weights, QDQ), keeping the fewest leading layers in float
     that reach ``min_cosine``.
 
@@ -278,12 +265,12 @@ def _quantize_int8(fp32: Path, tmp: Path, x: torch.Tensor, reference: list[np.nd
     for keep in [k for k in INT8_FLOAT_NODES if k < len(nodes)]:
         out = tmp / f'int8-{keep}.onnx'
         quantize_static(
-            str(prepared), str(out), _BatchReader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+            str(prepared), str(out), _BatchReader(inputs, calibration), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=nodes[:keep],
             reduce_range=True,  # 7-bit weights: u8 x s8 sums saturate on CPUs without VNNI (AVX2 only)
             use_external_data_format=large, calibration_providers=['CPUExecutionProvider'],
         )
-        _, cosine = _parity(reference, _run_onnx(out, x))
+        _, cosine = _parity(reference, _run_onnx(out, batch))
         tried.append(f'{keep}: {cosine:.4f}')
         logger.info('int8 with the first %d of %d Conv/MatMul/Gemm nodes in float: min cosine %.5f', keep,
                     len(nodes), cosine)
@@ -296,9 +283,13 @@ def _quantize_int8(fp32: Path, tmp: Path, x: torch.Tensor, reference: list[np.nd
     )
 
 
-def _run_onnx(path: Path, x: torch.Tensor) -> list[np.ndarray]:
+def _feeds(batch: Batch) -> dict[str, np.ndarray]:
+    return {name: tensor.numpy() for name, tensor in batch.items()}
+
+
+def _run_onnx(path: Path, batch: Batch) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    return session.run(None, {INPUT_NAME: x.numpy()})
+    return session.run(None, _feeds(batch))
 
 
 def _parity(reference: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
@@ -313,23 +304,10 @@ def _parity(reference: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, 
     return max_abs, min_cos
 
 
-def _preprocessing(model: EmbeddingModel, outputs: Sequence[str]) -> dict[str, Any]:
-    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.data_config.items()}
-    return {
-        'format': ONNX_FORMAT,
-        'data_config': data_config,
-        'embed_dim': model.embed_dim,
-        'class_names': model.class_names,
-        'model_config': json.loads(json.dumps(model.config, default=str)),
-        'input': INPUT_NAME,
-        'outputs': list(outputs),
-    }
-
-
 def _save(proto: onnx.ModelProto, path: Path, preprocessing: dict[str, Any], large: bool) -> None:
     """One file when it fits in protobuf, else the graph plus one ``<name>.data`` file; checked after writing."""
     del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(preprocessing)})
+    onnx.helper.set_model_props(proto, {artifact.ONNX_METADATA_KEY: json.dumps(preprocessing)})
     onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
               location=f'{path.name}.data')
     onnx.checker.check_model(str(path))
@@ -338,9 +316,3 @@ def _save(proto: onnx.ModelProto, path: Path, preprocessing: dict[str, Any], lar
 def _size(path: Path) -> int:
     data = path.with_name(f'{path.name}.data')
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(content, indent=2) + '\n')
-    os.replace(tmp, path)

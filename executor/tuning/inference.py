@@ -1,7 +1,7 @@
-"""Inference: one ``Encoder`` interface over torch and onnxruntime, with the model's own preprocessing.
+"""Inference: one ``Encoder`` interface over torch and onnxruntime, fed through the model's own ``Inputs``.
 
-Both runtimes decode and preprocess images the same way (``load_image`` + ``eval_transform(data_config)``), on a small
-thread pool that decodes the next batch while the model runs the current one, so the model is not kept waiting.
+Both runtimes preprocess items the same way (``model.inputs``), on a small thread pool that prepares the next batch
+while the model runs the current one, so the model is not kept waiting.
 """
 from __future__ import annotations
 
@@ -15,183 +15,143 @@ from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
-import onnx
 # torch is imported before onnxruntime on purpose: it loads the CUDA/cuDNN libraries of its wheel, which
 # onnxruntime-gpu then finds without a system-wide CUDA install.
 import torch
 import onnxruntime as ort
-from PIL import Image
 from torch import nn
 
-from executor.tuning.data.images import DataError, load_image
-from executor.tuning.data.transforms import eval_transform
-from executor.tuning.devices import check_device
+from executor.tuning import artifact
+from executor.tuning.data.sources import Item
+from executor.tuning.devices import resolve_device, usable_cores, usable_cpus
+from executor.tuning.evaluation.evaluator import to_device
+from executor.tuning.inputs import Batch, Inputs, inputs_from_config
+from executor.tuning.inputs.base import item_names
 from executor.tuning.models import EmbeddingModel, load_model
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
-Images = Union[Sequence[ImageInput], torch.Tensor]
 Runtime = Literal['torch', 'onnx']
-
-PREPROCESSING_FILE = 'preprocessing.json'
-ONNX_FORMAT = 'finetuner-executor/onnx-v1'
-ONNX_METADATA_KEY = 'finetuner_executor.preprocessing'
-INPUT_NAME = 'images'
-EMBEDDINGS = 'embeddings'
-LOGITS = 'logits'
-ONNX_DTYPES = {'tensor(float)': np.float32, 'tensor(float16)': np.float16}
+Contents = Sequence[Any] | Batch | torch.Tensor  # items' contents, or a batch preprocessed already
+ONNX_DTYPES = {'tensor(float)': np.float32, 'tensor(float16)': np.float16, 'tensor(int64)': np.int64,
+               'tensor(int32)': np.int32}
 
 
-def usable_cpus() -> list[int]:
-    """The logical CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    if hasattr(os, 'sched_getaffinity'):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
+def iter_batches(inputs: Inputs, contents: Contents, batch_size: int, names: Sequence[str] | None,
+                 workers: int) -> Iterator[Batch]:
+    """Batches of ``batch_size``; the next one is preprocessed on ``workers`` threads while the caller runs this one."""
+    if isinstance(contents, (dict, torch.Tensor)):
+        yield from inputs.split(inputs.as_batch(contents), batch_size)
+        return
+    if isinstance(contents, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(contents, Sequence):
+        raise TypeError(f'items must be a list (or a preprocessed batch), got one {type(contents).__name__}; wrap a '
+                        'single item in a list')
+    names = item_names(len(contents), names, inputs.kind)
+    if len(contents) == 1:  # nothing to overlap: a pool would only cost its thread
+        yield inputs.batch(contents, names)
+        return
+    starts = deque(range(0, len(contents), batch_size))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='decode')
+    pending: deque[list[Future]] = deque()
 
+    def submit() -> None:
+        start = starts.popleft()
+        stop = min(start + batch_size, len(contents))
+        pending.append([pool.submit(inputs.preprocess, contents[i], names[i]) for i in range(start, stop)])
 
-def usable_cores() -> int:
-    """Physical cores among ``usable_cpus()``, SMT siblings counted once: onnxruntime's best intra-op thread count."""
-    cores: set[str] = set()
-    for cpu in usable_cpus():
-        topology = Path(f'/sys/devices/system/cpu/cpu{cpu}/topology')
-        try:
-            cores.add((topology / 'physical_package_id').read_text().strip() + ':'
-                      + (topology / 'core_id').read_text().strip())
-        except OSError:
-            cores.add(f'cpu {cpu}')
-    return max(1, len(cores))
-
-
-def resolve_device(device: str) -> str:
-    """``'auto'`` -> ``'cuda'`` when torch sees a GPU, else ``'cpu'``; ``'cuda:N'`` picks a GPU."""
-    if check_device(device) == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    return device
-
-
-class Preprocessor:
-    """Turns images (PIL, paths, encoded bytes, arrays) into the ``(3, H, W)`` float tensors the model expects."""
-
-    def __init__(self, data_config: dict[str, Any]) -> None:
-        self.data_config = dict(data_config)
-        self.input_size = tuple(int(v) for v in data_config['input_size'])
-        self.transform = eval_transform(self.data_config)
-
-    def one(self, item: ImageInput, name: str) -> torch.Tensor:  # -> (3, H, W)
-        image = item.convert('RGB') if isinstance(item, Image.Image) else load_image(item, name)
-        try:
-            return self.transform(image)
-        except (OSError, ValueError, TypeError) as err:
-            raise DataError(f'{name}: cannot preprocess the image ({err}); send an RGB or grayscale image') from err
-
-    def batch(self, items: Sequence[ImageInput], names: Sequence[str] | None = None) -> torch.Tensor:
-        """All ``items`` as one ``(N, 3, H, W)`` tensor, decoded in this thread."""
-        names = item_names(len(items), names)
-        return torch.stack([self.one(item, name) for item, name in zip(items, names)])
-
-    def check_tensor(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_size:
-            raise ValueError(
-                f'a preprocessed batch must have shape (N, {", ".join(map(str, self.input_size))}) as the model\'s '
-                f'data_config says, got {tuple(batch.shape)}; send images instead to have them preprocessed'
-            )
-        return batch.float()
-
-    def iter_batches(self, images: Images, batch_size: int, names: Sequence[str] | None,
-                     workers: int) -> Iterator[torch.Tensor]:
-        """``(B, 3, H, W)`` batches; the next batch is decoded on ``workers`` threads while the caller runs this one."""
-        if isinstance(images, torch.Tensor):
-            yield from self.check_tensor(images).split(batch_size)
-            return
-        if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
-            raise TypeError(f'images must be a list of images or a (N, 3, H, W) tensor, got one '
-                            f'{type(images).__name__}; wrap a single image in a list')
-        names = item_names(len(images), names)
-        if len(images) == 1:  # nothing to overlap: a decode pool would only cost its thread
-            yield self.batch(images, names)
-            return
-        starts = deque(range(0, len(images), batch_size))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='decode')
-        pending: deque[list[Future]] = deque()
-
-        def submit() -> None:
-            start = starts.popleft()
-            stop = min(start + batch_size, len(images))
-            pending.append([pool.submit(self.one, images[i], names[i]) for i in range(start, stop)])
-
-        try:
-            for _ in range(min(2, len(starts))):  # the batch to run and the one to decode meanwhile
+    try:
+        for _ in range(min(2, len(starts))):  # the batch to run and the one to prepare meanwhile
+            submit()
+        while pending:
+            futures = pending.popleft()
+            if starts:
                 submit()
-            while pending:
-                futures = pending.popleft()
-                if starts:
-                    submit()
-                yield torch.stack([f.result() for f in futures])
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-
-def item_names(count: int, names: Sequence[str] | None) -> list[str]:
-    if names is None:
-        return [f'image {i}' for i in range(count)]
-    if len(names) != count:
-        raise ValueError(f'names has {len(names)} entries for {count} images; give one name per image or none')
-    return [str(n) for n in names]
+            yield inputs.collate([f.result() for f in futures])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Encoder(ABC):
-    """Embeds images (and classifies them when the model has a classifier head) on one runtime.
+    """Embeds items (and classifies them when the model has a classifier head) on one runtime.
 
-    ``encode(images)`` takes a list of PIL images, file paths, encoded bytes or arrays (decoded and preprocessed with
-    the model's ``data_config``), or an already preprocessed ``(N, 3, H, W)`` float tensor, and returns ``(N, D)``
-    float32 embeddings; ``classify`` returns ``(N, C)`` logits, in the order of ``class_names``.
+    ``encode(contents)`` takes a list of the items' contents (for an image model: PIL images, file paths, encoded
+    bytes or arrays), preprocessed through the model's ``inputs``, or a batch preprocessed already (for an image model
+    an ``(N, 3, H, W)`` float tensor), and returns ``(N, D)`` float32 embeddings; ``classify`` returns ``(N, C)``
+    logits, in the order of ``class_names``.
     """
 
     runtime: Runtime
 
-    def __init__(self, data_config: dict[str, Any], embed_dim: int, class_names: list[str] | None, device: str,
+    def __init__(self, inputs: Inputs, embed_dim: int, class_names: list[str] | None, device: str,
                  decode_workers: int | None) -> None:
-        self.data_config = dict(data_config)
+        self.inputs = inputs
         self.embed_dim = int(embed_dim)
         self.class_names = list(class_names) if class_names else None
         self.device = device
-        self.preprocessor = Preprocessor(self.data_config)
         self.decode_workers = decode_workers or min(4, len(usable_cpus()))
 
     @property
     def has_classifier(self) -> bool:
         return self.class_names is not None
 
-    def encode(self, images: Images, batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
+    def encode(self, contents: Contents, batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
         """``(N, embed_dim)`` float32 embeddings (not normalised); ``names`` label the items in error messages."""
-        return self._collect(images, batch_size, names, EMBEDDINGS, self.embed_dim)
+        return self._collect(contents, batch_size, names, artifact.EMBEDDINGS, self.embed_dim)
 
-    def classify(self, images: Images, batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
+    def classify(self, contents: Contents, batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
         """``(N, len(class_names))`` float32 logits."""
         if not self.has_classifier:
             raise ValueError('this model has no classifier head: train it with loss="CrossEntropyLoss" first, '
                              'then export it again')
-        return self._collect(images, batch_size, names, LOGITS, len(self.class_names))
+        return self._collect(contents, batch_size, names, artifact.LOGITS, len(self.class_names))
 
-    def _collect(self, images: Images, batch_size: int, names: Sequence[str] | None, output: str,
+    def preprocess(self, contents: Sequence[Any], batch_size: int, names: Sequence[str] | None = None) -> Batch:
+        """The items as one batch, prepared on the encoder's threads (what the service's batcher queues)."""
+        return self.inputs.concat(list(iter_batches(self.inputs, contents, batch_size, names, self.decode_workers)))
+
+    def items(self, items: Sequence[Item], what: str = 'documents') -> tuple[list[Any], list[str]]:
+        """The contents and names of ``items``, after checking that this model takes each."""
+        self.inputs.check_items(items, what)
+        return [it.content for it in items], [it.name for it in items]
+
+    def embedder(self, batch_size: int = 32) -> ItemEmbedder:
+        """This encoder as an ``Evaluator``'s ``Embedder``, at ``batch_size`` items per forward pass."""
+        return ItemEmbedder(self, batch_size)
+
+    def _collect(self, contents: Contents, batch_size: int, names: Sequence[str] | None, output: str,
                  width: int) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-        batches = self.preprocessor.iter_batches(images, batch_size, names, self.decode_workers)
+        batches = iter_batches(self.inputs, contents, batch_size, names, self.decode_workers)
         outs = [self._run(batch, output) for batch in batches]
         return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, width), np.float32)
 
     @abstractmethod
-    def _run(self, batch: torch.Tensor, output: str) -> np.ndarray:
-        """One preprocessed ``(B, 3, H, W)`` CPU batch -> the named output, ``(B, D)`` or ``(B, C)``."""
+    def _run(self, batch: Batch, output: str) -> np.ndarray:
+        """One preprocessed CPU batch -> the named output, ``(B, D)`` or ``(B, C)``."""
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(runtime={self.runtime!r}, device={self.device!r}, embed_dim={self.embed_dim}, '
                 f'classes={len(self.class_names) if self.class_names else 0})')
+
+
+class ItemEmbedder:
+    """Embeds and classifies items with an encoder (the ``Embedder`` protocol of ``evaluation.evaluator``)."""
+
+    def __init__(self, encoder: Encoder, batch_size: int) -> None:
+        self.encoder, self.batch_size = encoder, batch_size
+        self.class_names = encoder.class_names
+
+    def embed_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, D)
+        contents, names = self.encoder.items(items)
+        return self.encoder.encode(contents, self.batch_size, names)
+
+    def classify_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, C)
+        contents, names = self.encoder.items(items)
+        return self.encoder.classify(contents, self.batch_size, names)
 
 
 class TorchEncoder(Encoder):
@@ -209,17 +169,17 @@ class TorchEncoder(Encoder):
         if device.startswith('cuda') and not torch.cuda.is_available():
             logger.warning('device=%r was asked for but torch sees no CUDA GPU: running on the CPU instead', device)
             device = 'cpu'
-        super().__init__(model.data_config, model.embed_dim, model.class_names, device, decode_workers)
+        super().__init__(model.inputs, model.embed_dim, model.class_names, device, decode_workers)
         model = copy.deepcopy(model) if copy_model else model
         # channels_last speeds up convolutions on CPU too (resnet50 10.4 -> 15.5 img/s on this project's machine)
-        self.memory_format = (torch.channels_last if any(isinstance(m, nn.Conv2d) for m in model.modules())
-                              else torch.contiguous_format)
-        self.model = model.eval().to(device=device, memory_format=self.memory_format)
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.eval().to(device=device, memory_format=memory_format)
 
     @torch.inference_mode()
-    def _run(self, batch: torch.Tensor, output: str) -> np.ndarray:
-        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        out = self.model(x) if output == EMBEDDINGS else self.model.classify(x)
+    def _run(self, batch: Batch, output: str) -> np.ndarray:
+        batch = to_device(batch, torch.device(self.device), self.channels_last)
+        out = self.model(batch) if output == artifact.EMBEDDINGS else self.model.classify(batch)
         return out.float().cpu().numpy()
 
 
@@ -232,26 +192,6 @@ def onnx_providers(device: str, tensorrt: bool = False) -> list[str | tuple[str,
     if tensorrt:  # opt-in: it needs the TensorRT libraries, and builds an engine per input shape on first use
         gpu.insert(0, ('TensorrtExecutionProvider', options))
     return [*gpu, 'CPUExecutionProvider']
-
-
-def read_preprocessing(onnx_path: Path) -> dict[str, Any]:
-    """The preprocessing config exported with ``onnx_path``: ``preprocessing.json`` beside it, else its metadata."""
-    beside = onnx_path.with_name(PREPROCESSING_FILE)
-    if beside.is_file():
-        config = json.loads(beside.read_text())
-    else:
-        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-        if ONNX_METADATA_KEY not in meta:
-            raise FileNotFoundError(
-                f'{str(onnx_path)!r} has no {PREPROCESSING_FILE} beside it and no preprocessing in its metadata: '
-                'export it with executor.tuning.export.export_onnx, which writes both'
-            )
-        config = json.loads(meta[ONNX_METADATA_KEY])
-    if config.get('format') != ONNX_FORMAT:
-        raise ValueError(f'preprocessing config of {str(onnx_path)!r} has format {config.get("format")!r}, '
-                         f'expected {ONNX_FORMAT!r}; export the model again with export_onnx')
-    config['data_config']['input_size'] = tuple(config['data_config']['input_size'])
-    return config
 
 
 class OnnxEncoder(Encoder):
@@ -269,7 +209,7 @@ class OnnxEncoder(Encoder):
         if not path.is_file():
             raise FileNotFoundError(f'ONNX model {str(path)!r} does not exist; export one with '
                                     'export_onnx(model, path)')
-        config = read_preprocessing(path)
+        config = artifact.read_preprocessing(path)
         asked = resolve_device(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -293,20 +233,20 @@ class OnnxEncoder(Encoder):
             )
         elif tensorrt and 'TensorrtExecutionProvider' not in used:
             logger.warning('tensorrt=True was asked for, but the TensorRT provider did not load; using %s', used)
-        super().__init__(config['data_config'], config['embed_dim'], config.get('class_names'),
+        super().__init__(inputs_from_config(config['inputs']), config['embed_dim'], config.get('class_names'),
                          asked if 'CUDAExecutionProvider' in used else 'cpu', decode_workers)
         self.path = path
         self.providers = used
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.input_dtype = ONNX_DTYPES.get(self.session.get_inputs()[0].type, np.float32)
-        if self.has_classifier and LOGITS not in self.outputs:
-            raise ValueError(f'{str(path)!r} names classes but has no {LOGITS!r} output; export the model again')
+        self.input_dtypes = {i.name: ONNX_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        if self.has_classifier and artifact.LOGITS not in self.outputs:
+            raise ValueError(f'{str(path)!r} names classes but has no {artifact.LOGITS!r} output; export the model again')
         logger.info('onnxruntime session for %s on %s, %d intra-op threads', path.name, used,
                     options.intra_op_num_threads)
 
-    def _run(self, batch: torch.Tensor, output: str) -> np.ndarray:
-        x = batch.numpy().astype(self.input_dtype, copy=False)
-        return self.session.run([output], {INPUT_NAME: x})[0]
+    def _run(self, batch: Batch, output: str) -> np.ndarray:
+        feeds = {name: tensor.numpy().astype(self.input_dtypes[name], copy=False) for name, tensor in batch.items()}
+        return self.session.run([output], feeds)[0]
 
 
 def create_encoder(
@@ -340,7 +280,7 @@ def create_encoder(
     model = source if path is None else load_model(path)
     if runtime == 'torch':
         return TorchEncoder(model, device=device, copy_model=path is None, **options)
-    from executor.tuning.export import export_onnx  # export imports this module for its preprocessing
+    from executor.tuning.export import export_onnx  # the exporter and quantizer: loaded when an export is asked for
 
     if export_dir is not None:
         report = export_onnx(model, Path(export_dir) / 'model.onnx')
@@ -355,8 +295,8 @@ def weights_digest(model: EmbeddingModel) -> str:
     values), its configuration and preprocessing, and the torch and export format versions. It names the ONNX export
     of exactly this model, so another checkpoint of the same architecture, or an upgrade, never reuses a file."""
     digest = hashlib.sha256()
-    context = {'config': model.config, 'data_config': model.data_config, 'torch': torch.__version__,
-               'format': ONNX_FORMAT}
+    context = {'config': model.config, 'inputs': model.inputs.config(), 'torch': torch.__version__,
+               'format': artifact.PREPROCESSING_FORMAT}
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
@@ -375,14 +315,14 @@ def cached_onnx_encoder(model: EmbeddingModel, name: str, cache_dir: str | os.Pa
     again."""
     import fcntl
 
-    from executor.tuning.export import export_onnx  # export imports this module for its preprocessing
+    from executor.tuning.export import export_onnx  # the exporter and quantizer: loaded when an export is asked for
 
     safe_name = ''.join(ch if ch.isalnum() or ch in '._-' else '_' for ch in name)
     target = Path(cache_dir) / f'{safe_name}-{weights_digest(model)}' / 'model.onnx'
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent.with_name(f'.{target.parent.name}.lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file() and target.with_name(PREPROCESSING_FILE).is_file():
+        if target.is_file() and target.with_name(artifact.PREPROCESSING_FILE).is_file():
             try:
                 encoder = OnnxEncoder(target, device=device, **options)
                 logger.info('serving %s from its cached ONNX export %s', name, target)

@@ -9,16 +9,13 @@ import difflib
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from torch import nn
 
-Task = Literal['metric', 'classification', 'self_supervised']
 CROSS_ENTROPY = 'CrossEntropyLoss'
-# Losses that can train on unlabelled data, with two augmented views of each image as the positive pair.
-SELF_SUPERVISED = {'NTXentLoss', 'SupConLoss'}
 # PML classes that are bases or take no labels (VICReg, Manifold): they need inputs other than (embeddings, labels).
 EXCLUDED_LOSSES = {'BaseMetricLossFunction', 'GenericPairLoss', 'VICRegLoss', 'ManifoldLoss'}
 EXCLUDED_MINERS = {'BaseMiner', 'BaseTupleMiner', 'BaseSubsetBatchMiner', 'EmbeddingsAlreadyPackagedAsTriplets'}
@@ -76,34 +73,24 @@ def _construct(kind: str, cls: type, options: dict[str, Any]) -> Any:
 class LossSpec:
     name: str
     module: nn.Module
-    task: Task
 
     @property
     def has_parameters(self) -> bool:
         return any(p.requires_grad for p in self.module.parameters())
 
 
-def loss_task(name: str, labelled: bool) -> Task:
-    """What a loss trains: classification (cross-entropy), self-supervised (unlabelled + NTXent), or metric."""
-    if name == CROSS_ENTROPY:
-        return 'classification'
-    if not labelled:
-        if name not in SELF_SUPERVISED:
-            raise ValueError(f'loss {name!r} needs labels, but the training data has none; label the data or use a '
-                             f'self-supervised loss ({", ".join(sorted(SELF_SUPERVISED))})')
-        return 'self_supervised'
-    return 'metric'
-
-
 def build_loss(name: str, options: dict[str, Any] | None = None, *, num_classes: int | None = None,
-               embedding_size: int | None = None, labelled: bool = True) -> LossSpec:
-    """The loss ``name`` with ``options``; ``num_classes``/``embedding_size`` go to losses that hold class weights."""
+               embedding_size: int | None = None, self_supervised: bool = False) -> LossSpec:
+    """The loss ``name`` with ``options``; ``num_classes``/``embedding_size`` go to losses that hold class weights.
+
+    ``self_supervised`` wraps the loss in PML's ``SelfSupervisedLoss``: it then takes two views' embeddings, each
+    row of the first positive with the same row of the second.
+    """
     if name not in list_losses():
         raise unknown_name('loss', name, list_losses())
-    task = loss_task(name, labelled)
     options = {**LOSS_DEFAULTS.get(name, {}), **(options or {})}
     if name == CROSS_ENTROPY:
-        return LossSpec(name, _construct('loss', nn.CrossEntropyLoss, options), task)
+        return LossSpec(name, _construct('loss', nn.CrossEntropyLoss, options))
     cls = getattr(pml_losses, name)
     accepted = _accepted(cls)
     sizes = {'num_classes': num_classes, 'embedding_size': embedding_size, 'descriptors_dim': embedding_size,
@@ -112,9 +99,9 @@ def build_loss(name: str, options: dict[str, Any] | None = None, *, num_classes:
         if key in accepted and key not in options and value is not None:
             options[key] = value
     module = _construct('loss', cls, options)
-    if task == 'self_supervised':
+    if self_supervised:
         module = pml_losses.SelfSupervisedLoss(module, symmetric=True)
-    return LossSpec(name, module, task)
+    return LossSpec(name, module)
 
 
 def build_miner(name: str | None, options: dict[str, Any] | None = None) -> nn.Module | None:

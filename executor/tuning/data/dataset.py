@@ -1,30 +1,28 @@
-"""A map-style dataset over items: decodes lazily, applies a transform, returns ``(image, label_index)``."""
+"""A map-style dataset over items, fed through the model's ``Inputs``, and the collate function of its batches."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from executor.tuning.data.images import DataError, load_image
 from executor.tuning.data.sources import Item
+from executor.tuning.inputs.base import Batch, Inputs, Transform
 
 UNLABELLED = -1
 
 
-class ImageDataset(Dataset):
-    """``__getitem__(i) -> (tensor (3, H, W), label index or -1)``; ``views=2`` returns two augmented views."""
+class ItemDataset(Dataset):
+    """``__getitem__(i) -> (sample, label index or -1)``, decoded lazily; ``views=2`` gives a tuple of two samples
+    (each its own draw of ``transform``), the positive pair of self-supervised training."""
 
-    def __init__(self, items: Sequence[Item], transform: Callable, class_names: Sequence[str] | None = None,
-                 views: int = 1) -> None:
-        text = [it.id for it in items if it.kind == 'text']
-        if text:
-            raise DataError(f'{len(text)} items are text ({text[:3]}...), but the models here embed images; '
-                            'send images (uri, blob or tensor)')
+    def __init__(self, items: Sequence[Item], inputs: Inputs, transform: Transform,
+                 class_names: Sequence[str] | None = None, views: int = 1) -> None:
+        inputs.check_items(items, 'training items')
         self.items = list(items)
+        self.inputs = inputs
         self.transform = transform
-        self.class_names = list(class_names) if class_names is not None else None
-        self.class_index = {c: i for i, c in enumerate(self.class_names or [])}
+        self.class_index = {c: i for i, c in enumerate(class_names or [])}
         self.views = views
 
     def __len__(self) -> int:
@@ -39,9 +37,25 @@ class ImageDataset(Dataset):
     def labels(self) -> list[int]:
         return [self.label_index(it) for it in self.items]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         item = self.items[index]
-        image = load_image(item.content, name=item.name)
+        loaded = self.inputs.load(item.content, item.name)
         if self.views == 1:
-            return self.transform(image), self.label_index(item)
-        return torch.stack([self.transform(image) for _ in range(self.views)]), self.label_index(item)
+            return self.transform(loaded), self.label_index(item)
+        return tuple(self.transform(loaded) for _ in range(self.views)), self.label_index(item)
+
+
+class Collate:
+    """``[(sample, label), ...] -> (Batch, labels (B,))``; with views, the batch holds every first view, then every
+    second one (``2B`` rows, view-major), so its two halves are the positive pairs."""
+
+    def __init__(self, inputs: Inputs, views: int = 1) -> None:
+        self.inputs = inputs
+        self.views = views
+
+    def __call__(self, rows: list[tuple[Any, int]]) -> tuple[Batch, torch.Tensor]:
+        if self.views == 1:
+            samples = [sample for sample, _ in rows]
+        else:
+            samples = [views[v] for v in range(self.views) for views, _ in rows]
+        return self.inputs.collate(samples), torch.tensor([label for _, label in rows], dtype=torch.long)

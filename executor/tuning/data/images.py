@@ -8,9 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-
-class DataError(ValueError):
-    """An item of the data cannot be used; the message names the item and the fix."""
+from executor.tuning.errors import DataError
 
 
 def array_to_image(array: np.ndarray, name: str) -> Image.Image:

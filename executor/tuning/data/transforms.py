@@ -7,7 +7,7 @@ from typing import Any, Literal, Sequence
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
+from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_modes_mapping
 
 INTERPOLATION = {'bilinear': InterpolationMode.BILINEAR, 'bicubic': InterpolationMode.BICUBIC,
@@ -50,7 +50,7 @@ class ResizeCenterCrop(torch.nn.Module):
     def __init__(self, resize: int, size: tuple[int, int], interpolation: InterpolationMode) -> None:
         super().__init__()
         self.resize, self.size, self.interpolation = resize, size, interpolation
-        self.fallback = T.Compose([T.Resize(resize, interpolation=interpolation, antialias=True), T.CenterCrop(size)])
+        self.fallback = v2.Compose([v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size)])
 
     def forward(self, image: Any) -> Any:
         if not isinstance(image, Image.Image):
@@ -68,21 +68,21 @@ class ResizeCenterCrop(torch.nn.Module):
 
 
 def _finish(data_config: dict[str, Any]) -> list:
-    return [T.ToImage(), ScaleNormalize(data_config['mean'], data_config['std'])]
+    return [v2.ToImage(), ScaleNormalize(data_config['mean'], data_config['std'])]
 
 
-def eval_transform(data_config: dict[str, Any]) -> T.Compose:
+def eval_transform(data_config: dict[str, Any]) -> v2.Compose:
     """Resize the short side to ``size / crop_pct``, centre-crop to ``size``, scale to [0, 1] and normalise."""
     h, w = _size(data_config)
     interp = INTERPOLATION.get(data_config.get('interpolation', 'bilinear'), InterpolationMode.BILINEAR)
     resize = int(math.floor(min(h, w) / float(data_config.get('crop_pct', 1.0))))
-    return T.Compose([ResizeCenterCrop(resize, (h, w), interp), *_finish(data_config)])
+    return v2.Compose([ResizeCenterCrop(resize, (h, w), interp), *_finish(data_config)])
 
 
 Augmentation = Literal['none', 'light', 'strong']
 
 
-def train_transform(data_config: dict[str, Any], augmentation: Augmentation = 'none') -> T.Compose:
+def train_transform(data_config: dict[str, Any], augmentation: Augmentation = 'none') -> v2.Compose:
     """Training preprocessing: ``'none'`` is the eval transform; ``'light'`` a mild random crop (80-100 % of the
     area, near-square); ``'strong'`` adds a wider crop range and horizontal flips.
 
@@ -95,21 +95,21 @@ def train_transform(data_config: dict[str, Any], augmentation: Augmentation = 'n
     h, w = _size(data_config)
     interp = INTERPOLATION.get(data_config.get('interpolation', 'bilinear'), InterpolationMode.BILINEAR)
     if augmentation == 'light':
-        return T.Compose([T.RandomResizedCrop((h, w), scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=interp,
+        return v2.Compose([v2.RandomResizedCrop((h, w), scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=interp,
                                               antialias=True), *_finish(data_config)])
-    return T.Compose([T.RandomResizedCrop((h, w), scale=(0.5, 1.0), interpolation=interp, antialias=True),
-                      T.RandomHorizontalFlip(), *_finish(data_config)])
+    return v2.Compose([v2.RandomResizedCrop((h, w), scale=(0.5, 1.0), interpolation=interp, antialias=True),
+                      v2.RandomHorizontalFlip(), *_finish(data_config)])
 
 
-def simclr_transform(data_config: dict[str, Any]) -> T.Compose:
+def simclr_transform(data_config: dict[str, Any]) -> v2.Compose:
     """SimCLR's view pipeline (Chen et al., 2020): crop, flip, colour jitter, grayscale, blur."""
     h, w = _size(data_config)
     kernel = max(3, (int(0.1 * min(h, w)) // 2) * 2 + 1)
-    return T.Compose([
-        T.RandomResizedCrop((h, w), scale=(0.08, 1.0), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+    return v2.Compose([
+        v2.RandomResizedCrop((h, w), scale=(0.08, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
         *_finish(data_config),
     ])

@@ -1,66 +1,59 @@
-"""The embedding model: a backbone cut before its classifier, a pooler, an optional projection and classifier head."""
+"""The embedding model: a backbone cut before its classifier, a pooler, an optional projection and classifier head.
+
+It takes a ``Batch`` (``dict[str, Tensor]``, as its ``inputs`` collate one) and knows nothing of the modality.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from executor.tuning.inputs import Batch, Inputs
 from executor.tuning.models.heads import POOLERS
+
+if TYPE_CHECKING:
+    from executor.tuning.models.family import Backbone
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = 'finetuner-executor/model-v1'
-
-
-class FeatureBackbone(nn.Module):
-    """Calls a backbone so that it returns features: pooled ``(B, C)`` or a map ``(B, C, H, W)`` to pool.
-
-    ``mode``: ``'pooled'`` calls a timm model built with ``num_classes=0``; ``'features'`` calls its
-    ``forward_features``; ``'extractor'`` calls an fx feature extractor whose output dict has the key ``'out'``.
-    """
-
-    def __init__(self, module: nn.Module, mode: str) -> None:
-        super().__init__()
-        self.module = module
-        self.mode = mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == 'pooled':
-            return self.module(x)
-        if self.mode == 'features':
-            return self.module.forward_features(x)
-        return self.module(x)['out']
+ARTIFACT_FORMAT = 'finetuner-executor/model-v2'
+ARTIFACT_FORMAT_V1 = 'finetuner-executor/model-v1'  # an image model's preprocessing kept as `data_config`
 
 
 class EmbeddingModel(nn.Module):
-    """``forward(x: (B, 3, H, W)) -> (B, embed_dim)``, with the preprocessing it expects in ``data_config``."""
+    """``forward(batch) -> (B, embed_dim)``; ``inputs`` says how to make the batch (and travels with the model)."""
 
     def __init__(
         self,
-        backbone: FeatureBackbone,
+        backbone: Backbone,
         feature_dim: int,
         pooler: str,
         projection: nn.Module | None,
         config: dict[str, Any],
-        data_config: dict[str, Any],
     ) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.pooler = POOLERS[pooler]() if backbone.mode != 'pooled' else None
+        self.backbone = backbone.module
+        self.inputs: Inputs = backbone.inputs
+        self.pooler = POOLERS[pooler]() if not backbone.pooled else None
         self.projection = projection
         self.classifier: nn.Linear | None = None
         self.class_names: list[str] | None = None
         self.feature_dim = feature_dim
         self.embed_dim = projection.output_dim if projection is not None else feature_dim
         self.config = dict(config)
-        self.data_config = dict(data_config)
         self.frozen_modules: list[str] = []
         self.freeze_batchnorm = False
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, feature_dim)
-        out = self.backbone(x)
+    def _batch(self, batch: Batch | torch.Tensor) -> Batch:
+        """A model with one input also takes that input's tensor alone (``model(images)``)."""
+        if isinstance(batch, torch.Tensor) and len(self.inputs.onnx_inputs) == 1:
+            return {self.inputs.onnx_inputs[0]: batch}
+        return batch
+
+    def features(self, batch: Batch | torch.Tensor) -> torch.Tensor:  # -> (B, feature_dim)
+        out = self.backbone(self._batch(batch))
         if out.ndim == 4:
             if self.pooler is None:
                 raise RuntimeError('backbone returned a feature map but the model has no pooler')
@@ -69,8 +62,8 @@ class EmbeddingModel(nn.Module):
             return out.mean(dim=1)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, embed_dim)
-        out = self.features(x)
+    def forward(self, batch: Batch | torch.Tensor) -> torch.Tensor:  # -> (B, embed_dim)
+        out = self.features(batch)
         return self.projection(out) if self.projection is not None else out
 
     def set_classes(self, class_names: list[str]) -> None:
@@ -81,10 +74,10 @@ class EmbeddingModel(nn.Module):
         self.classifier = nn.Linear(self.embed_dim, len(class_names))
         self.config['class_names'] = self.class_names
 
-    def classify(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes) logits
+    def classify(self, batch: Batch | torch.Tensor) -> torch.Tensor:  # -> (B, num_classes) logits
         if self.classifier is None:
             raise ValueError('this model has no classifier head: train it with loss="CrossEntropyLoss" first')
-        return self.classifier(self(x))
+        return self.classifier(self(batch))
 
     def train(self, mode: bool = True) -> EmbeddingModel:
         """BatchNorm layers of frozen modules (all of them with ``freeze_batchnorm``) stay in eval mode, so their
@@ -104,7 +97,7 @@ class EmbeddingModel(nn.Module):
         return {
             'format': ARTIFACT_FORMAT,
             'config': self.config,
-            'data_config': self.data_config,
+            'inputs': self.inputs.config(),
             'class_names': self.class_names,
             'state_dict': {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }

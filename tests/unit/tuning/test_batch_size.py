@@ -43,10 +43,10 @@ def test_trainer_keeps_the_found_batch(tmp_path, monkeypatch):
     limit = 24
     real = TrainerClass.compute_loss
 
-    def limited(self, images, labels):  # simulated device memory: more than `limit` images do not fit
-        if images.shape[0] > limit:
-            raise torch.cuda.OutOfMemoryError(f'CUDA out of memory (simulated: {images.shape[0]} > {limit})')
-        return real(self, images, labels)
+    def limited(self, batch, labels):  # simulated device memory: more than `limit` images do not fit
+        if len(batch['images']) > limit:
+            raise torch.cuda.OutOfMemoryError(f'CUDA out of memory (simulated: {len(batch["images"])} > {limit})')
+        return real(self, batch, labels)
 
     monkeypatch.setattr(TrainerClass, 'compute_loss', limited)
     trainer = Trainer(TrainConfig(model='resnet18', pretrained=False, image_size=32, train_data=digits_items(8),

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from executor.tuning.data import (BatchSampler, DataError, ImageDataset, adjust_items_per_class, check_under_roots,
+from executor.tuning.inputs import ImageInputs
+from executor.tuning.data import (BatchSampler, DataError, ItemDataset, adjust_items_per_class, check_under_roots,
                                   eval_transform, load_image, load_items, train_transform)
 from executor.tuning.data.samples import write_digits_folder
 
@@ -105,7 +106,7 @@ def test_transforms_give_normalised_tensors():
 def test_dataset_refuses_text_for_image_models():
     items = load_items([{'id': 't', 'text': 'a caption', 'label': 'a'}])
     with pytest.raises(DataError, match='text'):
-        ImageDataset(items, eval_transform(CONFIG))
+        ItemDataset(items, ImageInputs(CONFIG), eval_transform(CONFIG))
 
 
 def test_class_balanced_batches():
@@ -147,17 +148,17 @@ def test_eval_transform_matches_torchvision_resize_crop_normalize(interpolation)
     + ToDtype + Normalize to within Pillow's rounding, on real photos of both orientations and on a tiny image."""
     import math
 
-    from torchvision.transforms import v2 as T
+    from torchvision.transforms import v2
 
     from executor.tuning.data.transforms import INTERPOLATION
-    from executor.tuning.export import sample_photos
+    from executor.tuning.inputs import sample_photos
 
     config = {'input_size': (3, 224, 224), 'interpolation': interpolation, 'mean': (0.485, 0.456, 0.406),
               'std': (0.229, 0.224, 0.225), 'crop_pct': 0.875}
     mode = INTERPOLATION[interpolation]
-    reference = T.Compose([T.Resize(int(math.floor(224 / 0.875)), interpolation=mode, antialias=True),
-                           T.CenterCrop(224), T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                           T.Normalize(list(config['mean']), list(config['std']))])
+    reference = v2.Compose([v2.Resize(int(math.floor(224 / 0.875)), interpolation=mode, antialias=True),
+                           v2.CenterCrop(224), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(list(config['mean']), list(config['std']))])
     fused = eval_transform(config)
     grey_level = 1 / (255 * 0.224)  # one grey level in normalised units (mid std)
     for photo in sample_photos():

@@ -33,12 +33,11 @@ def worker(rank: int, world: int, port: int, output_dir: str, results: dict) -> 
     config = TrainConfig(train_data=digits_items(per_class=8, size=32), output_dir=output_dir, **OPTIONS)
     trainer = Trainer(config)
     # gathered mining: a rank's miner sees the other rank's embeddings (indices beyond its own 10)
-    trainer.miner = DistributedMinerWrapper(TripletMarginMiner(margin=1.0))
+    miner = DistributedMinerWrapper(TripletMarginMiner(margin=1.0))
     trainer.model.eval()  # the probe must not move BatchNorm statistics
     with torch.no_grad():
         images, labels = next(iter(trainer.loader))
-        anchors, positives, negatives = trainer.miner(trainer.net(trainer._to_device(images)), labels)
-    trainer.miner = None
+        anchors, positives, negatives = miner(trainer.net(trainer.to_device(images)), labels)
     result = trainer.fit()
     results[rank] = {'state': {k: v.clone() for k, v in result.model.state_dict().items()},
                      'max_mined': int(torch.cat([anchors, positives, negatives]).max()), 'local': len(labels)}

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from executor.tuning.export import ExportError, calibration_photos, export_onnx, sample_photos
-from executor.tuning.inference import Preprocessor
+from executor.tuning.export import ExportError, export_onnx
+from executor.tuning.inputs import calibration_photos, sample_photos
 from executor.tuning.models import build_model
 
 CLASSES = ['cat', 'coffee', 'person']
@@ -20,7 +20,7 @@ CLASSES = ['cat', 'coffee', 'person']
 def small_model(pooler: str = 'gem'):
     """A small timm conv net with a projection and a classifier head, at 64 px."""
     model = build_model('test_efficientnet', pretrained=False, pooler=pooler, output_dim=16, class_names=CLASSES)
-    model.data_config['input_size'] = (3, 64, 64)
+    model.inputs = model.inputs.with_options(image_size=64)
     return model
 
 
@@ -39,7 +39,7 @@ def default_model():
 
 @pytest.fixture(scope='module')
 def photos(default_model):
-    return Preprocessor(default_model.data_config).batch(sample_photos())  # (6, 3, 224, 224)
+    return default_model.inputs.batch(sample_photos())['images']  # (6, 3, 224, 224)
 
 
 def run(path, x: torch.Tensor) -> list[np.ndarray]:
@@ -83,10 +83,10 @@ def test_export_restores_the_training_mode(exported):
 def test_preprocessing_travels_beside_and_inside(exported):
     model, report, _ = exported
     beside = json.loads(report.path.with_name('preprocessing.json').read_text())
-    assert beside['data_config']['input_size'] == [3, 64, 64]
+    assert beside['inputs']['input_size'] == [3, 64, 64]
     assert beside['embed_dim'] == 16 and beside['class_names'] == CLASSES
     assert beside['model_config']['name'] == 'test_efficientnet' and beside['model_config']['pooler'] == 'gem'
-    assert beside['outputs'] == ['embeddings', 'logits']
+    assert beside['onnx'] == {'inputs': ['images'], 'outputs': ['embeddings', 'logits']}
     meta = {p.key: p.value for p in onnx.load(str(report.path)).metadata_props}
     assert json.loads(meta['finetuner_executor.preprocessing']) == beside
 
@@ -156,7 +156,7 @@ def test_bad_arguments_are_refused(tmp_path, exported):
         export_onnx(model, tmp_path / 'm.onnx', fp16=True, quantize=True)
     with pytest.raises(ValueError, match='must end in .onnx'):
         export_onnx(model, tmp_path / 'm.pt')
-    with pytest.raises(ValueError, match='at least 2 images'):
+    with pytest.raises(ValueError, match='at least 2 items'):
         export_onnx(model, tmp_path / 'm.onnx', sample=[np.zeros((64, 64, 3), np.uint8)])
 
 

@@ -17,16 +17,14 @@ from skimage import data
 
 import executor
 from executor.tuning.data.images import DataError
+from executor.tuning.devices import resolve_device, usable_cores
 from executor.tuning.export import export_onnx
 from executor.tuning.inference import (
     OnnxEncoder,
-    Preprocessor,
     TorchEncoder,
     cached_onnx_encoder,
     create_encoder,
     onnx_providers,
-    resolve_device,
-    usable_cores,
     weights_digest,
 )
 from executor.tuning.models import build_model, save_model
@@ -76,7 +74,7 @@ def test_encode_gives_float32_embeddings(encoder, images):
     assert out.shape == (len(images), 1280) and out.dtype == np.float32
     assert np.isfinite(out).all() and (np.linalg.norm(out, axis=1) > 1).all()
     assert encoder.embed_dim == 1280 and encoder.device == 'cpu'
-    assert encoder.data_config['input_size'] == (3, 224, 224)
+    assert encoder.inputs.data_config['input_size'] == (3, 224, 224)
     assert encoder.runtime in repr(encoder)
 
 
@@ -93,7 +91,7 @@ def test_different_photos_give_different_embeddings(encoder, images):
 
 
 def test_preprocessed_batch_gives_the_same_embeddings(encoder, images):
-    batch = Preprocessor(encoder.data_config).batch(images)
+    batch = encoder.inputs.batch(images)['images']
     np.testing.assert_allclose(encoder.encode(batch, batch_size=4), encoder.encode(images), atol=1e-5)
 
 
@@ -112,11 +110,11 @@ def test_decode_error_names_the_item(encoder, images):
 
 
 def test_wrong_inputs_are_refused_with_the_fix(encoder, images):
-    with pytest.raises(TypeError, match='wrap a single image in a list'):
+    with pytest.raises(TypeError, match='wrap a single item in a list'):
         encoder.encode(images[0])
     with pytest.raises(ValueError, match=r'shape \(N, 3, 224, 224\)'):
         encoder.encode(torch.zeros(2, 3, 64, 64))
-    with pytest.raises(ValueError, match='one name per image'):
+    with pytest.raises(ValueError, match='one name per item'):
         encoder.encode(images[:2], names=['only one'])
 
 
@@ -129,14 +127,14 @@ def test_torch_encoder_leaves_the_callers_model_alone(model):
     model.train()
     encoder = TorchEncoder(model, 'cpu')
     assert model.training and not encoder.model.training
-    assert encoder.memory_format == torch.channels_last
+    assert encoder.channels_last
     assert next(model.parameters()).is_contiguous()
     model.eval()
 
 
 def test_artifact_encodes_and_classifies_alike_on_both_runtimes(tmp_path, images):
     model = build_model('test_efficientnet', pretrained=False, output_dim=16, class_names=['cat', 'coffee', 'person'])
-    model.data_config['input_size'] = (3, 64, 64)
+    model.inputs = model.inputs.with_options(image_size=64)
     artifact = save_model(model, tmp_path / 'model.pt')
     torch_enc = create_encoder(artifact)
     onnx_enc = create_encoder(artifact, 'onnx', 'cpu', export_dir=tmp_path / 'exported', intra_op_threads=1)
@@ -184,7 +182,7 @@ def test_onnx_file_alone_carries_its_preprocessing(tmp_path, onnx_path):
     lone = tmp_path / 'lone.onnx'
     lone.write_bytes(onnx_path.read_bytes())  # copied without preprocessing.json: read from the metadata
     encoder = OnnxEncoder(lone, device='cpu')
-    assert encoder.data_config['mean'] == [0.5, 0.5, 0.5] and encoder.embed_dim == 1280
+    assert encoder.inputs.data_config['mean'] == [0.5, 0.5, 0.5] and encoder.embed_dim == 1280
 
 
 def test_cuda_on_a_machine_without_gpu_warns_and_falls_back(onnx_path, caplog):

@@ -20,7 +20,7 @@ def batch():
 def test_loss_forward_backward_without_nan(name):
     embeddings, labels = batch()
     spec = build_loss(name, num_classes=CLASSES, embedding_size=EMBED)
-    if spec.task == 'classification':
+    if name == 'CrossEntropyLoss':
         loss = spec.module(torch.nn.Linear(EMBED, CLASSES)(embeddings), labels)
     else:
         loss = spec.module(embeddings, labels)
@@ -39,8 +39,8 @@ def test_miner_feeds_the_triplet_loss(name):
 
 
 def test_self_supervised_ntxent_on_two_views():
-    spec = build_loss('NTXentLoss', labelled=False)
-    assert spec.task == 'self_supervised'
+    spec = build_loss('NTXentLoss', self_supervised=True)
+    assert type(spec.module).__name__ == 'SelfSupervisedLoss'
     first, second = torch.randn(8, EMBED, requires_grad=True), torch.randn(8, EMBED)
     loss = spec.module(first, second)
     loss.backward()
@@ -59,8 +59,6 @@ def test_names_and_options_are_checked():
         build_miner('HardMiner')
     with pytest.raises(ValueError, match=r"TripletMarginLoss has no option \['margn'\]"):
         build_loss('TripletMarginLoss', {'margn': 0.1})
-    with pytest.raises(ValueError, match='needs labels'):
-        build_loss('TripletMarginLoss', labelled=False)
     with pytest.raises(ValueError, match='without a miner'):
         build_miner(None, {'margin': 0.1})
     assert build_miner(None) is None

@@ -24,7 +24,7 @@ def default_model():
 def imagenet_logits(model, image: np.ndarray) -> torch.Tensor:
     """The mapped backbone's embedding times the wheel's own ImageNet classifier."""
     state = read_state_dict(efficientnet_lite0_file())
-    x = eval_transform(model.data_config)(__import__('PIL.Image').Image.fromarray(image)).unsqueeze(0)
+    x = eval_transform(model.inputs.data_config)(__import__('PIL.Image').Image.fromarray(image)).unsqueeze(0)
     with torch.no_grad():
         return model(x) @ state['_fc.weight'].T + state['_fc.bias']
 
@@ -34,8 +34,8 @@ def test_offline_default_is_the_real_imagenet_model(default_model):
     coffee = imagenet_logits(default_model, skdata.coffee())[0]
     assert CAT_CLASSES & set(cat.topk(3).indices.tolist())
     assert coffee.argmax().item() == ESPRESSO
-    assert default_model.data_config['mean'] == (0.5, 0.5, 0.5)
-    assert default_model.data_config['input_size'] == (3, 224, 224)
+    assert default_model.inputs.data_config['mean'] == (0.5, 0.5, 0.5)
+    assert default_model.inputs.data_config['input_size'] == (3, 224, 224)
     assert default_model.embed_dim == 1280
 
 
@@ -106,14 +106,14 @@ def test_freeze_errors_name_the_fix():
 
 def test_save_and_load_round_trip_with_preprocessing(tmp_path):
     model = build_model('resnet18', pretrained=False, output_dim=16, class_names=['a', 'b', 'c'])
-    model.data_config['input_size'] = (3, 64, 64)
+    model.inputs = model.inputs.with_options(image_size=64)
     path = save_model(model, tmp_path / 'model.pt')
     loaded = load_model(path).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
         assert loaded.classify(x).shape == (2, 3)
-    assert loaded.data_config['input_size'] == (3, 64, 64)
+    assert loaded.inputs.data_config['input_size'] == (3, 64, 64)
     assert loaded.class_names == ['a', 'b', 'c']
     torch.load(path, weights_only=True)  # the artifact needs no pickled code
 

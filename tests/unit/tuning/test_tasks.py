@@ -1,6 +1,7 @@
 """Classification (linear probe, full fine-tune) and SimCLR self-supervised training on real digits."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from executor.tuning import fit, load_model
@@ -45,3 +46,26 @@ def test_simclr_on_unlabelled_images_then_supervised_from_its_weights(tmp_path):
     second = fit(train_data=labelled, model=str(ssl.artifact), epochs=1, batch_size=20,
                  output_dir=tmp_path / 'stage2', **{k: v for k, v in COMMON.items() if k != 'model'})
     assert second.model.config['name'] == 'efficientnet_lite0' and second.artifact.is_file()
+
+
+def test_one_function_decides_the_task_and_each_task_fills_its_defaults():
+    from executor.tuning.config import TrainConfig
+    from executor.tuning.data import DataError
+    from executor.tuning.data.samples import digits_items
+    from executor.tuning.tasks import Classification, LinearProbe, MetricLearning, SelfSupervised, decide_task
+
+    def task(labelled: bool = True, **options):
+        return decide_task(TrainConfig(**options), labelled)
+
+    assert type(task(loss='CrossEntropyLoss')) is Classification
+    probe = task(loss='CrossEntropyLoss', freeze=True)
+    assert type(probe) is LinearProbe and probe.config.learning_rate == 1e-2 and probe.config.epochs == 20
+    assert type(task(False, loss='NTXentLoss')) is SelfSupervised
+    assert type(task(True, loss='NTXentLoss')) is MetricLearning  # labelled: supervised NT-Xent
+    metric = task(False, loss='TripletMarginLoss', learning_rate=3e-5)
+    assert type(metric) is MetricLearning and metric.config.learning_rate == 3e-5 and metric.config.batch_size == 64
+    assert task(device='cpu', num_devices=3).config.batch_size == 66  # the default global batch divides evenly
+    unlabelled = [it.__class__(id=it.id, tensor=it.tensor) for it in digits_items(per_class=2, size=16)]
+    with pytest.raises(DataError, match='have no label.*NTXentLoss'):
+        metric.check_data(unlabelled)
+    assert metric.monitor == 'ndcg@10' and probe.monitor == 'accuracy'

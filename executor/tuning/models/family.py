@@ -1,0 +1,68 @@
+"""What a backbone family declares: the names it builds, how it builds one, its inputs and its output size.
+
+A family is one file in ``models/families/`` that defines a ``BackboneFamily`` subclass and registers an instance
+with ``@register_family``; ``build_model(name)`` finds the family that owns the name. See docs/code-map.md.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from executor.tuning.inputs import Inputs
+
+Pooler = Literal['avg', 'gem']
+
+
+@dataclass
+class Backbone:
+    """A built backbone: ``module(batch) -> (B, C)`` pooled, ``(B, C, H, W)`` to pool, or ``(B, T, C)`` tokens.
+
+    ``module.module`` is the network whose layers ``freeze`` and ``embedding_layer`` name; ``pooled`` says that the
+    module pools by itself (the embedding model then adds no pooler).
+    """
+
+    module: nn.Module
+    inputs: Inputs
+    pooled: bool
+
+
+class BackboneFamily(ABC):
+    """One family of backbones (timm's models, torchvision's, a Hugging Face transformer...)."""
+
+    #: a short name for messages and the code map
+    family: ClassVar[str]
+    #: where the family's names come in ``list_models()`` (lower first)
+    order: ClassVar[int] = 100
+    #: how the unknown-model error describes this family's names
+    hint: ClassVar[str] = ''
+    #: the ``Inputs.kind`` its models take, known before one is built (the service checks data with it)
+    inputs_kind: ClassVar[str] = 'image'
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Every name this family builds, in the order ``list_models()`` shows them."""
+
+    def owns(self, name: str) -> bool:
+        if not hasattr(self, '_owned'):
+            self._owned = frozenset(self.names())
+        return name in self._owned
+
+    @abstractmethod
+    def build(self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None,
+              pooler: Pooler) -> Backbone:
+        """The backbone ``name``, with ``weights`` (a local file) or its pretrained weights (local only: raise
+        ``WeightsNotFoundError`` saying how to provide them), or random ones with ``pretrained=False``."""
+
+    @torch.no_grad()
+    def feature_dim(self, backbone: Backbone) -> int:
+        """The width of the backbone's features, measured on its inputs' probe batch."""
+        module = backbone.module
+        was_training = module.training
+        module.eval()
+        out = module(backbone.inputs.probe_batch())
+        module.train(was_training)
+        return int(out.shape[1] if out.ndim in (2, 4) else out.shape[-1])

@@ -1,0 +1,46 @@
+"""Artifact lookup for serving: a run id, an artifact folder, a zip of one, and the model a folder serves."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from executor.service.artifacts import open_artifact
+from executor.service.store import RunStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return RunStore(tmp_path / 'runs')
+
+
+def test_open_artifact_folder_zip_run_and_selection(store: RunStore, tmp_path: Path):
+    folder = tmp_path / 'artifact'
+    folder.mkdir()
+    (folder / 'model.pt').write_bytes(b'pt')
+    (folder / 'model.onnx').write_bytes(b'onnx')
+    (folder / 'model-int8.onnx').write_bytes(b'int8')
+    unpack = tmp_path / 'unpacked'
+    assert open_artifact(folder, store, unpack, 'onnx') == folder / 'model.onnx'
+    assert open_artifact(folder, store, unpack, 'torch') == folder / 'model.pt'
+    assert open_artifact(folder, store, unpack, 'onnx', 'model-int8.onnx') == folder / 'model-int8.onnx'
+    with pytest.raises(FileNotFoundError, match=r"select_model='model-fp16.onnx' is not in .* it holds \['model-int8"):
+        open_artifact(folder, store, unpack, 'onnx', 'model-fp16.onnx')
+
+    archive = tmp_path / 'artifact.zip'
+    with zipfile.ZipFile(archive, 'w') as zf:
+        for name in ('model.pt', 'model.onnx'):
+            zf.write(folder / name, f'artifact/{name}')
+    served = open_artifact(archive, store, unpack, 'onnx')
+    assert served.name == 'model.onnx' and served.read_bytes() == b'onnx' and unpack in served.parents
+    assert open_artifact(archive, store, unpack, 'onnx') == served  # unpacked once
+
+    store.create({}, run_id='run1')
+    with pytest.raises(ValueError, match='CREATED'):
+        open_artifact('run1', store, unpack, 'torch')
+    store.update('run1', status='FINISHED')
+    (store.root / 'run1' / 'model.pt').write_bytes(b'pt')
+    assert open_artifact('run1', store, unpack, 'onnx') == store.root / 'run1' / 'model.pt'
+    with pytest.raises(FileNotFoundError, match='neither a run id of this workspace nor an existing path'):
+        open_artifact('no-such-run', store, unpack, 'onnx')

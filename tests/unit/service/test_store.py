@@ -1,0 +1,119 @@
+"""The run store: folders, status, requests, logs, documents sent with /train, recovery after a restart."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from executor.service.store import RunNotFoundError, RunStore, finite_metrics, pid_alive
+from executor.tuning.data.images import load_image
+from executor.tuning.data.sources import Item
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return RunStore(tmp_path / 'runs')
+
+
+def test_create_get_update_list(store: RunStore):
+    first = store.create({'model': 'resnet18', 'epochs': 2}, run_id='first')
+    second = store.create({'epochs': 1})
+    assert first.status == 'CREATED' and first.created_at and first.started_at is None
+    assert second.run_id.startswith('run-')
+    assert store.request('first') == {'model': 'resnet18', 'epochs': 2}
+
+    updated = store.update('first', status='STARTED', epoch=1, epochs=2, metrics={'train_loss': 0.5})
+    assert store.get('first') == updated
+    assert json.loads((store.root / 'first' / 'status.json').read_text())['epoch'] == 1
+    assert [s.run_id for s in store.list()] == ['first', second.run_id]
+    assert set(updated.info()) == {'run_id', 'status', 'created_at', 'started_at', 'finished_at', 'epoch', 'epochs',
+                                   'step', 'total_steps', 'metrics', 'error', 'artifact'}
+    assert not [p for p in (store.root / 'first').iterdir() if p.name.endswith('.tmp')]
+
+
+def test_names_are_checked_and_unique(store: RunStore):
+    store.create({}, run_id='taken')
+    with pytest.raises(ValueError, match="a run named 'taken' exists already"):
+        store.create({}, run_id='taken')
+    for bad in ('../escape', '', '.hidden', 'a/b', 'x' * 200):
+        with pytest.raises(ValueError, match='is not valid'):
+            store.create({}, run_id=bad)
+    with pytest.raises(RunNotFoundError, match=r"unknown run_id 'nope'; known runs \(latest\): 'taken'"):
+        store.get('nope')
+    with pytest.raises(AttributeError, match='no field'):
+        store.update('taken', stauts='FAILED')
+
+
+def test_a_folder_without_status_is_not_a_run(store: RunStore):
+    (store.root / 'half-written').mkdir()
+    (store.root / 'half-written' / 'request.json').write_text('{}')
+    assert store.ids() == [] and store.list() == []
+
+
+def test_recover_fails_interrupted_runs_and_requeues_created(store: RunStore):
+    store.create({}, run_id='a-finished')
+    store.update('a-finished', status='FINISHED')
+    store.create({}, run_id='b-dead')
+    store.update('b-dead', status='STARTED', pid=2**22 + 12345)  # beyond pid_max: no such process
+    store.create({}, run_id='c-alive')
+    store.update('c-alive', status='STARTED', pid=os.getpid())
+    store.create({}, run_id='d-queued')
+
+    assert store.recover(pid_alive) == ['d-queued']
+    dead = store.get('b-dead')
+    assert dead.status == 'FAILED' and dead.finished_at and dead.pid is None
+    assert dead.error.startswith('interrupted') and "resume='b-dead'" in dead.error
+    assert store.get('a-finished').status == 'FINISHED'
+    assert store.get('c-alive').status == 'STARTED'
+
+
+def test_read_log_pages_through_lines(store: RunStore):
+    store.create({}, run_id='r')
+    assert store.read_log('r') == ([], 0)
+    (store.root / 'r' / 'train.log').write_text(''.join(f'line {i}\n' for i in range(5)))
+    assert store.read_log('r') == ([f'line {i}' for i in range(5)], 5)
+    assert store.read_log('r', since=3) == (['line 3', 'line 4'], 5)
+    assert store.read_log('r', since=1, limit=2) == (['line 1', 'line 2'], 3)
+    assert store.read_log('r', since=9) == ([], 9)
+
+
+def test_documents_round_trip_as_files(store: RunStore, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    tensor = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+    png = tmp_path / 'blob.png'
+    Image.fromarray(tensor[::-1].copy()).save(png)
+    uri = tmp_path / 'on-disk.png'
+    Image.fromarray(tensor[:, ::-1].copy()).save(uri)
+    items = [Item('t', tensor=tensor, label='a'), Item('b', blob=png.read_bytes(), label='b'),
+             Item('u', uri=str(uri), label=None)]
+    store.create({}, run_id='docs', docs=items)
+
+    back = store.train_docs('docs')
+    assert [(it.id, it.label) for it in back] == [('t', 'a'), ('b', 'b'), ('u', None)]
+    for original, restored in zip(items, back):
+        assert np.array_equal(np.asarray(load_image(restored.content)), np.asarray(load_image(original.content)))
+    store.create({}, run_id='paths')
+    assert store.train_docs('paths') is None
+
+
+def test_model_file_of_unfinished_runs_says_why(store: RunStore):
+    store.create({}, run_id='r')
+    with pytest.raises(ValueError, match="run 'r' is CREATED, it has no model to serve yet; wait until"):
+        store.model_file('r', 'torch')
+    store.update('r', status='FAILED')
+    with pytest.raises(ValueError, match="resume it with /train resume='r'"):
+        store.model_file('r', 'torch')
+    store.update('r', status='FINISHED')
+    assert store.model_file('r', 'onnx').name == 'model.pt'  # no export yet
+    (store.root / 'r' / 'model.onnx').write_bytes(b'onnx')
+    assert store.model_file('r', 'onnx').name == 'model.onnx'
+    assert store.model_file('r', 'torch').name == 'model.pt'
+
+
+def test_finite_metrics_drops_what_json_cannot_carry():
+    assert finite_metrics({'a': 1, 'b': float('nan'), 'c': float('inf'), 'd': 0.5, 'e': 'x', 'f': True}) == \
+        {'a': 1.0, 'd': 0.5}
