@@ -25,14 +25,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from executor.service.store import RESUMABLE, RunState, RunStore, now, pid_alive
 from executor.tuning.artifact import CHECKPOINT
 from executor.tuning.config import TrainConfig
-
-if TYPE_CHECKING:
-    from executor.tuning.data import Item
 
 logger = logging.getLogger(__name__)
 
