@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 export JINA_OPTOUT_TELEMETRY := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test test-slow test-all demo bench lock clean
+.PHONY: help install lint format test test-slow test-all demo bench lock clean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
 
 # The .pth file puts this repository on the venv's path, so `jina flow --uses flows/search.yml` and `jina executor
 # --uses config.yml` find the `executor` package from any folder without PYTHONPATH.
-install: $(STAMP)
+install: $(STAMP)  ## create or reuse .venv with the pinned requirements
 	@$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'finetuner-executor.pth').write_text('$(CURDIR)\n')"
 
 # The stamp depends on the requirements and the lock: an unchanged .venv is reused as it is.
@@ -25,28 +28,37 @@ $(STAMP): requirements.txt requirements.lock
 	@echo ".venv is ready"
 
 # Re-resolve requirements.txt and record every version (run after editing requirements.txt).
-lock:
+lock:  ## re-resolve requirements.txt into requirements.lock
 	$(PIP) install -q -r requirements.txt
 	$(PIP) freeze --exclude-editable | grep -v '^-e ' > requirements.lock
 
-test: install
+# ruff's settings are in pyproject.toml; CI (.ci/run) runs this before the tests.
+lint: install  ## ruff check and ruff format --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install  ## apply ruff's fixes and formatter
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: install  ## the test suite without the slow and GPU tests (what CI runs)
 	$(PY) -m pytest -m "not slow and not gpu"
 
-test-slow: install
+test-slow: install  ## the slow tests
 	$(PY) -m pytest -m "slow and not gpu"
 
-test-all: install
+test-all: install  ## every test (GPU tests need a GPU)
 	$(PY) -m pytest
 
-demo: install
+demo: install  ## the search flow on real digits: fine-tune, export, index, search
 	$(PY) -m executor.demo
 
-bench: install
+bench: install  ## the benchmarks under bench/, each printing side-by-side ratios
 	$(PY) bench/train_overhead.py
 	$(PY) bench/encode.py --quick
 	$(PY) bench/knn.py
 	$(PY) bench/ddp.py
 	$(PY) bench/batching.py --rounds 1 --seconds 10
 
-clean:
+clean:  ## remove .venv
 	rm -rf $(VENV) .pytest_cache

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('JINA_OPTOUT_TELEMETRY', '1')
 os.environ.setdefault('JINA_MP_START_METHOD', 'spawn')
 
-import numpy as np  # noqa: E402
-from docarray import DocList  # noqa: E402
-from jina import Deployment, dynamic_batching, requests  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from docarray import DocList
+from jina import Deployment, dynamic_batching, requests
+from PIL import Image
 
-from executor.docs import FinetunerDoc  # noqa: E402
-from executor.executor import FinetunerExecutor, _drop_content  # noqa: E402
+from executor.docs import FinetunerDoc
+from executor.executor import FinetunerExecutor, _drop_content
 
 CONFIG = Path(__file__).resolve().parents[1] / 'config.yml'
 CLIENTS = 16
@@ -52,15 +52,15 @@ class JinaBatchedExecutor(FinetunerExecutor):
     @requests(on='/encode')
     @dynamic_batching(preferred_batch_size=CLIENTS, timeout=5)
     async def encode(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
-        from executor import params as P
+        from executor.params import EncodeParams, parse
 
-        params = P.parse(P.EncodeParams, parameters, '/encode', self.names)
+        params = parse(EncodeParams, parameters, '/encode', self.names)
         batch_size = params.batch_size or self.settings.batch_size
 
         def run() -> np.ndarray:
             encoder = self._encoder(params)
-            images, names = self._images(self._items(docs))
-            return encoder.encode(images, batch_size, names)
+            contents, names = encoder.items(self._items(docs))
+            return encoder.encode(contents, batch_size, names)
 
         for doc, embedding in zip(docs, await asyncio.to_thread(run)):
             doc.embedding = embedding

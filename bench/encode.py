@@ -20,9 +20,9 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,20 +30,19 @@ os.environ.setdefault('JINA_OPTOUT_TELEMETRY', '1')
 # spawn, not fork: the Deployment starts after torch and onnxruntime have started their threads in this process,
 # and a forked executor would hang in their thread pools. jina sets the start method when it is imported, so first.
 os.environ.setdefault('JINA_MP_START_METHOD', 'spawn')
-from jina import Client, Deployment, Flow  # noqa: E402
+import numpy as np
+import torch
+from docarray import DocList
+from jina import Client, Deployment, Flow
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from docarray import DocList  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from executor.docs import FinetunerDoc  # noqa: E402
-from executor.tuning.devices import usable_cores  # noqa: E402
-from executor.tuning.export import export_onnx  # noqa: E402
-from executor.tuning.inference import OnnxEncoder, TorchEncoder  # noqa: E402
-from executor.tuning.inputs import sample_photos  # noqa: E402
-from executor.tuning.models import EmbeddingModel, build_model  # noqa: E402
+from executor.docs import FinetunerDoc
+from executor.tuning.devices import usable_cores
+from executor.tuning.export import export_onnx
+from executor.tuning.inference import OnnxEncoder, TorchEncoder
+from executor.tuning.inputs import sample_photos
+from executor.tuning.models import EmbeddingModel, build_model
 
 # A timed run: a call, and the work one call does (images, or FLOPs for the GEMM).
 Run = tuple[Callable[[], object], float]
@@ -117,11 +116,11 @@ def compare_runtimes(label: str, model: EmbeddingModel, settings: Settings, int8
         x = photo_batch(model, batch)
         runs: dict[str, Run] = {
             'torch eager': (eager(model, x), batch),
-            'channels_last': (lambda: channels_last.encode(x, batch_size=batch), batch),
-            'onnx': (lambda: onnx['fp32'].encode(x, batch_size=batch), batch),
+            'channels_last': (lambda x=x, batch=batch: channels_last.encode(x, batch_size=batch), batch),
+            'onnx': (lambda x=x, batch=batch: onnx['fp32'].encode(x, batch_size=batch), batch),
         }
         if int8:
-            runs['onnx int8'] = (lambda: onnx['int8'].encode(x, batch_size=batch), batch)
+            runs['onnx int8'] = (lambda x=x, batch=batch: onnx['int8'].encode(x, batch_size=batch), batch)
         rates = throughputs(runs, settings)
         ratios = [rates['onnx'] / rates['torch eager'], rates['onnx'] / rates['channels_last']]
         print(f'{batch:>5}' + ''.join(f'{r:>15.1f}' for r in rates.values()) + ''.join(f'{r:>14.2f}x' for r in ratios))
@@ -238,7 +237,7 @@ def concurrent_clients(artifact: Path, photo: bytes, settings: Settings) -> None
     encoder = OnnxEncoder(artifact / 'model.onnx', device='cpu')
     x = encoder.inputs.batch([Image.open(io.BytesIO(photo))] * CLIENTS)['images']
     ceiling = throughputs({'onnx': (lambda: encoder.encode(x, batch_size=CLIENTS), CLIENTS)}, settings)['onnx']
-    del encoder
+    encoder = None  # its session's threads would compete with the service's
     print(f'\n/encode of one {Image.open(io.BytesIO(photo)).size} JPEG per request through a Deployment (onnx), '
           f'{settings.serve_seconds:.0f} s per client set')
     print(f'{"protocol":>8}{"client":>28}{"1 client":>10}{f"{CLIENTS} clients":>12}{"ratio":>8}'

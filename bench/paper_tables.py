@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('FINETUNER_PROGRESS', '0')
 
-from executor.tuning import fit  # noqa: E402
-from executor.tuning.data import Item  # noqa: E402
-from executor.tuning.data.samples import digits_items  # noqa: E402
+from executor.tuning import fit
+from executor.tuning.data import Item
+from executor.tuning.data.samples import digits_items
 
 HITS = ['hit@1', 'hit@5', 'hit@10']
 FINETUNER_HIT10 = (0.183, 0.301)  # the TLL tutorial's ResNet50 on full TLL, pre-trained and fine-tuned
@@ -117,7 +117,7 @@ def main() -> None:
     print(f'hit@10 x{ratio:.4f}: {before["hit@10"] * len(queries):.0f} -> {after["hit@10"] * len(queries):.0f} of '
           f'{len(queries)} queries (Finetuner, ResNet50 on full TLL: {pre} -> {tuned}, x{theirs:.4f}; '
           f'{"beaten" if ratio > theirs else "not beaten"})')
-    print(f'\n(b) self-supervised tutorial, its "placeholder" column filled (10 % = 120 pairs)')
+    print('\n(b) self-supervised tutorial, its "placeholder" column filled (10 % = 120 pairs)')
     print(head)
     print(row('pre-trained', before))
     print(row('supervised on 10 % only', few.metrics_after, t_few))

@@ -17,10 +17,10 @@ from pathlib import Path
 os.environ.setdefault('FINETUNER_PROGRESS', '0')
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from executor.tuning import fit  # noqa: E402
-from executor.tuning.data.samples import digits_items  # noqa: E402
+from executor.tuning import fit
+from executor.tuning.data.samples import digits_items
 
 RUNS = {
     'metric': dict(model='efficientnet_lite0', image_size=64, loss='TripletMarginLoss', batch_size=20,

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('FINETUNER_PROGRESS', '0')
 
-from executor.tuning import TrainConfig, Trainer  # noqa: E402
-from executor.tuning.data.samples import digits_items  # noqa: E402
+from executor.tuning import TrainConfig, Trainer
+from executor.tuning.data.samples import digits_items
 
 
 def bare_epoch(model, batches, loss_fn, optimizer, channels_last: bool) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('FINETUNER_PROGRESS', '0')
 
-from bench.paper_tables import COMMON, HARD_MINER, HITS, TRIPLET, tll_items  # noqa: E402
-from executor.tuning import fit  # noqa: E402
-from executor.tuning.data import Item  # noqa: E402
+from bench.paper_tables import COMMON, HARD_MINER, HITS, TRIPLET, tll_items
+from executor.tuning import fit
+from executor.tuning.data import Item
 
 RECIPE = dict(COMMON, **TRIPLET, **HARD_MINER, image_size=224, epochs=8, augmentation='strong')  # table (a)'s
 
@@ -52,7 +52,7 @@ def main() -> None:
         for logs in result.history:
             cells = ' '.join(f'{k} {logs[k]:.3f}' for k in HITS if k in logs)
             print(f'  epoch {int(logs["epoch"]):>2} loss {logs.get("train_loss", float("nan")):.4f} {cells}')
-        last, best = result.history[-1].get('hit@10', 0), max(l.get('hit@10', 0) for l in result.history)
+        last, best = result.history[-1].get('hit@10', 0), max(row.get('hit@10', 0) for row in result.history)
         print(f'  hit@10 x{last / before["hit@10"]:.2f} (last epoch), x{best / before["hit@10"]:.2f} (best epoch)',
               flush=True)
 

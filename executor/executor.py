@@ -16,9 +16,11 @@ import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
+from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
+from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, blob_of, ensure_ids, label_of, uri_of
 from executor.params import (
-    ClassifyParams,
     DATA_FIELDS,
+    ClassifyParams,
     DocModelParams,
     EncodeParams,
     EndpointParams,
@@ -36,21 +38,18 @@ from executor.params import (
     parse,
     resolve_path,
 )
-from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
-from executor.docs import (EvaluationResult, FinetunerDoc, RunInfo, RunLogs, blob_of, ensure_ids, label_of,
-                           uri_of)
 from executor.service.artifacts import open_artifact
 from executor.service.batcher import RequestBatcher
 from executor.service.encoder_cache import EncoderCache
 from executor.service.jobs import JobQueue
 from executor.service.store import RunState, RunStore
-from executor.tuning.config import TrainConfig
 from executor.tuning.artifact import EXPORT_FILES
+from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
 from executor.tuning.data.sources import from_records
 from executor.tuning.evaluation import Evaluator
 from executor.tuning.models import build_model, list_models, load_model, unknown_model
-from executor.tuning.trainer import check_training_data
+from executor.tuning.tasks import check_training_data
 
 if TYPE_CHECKING:
     from executor.tuning.inference import Encoder

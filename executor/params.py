@@ -21,8 +21,9 @@ import difflib
 import logging
 import os
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Type, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -69,7 +70,7 @@ class EndpointParams(BaseModel):
         return data
 
 
-def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: Type[BaseModel]) -> dict[str, Any]:
+def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: type[BaseModel]) -> dict[str, Any]:
     """The parameters addressed to the executor called ``names`` (its name in the Flow, its class name), by jina's
     per-executor rule: ``{"<executor>": {...}}`` and ``<executor>__<key>`` (jina's gateway parses the last ``__`` part
     as the key) are another executor's unless ``<executor>`` is one of ``names``, and then they win over top-level
@@ -118,7 +119,7 @@ def _takes_mapping(annotation: Any) -> bool:
     return origin is dict or any(_takes_mapping(arg) for arg in typing.get_args(annotation))
 
 
-def parse(model: Type[P], parameters: dict[str, Any] | None, endpoint: str, executor: Sequence[str] = ()) -> P:
+def parse(model: type[P], parameters: dict[str, Any] | None, endpoint: str, executor: Sequence[str] = ()) -> P:
     """Validate an endpoint's parameters; every problem is listed, named by its parameter. With ``executor`` (the
     executor's names), the parameters addressed to other executors of a Flow are left to them (``own_parameters``)."""
     parameters = parameters or {}
@@ -350,7 +351,7 @@ class ServiceConfig(BaseModel):
 
 # Every endpoint's parameters, by path: what the endpoints validate with, and what the OpenAPI page shows
 # (executor.rest).
-ENDPOINT_PARAMS: dict[str, Type[EndpointParams]] = {
+ENDPOINT_PARAMS: dict[str, type[EndpointParams]] = {
     '/train': TrainParams, '/runs': EndpointParams, '/runs/status': RunParams, '/runs/logs': LogsParams,
     '/runs/cancel': RunParams, '/export': ExportParams, '/encode': EncodeParams, '/index': IndexParams,
     '/search': SearchParams, '/classify': ClassifyParams, '/evaluate': EvaluateParams, '/delete': DeleteParams,

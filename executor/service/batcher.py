@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class RequestBatcher:
                 rows += inputs.rows(group[-1][0])
             parts, fn = [item[0] for item in group], group[0][1]
             try:  # concatenated in the worker thread too: a copy of many MB would stall the event loop
-                out = await asyncio.to_thread(lambda: fn(inputs.concat(parts)))
+                out = await asyncio.to_thread(_run_concatenated, fn, inputs, parts)
             except Exception as err:  # the batch's error is each of its requests' error
                 for _, _, future, _ in group:
                     if not future.done():
@@ -74,3 +74,8 @@ class RequestBatcher:
                     future.set_result(out[start:start + inputs.rows(part)])
                 start += inputs.rows(part)
         self._pending.pop(key, None)
+
+
+def _run_concatenated(fn: Callable[[Batch], np.ndarray], inputs: Inputs, parts: list[Batch]) -> np.ndarray:
+    """``fn`` on the requests' rows as one batch."""
+    return fn(inputs.concat(parts))

@@ -27,10 +27,11 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class RunNotFoundError(LookupError):
 
 def now() -> str:
     """The current time in UTC, ISO 8601."""
-    return datetime.now(timezone.utc).isoformat(timespec='milliseconds')
+    return datetime.now(UTC).isoformat(timespec='milliseconds')
 
 
 def finite_metrics(values: dict[str, Any]) -> dict[str, float]:

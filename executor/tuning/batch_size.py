@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

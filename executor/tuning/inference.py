@@ -13,16 +13,20 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
+
 # torch is imported before onnxruntime on purpose: it loads the CUDA/cuDNN libraries of its wheel, which
 # onnxruntime-gpu then finds without a system-wide CUDA install.
 import torch
-import onnxruntime as ort
 from torch import nn
+
+# isort: split
+import onnxruntime as ort
 
 from executor.tuning import artifact
 from executor.tuning.data.sources import Item

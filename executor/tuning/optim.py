@@ -1,7 +1,8 @@
 """Optimizers by Finetuner's names, with new heads learning faster than the fine-tuned backbone."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

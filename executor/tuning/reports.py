@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from executor.tuning.evaluation import metric_mode
+from executor.tuning.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -314,16 +314,7 @@ def _save_figure(fig: Figure, path: Path) -> Path:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    """Write atomically (temporary file, then rename) so a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Written atomically, so a reader never sees half a report."""
+    atomic_write_bytes(path, data)
     logger.info('wrote %s', path)
     return path

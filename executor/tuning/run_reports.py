@@ -6,8 +6,9 @@ also rank the sprite's matches, so the evaluation data is embedded once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

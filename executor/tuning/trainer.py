@@ -22,20 +22,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from executor.tuning import artifact
-from executor.tuning.callbacks import (BestModel, Callback, EarlyStopping, EvaluationCallback, ProgressBar,
-                                       TensorBoardLogger)
+from executor.tuning.callbacks import (
+    BestModel,
+    Callback,
+    EarlyStopping,
+    EvaluationCallback,
+    ProgressBar,
+    TensorBoardLogger,
+)
 from executor.tuning.config import TrainConfig
-from executor.tuning.data import BatchSampler, Collate, DataError, Item, ItemDataset, load_items
+from executor.tuning.data import BatchSampler, Collate, ItemDataset, load_items
 from executor.tuning.distributed import agree_on_minimum, check_local_world, init_distributed, training_device
 from executor.tuning.evaluation import ModelEmbedder
 from executor.tuning.evaluation.evaluator import to_device
 from executor.tuning.files import atomic_torch_save, atomic_write_json, atomic_write_text
-from executor.tuning.inputs import Batch, inputs_class
+from executor.tuning.inputs import Batch
 from executor.tuning.models import EmbeddingModel, build_model, save_model
-from executor.tuning.models.registry import inputs_kind
 from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.schedulers import build_scheduler
-from executor.tuning.tasks import Task, decide_task
+from executor.tuning.tasks import training_items
 
 logger = logging.getLogger(__name__)
 
@@ -60,40 +65,6 @@ def describe_data(data: Any) -> Any:
     if data is None or isinstance(data, (str, os.PathLike)):
         return None if data is None else str(data)
     return f'<{len(data)} documents>'
-
-
-def check_training_data(config: TrainConfig, decode: bool = False) -> tuple[list[Item], Task]:
-    """The training items and the run's task, after every check of the data that needs no model: enough items,
-    labels as the task needs them, content the model takes (each item decoded once with ``decode``), evaluation data
-    readable and labelled.
-
-    The service calls it before it creates a run, so that bad data is an error of the request, not a FAILED run.
-    """
-    items, task = training_items(config)
-    task.check_data(items)
-    inputs = inputs_class(inputs_kind(config.model))
-    inputs.check_items(items, 'training items')
-    if decode:
-        for item in items:
-            inputs.check_content(item)
-    if config.has_evaluation:
-        query = load_items(config.query_data if config.query_data is not None else config.eval_data, config.data_roots)
-        index = load_items(config.index_data, config.data_roots) if config.index_data is not None else None
-        task.evaluator(query, index, config.limit)
-    return items, task
-
-
-def training_items(config: TrainConfig) -> tuple[list[Item], Task]:
-    """The training items and the run's task (decided by the loss and whether the items have labels)."""
-    if config.train_data is None:
-        raise DataError('no training data: send labelled documents with the request, or set train_data to a CSV '
-                        'file or an image folder under the data roots')
-    items = load_items(config.train_data, config.data_roots)
-    if len(items) < 2:
-        raise DataError(f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
-                        'metric learning at least 2 per class')
-    task = decide_task(config, labelled=any(it.label is not None for it in items))
-    return items, task
 
 
 class Trainer:

@@ -3,25 +3,25 @@ from __future__ import annotations
 
 import pytest
 
-from executor import params as P
+from executor.params import ParameterError, SearchParams, TrainParams, executor_names, own_parameters, parse
 
 ENCODER = ('encoder', 'FinetunerExecutor')
 
 
 def test_keys_addressed_to_an_executor_are_its_own_and_win_over_top_level_keys():
     sent = {'batch_size': 4, 'encoder': {'batch_size': 8}, 'encoder__runtime': 'torch', 'limit': 5}
-    assert P.own_parameters(sent, ENCODER, P.SearchParams) == {'batch_size': 8, 'runtime': 'torch', 'limit': 5}
+    assert own_parameters(sent, ENCODER, SearchParams) == {'batch_size': 8, 'runtime': 'torch', 'limit': 5}
     # by class name too, as jina's worker merges `metas.name`
-    assert P.own_parameters({'FinetunerExecutor': {'limit': 2}}, ENCODER, P.SearchParams) == {'limit': 2}
+    assert own_parameters({'FinetunerExecutor': {'limit': 2}}, ENCODER, SearchParams) == {'limit': 2}
 
 
 def test_keys_addressed_to_other_executors_are_left_to_them(caplog: pytest.LogCaptureFixture):
     sent = {'indexer': {'limit': 3}, 'reranker': {'top_k': 2, 'mode': 'fast'}, 'limit': 3}
-    assert P.own_parameters(sent, ENCODER, P.SearchParams) == {'limit': 3}
+    assert own_parameters(sent, ENCODER, SearchParams) == {'limit': 3}
     with caplog.at_level('DEBUG', logger='executor.params'):  # jina's own `__results__` is no other executor's
-        assert P.parse(P.SearchParams, {'__results__': {}, 'limit': 2}, '/search', ENCODER).limit == 2
+        assert parse(SearchParams, {'__results__': {}, 'limit': 2}, '/search', ENCODER).limit == 2
     assert '__results__' not in caplog.text
-    params = P.parse(P.SearchParams, sent, '/search', ENCODER)
+    params = parse(SearchParams, sent, '/search', ENCODER)
     assert params.limit == 3 and params.batch_size is None
 
 
@@ -29,21 +29,21 @@ def test_a_key_prefixed_with_another_name_reaches_no_executor_but_this_one_and_i
     # jina's gateway strips every `<name>__<key>` but the addressed executor's own; with no gateway in between (an
     # HTTP Deployment) such a key is a typo such as `batch__size`, not another executor's
     for key in ('reranker__top_k', 'batch__size'):
-        with pytest.raises(P.ParameterError, match=rf"invalid parameters for /search: parameter '{key}' is addressed "
+        with pytest.raises(ParameterError, match=rf"invalid parameters for /search: parameter '{key}' is addressed "
                                                    rf"to an executor named '{key.split('__')[0]}', but this one is "
                                                    r"called 'encoder' or 'FinetunerExecutor'"):
-            P.parse(P.SearchParams, {key: 2}, '/search', ENCODER)
+            parse(SearchParams, {key: 2}, '/search', ENCODER)
 
 
 def test_a_misspelt_key_is_still_an_error():
-    with pytest.raises(P.ParameterError, match=r"unknown parameter 'limt' \(did you mean 'limit'\?\)"):
-        P.parse(P.SearchParams, {'indexer': {'limit': 3}, 'limt': 3}, '/search', ENCODER)
+    with pytest.raises(ParameterError, match=r"unknown parameter 'limt' \(did you mean 'limit'\?\)"):
+        parse(SearchParams, {'indexer': {'limit': 3}, 'limt': 3}, '/search', ENCODER)
     # an object under a name close to an object-valued field is a typo, not another executor
-    with pytest.raises(P.ParameterError, match=r"unknown parameter 'optimizer_option' \(did you mean 'optimizer_opt"):
-        P.parse(P.TrainParams, {'train_data': 'd', 'optimizer_option': {'lr': 0.1}}, '/train', ENCODER)
+    with pytest.raises(ParameterError, match=r"unknown parameter 'optimizer_option' \(did you mean 'optimizer_opt"):
+        parse(TrainParams, {'train_data': 'd', 'optimizer_option': {'lr': 0.1}}, '/train', ENCODER)
     # a typo inside the executor's own object is its error too
-    with pytest.raises(P.ParameterError, match=r"unknown parameter 'batchsize'"):
-        P.parse(P.SearchParams, {'encoder': {'batchsize': 8}}, '/search', ENCODER)
+    with pytest.raises(ParameterError, match=r"unknown parameter 'batchsize'"):
+        parse(SearchParams, {'encoder': {'batchsize': 8}}, '/search', ENCODER)
 
 
 def test_executor_names_come_from_the_flow_and_the_class():
@@ -56,4 +56,4 @@ def test_executor_names_come_from_the_flow_and_the_class():
     class Fake:
         runtime_args, metas = Runtime(), Metas()
 
-    assert P.executor_names(Fake()) == ('encoder', 'FinetunerExecutor', 'Fake')
+    assert executor_names(Fake()) == ('encoder', 'FinetunerExecutor', 'Fake')

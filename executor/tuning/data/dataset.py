@@ -1,7 +1,8 @@
 """A map-style dataset over items, fed through the model's ``Inputs``, and the collate function of its batches."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset

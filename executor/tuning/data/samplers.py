@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 from torch.utils.data import Sampler

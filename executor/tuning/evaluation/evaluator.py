@@ -8,8 +8,9 @@ onnxruntime), each of which embeds items, and classifies them when the model has
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch

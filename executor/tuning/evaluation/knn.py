@@ -1,8 +1,6 @@
 """Exact k-nearest-neighbour search over embeddings, chunked so that memory stays bounded, ties broken by index."""
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np

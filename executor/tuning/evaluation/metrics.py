@@ -109,42 +109,8 @@ def ranking_metrics(
     :param num_candidates: number of items each query was ranked against; default: K (all were returned).
     :return: the nine metrics at k = `limit`, then the aliases of `ALIASES`, as floats.
     """
-    rel = _to_numpy(relevance).astype(bool)
-    n_rel = _to_numpy(num_relevant).astype(np.int64)
-    if rel.ndim != 2 or n_rel.shape != (rel.shape[0],):
-        raise ValueError(
-            f'relevance must be (queries, results) and num_relevant (queries,), got {rel.shape} and {n_rel.shape}'
-        )
-    _check_limit(limit)
-    n_queries, depth = rel.shape
-    candidates = depth if num_candidates is None else num_candidates
-    needed = min(max(limit, _ALIAS_DEPTH), candidates)
-    if not needed <= depth <= candidates:
-        raise ValueError(
-            f'relevance has {depth} results per query; with limit={limit} and {candidates} candidates it needs '
-            f'{needed} (min(max(limit, {_ALIAS_DEPTH}), candidates)) and at most {candidates}'
-        )
-    retrieved = rel.sum(axis=1)
-    if (retrieved > n_rel).any():
-        row = int(np.argmax(retrieved > n_rel))
-        raise ValueError(
-            f'query {row} has {retrieved[row]} relevant results but num_relevant says {n_rel[row]}: '
-            'num_relevant must count every relevant candidate in the index'
-        )
-
-    keep = n_rel > 0
-    if not keep.any():
-        raise ValueError(
-            f'none of the {n_queries} queries has a relevant item (an index item with the same label): '
-            'evaluate with index data that shares labels with the queries'
-        )
-    if not keep.all():
-        logger.warning(
-            '%d of %d queries have no relevant item in the index and are left out of the metrics',
-            n_queries - int(keep.sum()), n_queries,
-        )
-    rel, n_rel = rel[keep], n_rel[keep]
-
+    rel, n_rel = _queries_with_relevant_items(relevance, num_relevant, limit, num_candidates)
+    depth = rel.shape[1]
     ranks = np.arange(1, depth + 1)  # (K,)
     hits = np.cumsum(rel, axis=1)  # (Q, K): relevant among the top i
     discount = 1.0 / np.log2(ranks + 1)  # (K,)
@@ -180,6 +146,46 @@ def ranking_metrics(
     for alias, (name, cutoff) in ALIASES.items():
         out[alias] = float(by_cutoff[cutoff][name].mean())
     return out
+
+
+def _queries_with_relevant_items(relevance: ArrayLike, num_relevant: ArrayLike, limit: int,
+                                 num_candidates: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``ranking_metrics``'s arguments checked, without the queries that have no relevant item (with a warning)."""
+    rel = _to_numpy(relevance).astype(bool)
+    n_rel = _to_numpy(num_relevant).astype(np.int64)
+    if rel.ndim != 2 or n_rel.shape != (rel.shape[0],):
+        raise ValueError(
+            f'relevance must be (queries, results) and num_relevant (queries,), got {rel.shape} and {n_rel.shape}'
+        )
+    _check_limit(limit)
+    n_queries, depth = rel.shape
+    candidates = depth if num_candidates is None else num_candidates
+    needed = min(max(limit, _ALIAS_DEPTH), candidates)
+    if not needed <= depth <= candidates:
+        raise ValueError(
+            f'relevance has {depth} results per query; with limit={limit} and {candidates} candidates it needs '
+            f'{needed} (min(max(limit, {_ALIAS_DEPTH}), candidates)) and at most {candidates}'
+        )
+    retrieved = rel.sum(axis=1)
+    if (retrieved > n_rel).any():
+        row = int(np.argmax(retrieved > n_rel))
+        raise ValueError(
+            f'query {row} has {retrieved[row]} relevant results but num_relevant says {n_rel[row]}: '
+            'num_relevant must count every relevant candidate in the index'
+        )
+
+    keep = n_rel > 0
+    if not keep.any():
+        raise ValueError(
+            f'none of the {n_queries} queries has a relevant item (an index item with the same label): '
+            'evaluate with index data that shares labels with the queries'
+        )
+    if not keep.all():
+        logger.warning(
+            '%d of %d queries have no relevant item in the index and are left out of the metrics',
+            n_queries - int(keep.sum()), n_queries,
+        )
+    return rel[keep], n_rel[keep]
 
 
 def retrieval_metrics(

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -69,14 +70,14 @@ class Inputs(ABC):
         """A ``DataError`` naming the first item whose content this model cannot take."""
         refused = [it.name for it in items if not cls.accepts(it)]
         if refused:
-            raise DataError(f'{refused[0]} ({len(refused)} of the {what}) {cls.refusal}')
+            raise DataError(f'{refused[0]} {cls.refusal.format(count=len(refused), what=what)}')
 
     @classmethod
-    def check_content(cls, item: Any) -> None:
+    def check_content(cls, item: Any) -> None:  # noqa: B027 (optional: a kind that decodes nothing keeps it)
         """Decode ``item`` once, so that a corrupt one is refused before a run starts (a ``DataError`` naming it)."""
 
-    #: why an item is refused and how to fix it, after the item's name
-    refusal: ClassVar[str] = 'has no content this model takes'
+    #: why an item is refused and how to fix it, after the item's name (``{count}`` such among the ``{what}``)
+    refusal: ClassVar[str] = 'has no content this model takes ({count} such among the {what})'
 
     @abstractmethod
     def load(self, content: Any, name: str) -> Any:

@@ -29,7 +29,7 @@ class ImageInputs(Inputs):
     kind = 'image'
     name: ClassVar[str] = 'images'
     onnx_inputs = ('images',)
-    refusal = 'is text only, but this model embeds images; send each as uri, blob or tensor'
+    refusal = 'is text only ({count} such), but this model embeds images; send each as uri, blob or tensor'
 
     def __init__(self, data_config: dict[str, Any] | None = None) -> None:
         config = dict(IMAGENET_CONFIG if data_config is None else data_config)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import TYPE_CHECKING, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
     from executor.tuning.models.embedding import EmbeddingModel

@@ -9,9 +9,10 @@ import difflib
 import importlib
 import os
 import pkgutil
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence, TypeVar, Union
+from typing import TypeVar, Union
 
 import torch
 

@@ -6,7 +6,8 @@ The trainer asks its ``Task`` for each of these and holds no ``if task == ...`` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn

@@ -2,7 +2,7 @@
 backbone and trains the head alone."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -1,7 +1,8 @@
 """Metric learning on labels: class-balanced batches, any PML loss and miner, gathered over DDP ranks."""
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction

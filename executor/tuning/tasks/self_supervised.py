@@ -2,7 +2,7 @@
 NT-Xent (or another PML loss) between the views."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

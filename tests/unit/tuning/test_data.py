@@ -11,10 +11,19 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from executor.tuning.inputs import ImageInputs
-from executor.tuning.data import (BatchSampler, DataError, ItemDataset, adjust_items_per_class, check_under_roots,
-                                  eval_transform, load_image, load_items, train_transform)
+from executor.tuning.data import (
+    BatchSampler,
+    DataError,
+    ItemDataset,
+    adjust_items_per_class,
+    check_under_roots,
+    eval_transform,
+    load_image,
+    load_items,
+    train_transform,
+)
 from executor.tuning.data.samples import write_digits_folder
+from executor.tuning.inputs import ImageInputs
 
 CONFIG = {'input_size': (3, 32, 32), 'mean': (0.5,) * 3, 'std': (0.5,) * 3, 'interpolation': 'bilinear',
           'crop_pct': 1.0}

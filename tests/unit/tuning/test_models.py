@@ -7,8 +7,15 @@ import torch
 from skimage import data as skdata
 
 from executor.tuning.data import eval_transform
-from executor.tuning.models import (GeM, WeightsNotFoundError, backbone_stages, build_model, list_models, load_model,
-                                    save_model)
+from executor.tuning.models import (
+    GeM,
+    WeightsNotFoundError,
+    backbone_stages,
+    build_model,
+    list_models,
+    load_model,
+    save_model,
+)
 from executor.tuning.models.weights import efficientnet_lite0_file, read_state_dict
 
 # ImageNet class indices: 281 tabby, 282 tiger cat, 283 Persian, 284 Siamese, 285 Egyptian cat; 967 espresso.

@@ -6,15 +6,15 @@ import dataclasses
 import json
 
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
-from executor.tuning.evaluation import Evaluator
-from executor.tuning.inference import TorchEncoder
 from executor.tuning import TrainConfig, Trainer, fit, load_model
 from executor.tuning.callbacks import Callback
 from executor.tuning.data import DataError
 from executor.tuning.data.samples import digits_items
+from executor.tuning.evaluation import Evaluator
+from executor.tuning.inference import TorchEncoder
 
 SMALL = dict(model='resnet18', pretrained=False, image_size=32, batch_size=20, num_items_per_class=4,
              tensorboard=False, learning_rate=1e-3, seed=7)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,8 +14,9 @@ class FeatureBackbone(nn.Module):
     """Calls a vision network on a batch's ``images`` so that it returns features: pooled ``(B, C)`` or a map
     ``(B, C, H, W)`` to pool.
 
-    ``mode``: ``'pooled'`` calls a timm model built with ``num_classes=0``; ``'features'`` calls its
-    ``forward_features``; ``'extractor'`` calls an fx feature extractor whose output dict has the key ``'out'``.
+    ``mode``: ``'call'`` calls the network (a timm model built with ``num_classes=0`` pools by itself);
+    ``'features'`` calls its ``forward_features``; ``'extractor'`` calls an fx feature extractor whose output dict has
+    the key ``'out'``.
     """
 
     def __init__(self, module: nn.Module, mode: str) -> None:
@@ -25,7 +26,7 @@ class FeatureBackbone(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x = batch[ImageInputs.name]  # (B, 3, H, W)
-        if self.mode == 'pooled':
+        if self.mode == 'call':
             return self.module(x)
         if self.mode == 'features':
             return self.module.forward_features(x)

@@ -40,7 +40,7 @@ class TimmFamily(BackboneFamily):
         data_config = timm.data.resolve_model_data_config(net)
         inputs = ImageInputs({k: data_config[k] for k in IMAGENET_CONFIG})
         if embedding_layer is None:
-            return Backbone(FeatureBackbone(net, 'pooled' if pooler == 'avg' else 'features'), inputs,
+            return Backbone(FeatureBackbone(net, 'call' if pooler == 'avg' else 'features'), inputs,
                             pooled=pooler == 'avg')
         from timm.models import create_feature_extractor
 
