@@ -16,6 +16,7 @@ parameters, concatenates the requests' documents and calls the endpoint once per
 Run from the repository root: ``.venv/bin/python bench/batching.py`` (about 10 minutes on 2 shared cores;
 ``--rounds 1 --seconds 10`` for a quicker look).
 """
+
 # No `from __future__ import annotations`: jina reads JinaBatchedExecutor's endpoint annotations as live objects.
 import argparse
 import asyncio
@@ -88,12 +89,20 @@ def make_runs(runs_dir: Path, artifact: Path) -> None:
         store.create({'model': 'efficientnet_lite0'}, run_id=run_id)
         for item in artifact.iterdir():
             shutil.copy(item, runs_dir / run_id / item.name)
-        store.update(run_id, status='FINISHED', started_at=now(), finished_at=now(), epoch=1, epochs=1,
-                     artifact=str(runs_dir / run_id / 'model.pt'))
+        store.update(
+            run_id,
+            status='FINISHED',
+            started_at=now(),
+            finished_at=now(),
+            epoch=1,
+            epochs=1,
+            artifact=str(runs_dir / run_id / 'model.pt'),
+        )
 
 
-async def clients(port: int, photo: bytes, broken: bytes, scenario: str, count: int,
-                  seconds: float) -> tuple[float, int, int]:
+async def clients(
+    port: int, photo: bytes, broken: bytes, scenario: str, count: int, seconds: float
+) -> tuple[float, int, int]:
     """(good images per second, good requests that failed, corrupt requests that did not fail)."""
     import grpc
     from jina.proto import jina_pb2_grpc
@@ -133,15 +142,25 @@ async def clients(port: int, photo: bytes, broken: bytes, scenario: str, count: 
     return sum(r[0] for r in results) / elapsed, sum(r[1] for r in results), sum(r[2] for r in results)
 
 
-def measure(uses: str, py_modules: Optional[list[str]], artifact: Path, photo: bytes, broken: bytes,
-            seconds: float) -> dict[str, tuple[float, int, int]]:
+def measure(
+    uses: str, py_modules: Optional[list[str]], artifact: Path, photo: bytes, broken: bytes, seconds: float
+) -> dict[str, tuple[float, int, int]]:
     name = 'FinetunerExecutor' if py_modules is None else 'JinaBatchedExecutor'
     port = free_port()
     with tempfile.TemporaryDirectory(prefix='batching-bench-') as workspace:
         make_runs(Path(workspace) / name / '0' / 'runs', artifact)
         extra = {} if py_modules is None else {'py_modules': py_modules}
-        with Deployment(uses=uses, protocol='grpc', host='127.0.0.1', port=port, workspace=workspace,
-                        uses_with={'device': 'cpu'}, include_gateway=False, quiet=True, **extra):
+        with Deployment(
+            uses=uses,
+            protocol='grpc',
+            host='127.0.0.1',
+            port=port,
+            workspace=workspace,
+            uses_with={'device': 'cpu'},
+            include_gateway=False,
+            quiet=True,
+            **extra,
+        ):
             asyncio.run(clients(port, photo, broken, 'two run_ids interleaved', 2, 3.0))  # loads both models
             out = {'1 client': asyncio.run(clients(port, photo, broken, 'one model', 1, seconds))}
             for scenario in ('one model', 'two run_ids interleaved', 'one corrupt image'):
@@ -160,8 +179,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     photo = jpeg(sample_photos()[0])
     broken = photo[: len(photo) // 3]  # a truncated JPEG: decoding it fails
-    variants = {'RequestBatcher (ours)': (str(CONFIG), None),
-                "jina's @dynamic_batching": ('JinaBatchedExecutor', [str(Path(__file__).resolve())])}
+    variants = {
+        'RequestBatcher (ours)': (str(CONFIG), None),
+        "jina's @dynamic_batching": ('JinaBatchedExecutor', [str(Path(__file__).resolve())]),
+    }
     best: dict[str, dict[str, tuple[float, int, int]]] = {}
     with tempfile.TemporaryDirectory(prefix='batching-artifact-') as tmp:
         model = build_model()
@@ -172,25 +193,38 @@ def main(argv: Optional[list[str]] = None) -> None:
                 got = measure(uses, py_modules, Path(tmp), photo, broken, args.seconds)
                 kept = best.setdefault(label, got)
                 for scenario, (rate, wrong, missed) in got.items():  # best rate, but every failure of any round
-                    kept[scenario] = (max(rate, kept[scenario][0]), max(wrong, kept[scenario][1]),
-                                      max(missed, kept[scenario][2]))
-    print(f'\n/encode, one JPEG per request, {CLIENTS} concurrent gRPC clients (one channel each), '
-          f'{args.seconds:.0f} s per scenario, best rate of {args.rounds} rounds (failures: the most in a round); img/s '
-          '(x = vs 1 sequential client)')
+                    kept[scenario] = (
+                        max(rate, kept[scenario][0]),
+                        max(wrong, kept[scenario][1]),
+                        max(missed, kept[scenario][2]),
+                    )
+    print(
+        f'\n/encode, one JPEG per request, {CLIENTS} concurrent gRPC clients (one channel each), '
+        f'{args.seconds:.0f} s per scenario, best rate of {args.rounds} rounds (failures: the most in a round); img/s '
+        '(x = vs 1 sequential client)'
+    )
     print(f'{"scenario":>26}' + ''.join(f'{label:>28}' for label in best))
     for scenario in ('1 client', 'one model', 'two run_ids interleaved', 'one corrupt image'):
         cells = []
         for results in best.values():
             rate, wrong, _ = results[scenario]
             ratio = rate / results['1 client'][0]
-            cells.append(f'{rate:8.1f} ({ratio:4.2f}x)' + (f', {wrong} good failed' if scenario.startswith('one c')
-                                                             else ''))
+            cells.append(
+                f'{rate:8.1f} ({ratio:4.2f}x)' + (f', {wrong} good failed' if scenario.startswith('one c') else '')
+            )
         print(f'{scenario:>26}' + ''.join(f'{cell:>28}' for cell in cells))
     ours, theirs = best.values()
-    print('ours / jina: ' + ', '.join(f'{scenario} {ours[scenario][0] / theirs[scenario][0]:.2f}'
-                                      for scenario in ('one model', 'two run_ids interleaved', 'one corrupt image')))
-    print('corrupt requests answered without an error: ' + ', '.join(f'{label} {results["one corrupt image"][2]}'
-                                                                     for label, results in best.items()))
+    print(
+        'ours / jina: '
+        + ', '.join(
+            f'{scenario} {ours[scenario][0] / theirs[scenario][0]:.2f}'
+            for scenario in ('one model', 'two run_ids interleaved', 'one corrupt image')
+        )
+    )
+    print(
+        'corrupt requests answered without an error: '
+        + ', '.join(f'{label} {results["one corrupt image"][2]}' for label, results in best.items())
+    )
 
 
 if __name__ == '__main__':

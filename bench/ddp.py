@@ -5,6 +5,7 @@ the point is that the distributed path runs and what it costs, not a speed-up (t
 
     .venv/bin/python bench/ddp.py [--size 64] [--batch 32] [--epochs 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,16 @@ from executor.tuning.data.samples import digits_items
 
 
 def config(args, output_dir: str) -> TrainConfig:
-    return TrainConfig(model='efficientnet_lite0', train_data=digits_items(per_class=args.per_class, size=32),
-                       image_size=args.size, batch_size=args.batch, epochs=args.epochs, freeze=3,
-                       tensorboard=False, output_dir=output_dir)
+    return TrainConfig(
+        model='efficientnet_lite0',
+        train_data=digits_items(per_class=args.per_class, size=32),
+        image_size=args.size,
+        batch_size=args.batch,
+        epochs=args.epochs,
+        freeze=3,
+        tensorboard=False,
+        output_dir=output_dir,
+    )
 
 
 def timed_fit(args, output_dir: str) -> tuple[float, int]:
@@ -39,8 +47,9 @@ def timed_fit(args, output_dir: str) -> tuple[float, int]:
 
 
 def worker(rank: int, world: int, port: int, args, output_dir: str, results: dict) -> None:
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
+    )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     results[rank] = timed_fit(args, output_dir)
     torch.distributed.destroy_process_group()

@@ -7,6 +7,7 @@ Run from the repository root: ``.venv/bin/python bench/encode.py --quick`` (5-8 
 ``--quick`` for steadier figures; ``--int8`` adds the int8 ONNX export of the default model; ``--no-serving`` skips
 the service measurements.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,8 +110,10 @@ def compare_runtimes(label: str, model: EmbeddingModel, settings: Settings, int8
         onnx = {variant: OnnxEncoder(report.path, device='cpu') for variant, report in exported.items()}
     channels_last = TorchEncoder(model, device='cpu')
     columns = ['torch eager', 'channels_last', 'onnx', *(['onnx int8'] if int8 else []), 'onnx/eager', 'onnx/ch_last']
-    print(f'\n{label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, '
-          f'input {tuple(model.inputs.data_config["input_size"])}, export {exported["fp32"].seconds:.1f} s')
+    print(
+        f'\n{label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, '
+        f'input {tuple(model.inputs.data_config["input_size"])}, export {exported["fp32"].seconds:.1f} s'
+    )
     print(f'{"batch":>5}' + ''.join(f'{c:>15}' for c in columns) + '   (img/s)')
     for batch in settings.batches:
         x = photo_batch(model, batch)
@@ -126,9 +129,11 @@ def compare_runtimes(label: str, model: EmbeddingModel, settings: Settings, int8
         print(f'{batch:>5}' + ''.join(f'{r:>15.1f}' for r in rates.values()) + ''.join(f'{r:>14.2f}x' for r in ratios))
     if int8:
         report = exported['int8']
-        print(f'int8 parity vs torch: min cosine {report.min_cosine:.4f}, max |diff| {report.max_abs_diff:.3g}, '
-              f'{report.float_nodes} leading convs in float, {report.size_bytes / 1e6:.1f} MB '
-              f'(fp32 {exported["fp32"].size_bytes / 1e6:.1f} MB)')
+        print(
+            f'int8 parity vs torch: min cosine {report.min_cosine:.4f}, max |diff| {report.max_abs_diff:.3g}, '
+            f'{report.float_nodes} leading convs in float, {report.size_bytes / 1e6:.1f} MB '
+            f'(fp32 {exported["fp32"].size_bytes / 1e6:.1f} MB)'
+        )
     return onnx['fp32']
 
 
@@ -147,14 +152,19 @@ def ort_efficiency(label: str, model: EmbeddingModel, encoder: OnnxEncoder, batc
     a, b = torch.randn(n, n), torch.randn(n, n)
     x = photo_batch(model, batch)
     flops = flops_per_image(model)
-    rates = throughputs({
-        'gemm': (lambda: torch.matmul(a, b), 2 * n**3),
-        'onnx': (lambda: encoder.encode(x, batch_size=batch), flops * batch),
-    }, settings)
+    rates = throughputs(
+        {
+            'gemm': (lambda: torch.matmul(a, b), 2 * n**3),
+            'onnx': (lambda: encoder.encode(x, batch_size=batch), flops * batch),
+        },
+        settings,
+    )
     peak, achieved = rates['gemm'] / 1e9, rates['onnx'] / 1e9
-    print(f'\n{label} in onnxruntime, batch {batch}: {flops / 1e9:.2f} GFLOP/image x {achieved * 1e9 / flops:.1f} '
-          f'img/s = {achieved:.1f} GFLOP/s; fp32 GEMM peak (torch.matmul {n}x{n}) {peak:.1f} GFLOP/s -> '
-          f'{100 * achieved / peak:.1f}% of peak')
+    print(
+        f'\n{label} in onnxruntime, batch {batch}: {flops / 1e9:.2f} GFLOP/image x {achieved * 1e9 / flops:.1f} '
+        f'img/s = {achieved:.1f} GFLOP/s; fp32 GEMM peak (torch.matmul {n}x{n}) {peak:.1f} GFLOP/s -> '
+        f'{100 * achieved / peak:.1f}% of peak'
+    )
 
 
 def jpeg(image: np.ndarray) -> bytes:
@@ -238,22 +248,40 @@ def concurrent_clients(artifact: Path, photo: bytes, settings: Settings) -> None
     x = encoder.inputs.batch([Image.open(io.BytesIO(photo))] * CLIENTS)['images']
     ceiling = throughputs({'onnx': (lambda: encoder.encode(x, batch_size=CLIENTS), CLIENTS)}, settings)['onnx']
     encoder = None  # its session's threads would compete with the service's
-    print(f'\n/encode of one {Image.open(io.BytesIO(photo)).size} JPEG per request through a Deployment (onnx), '
-          f'{settings.serve_seconds:.0f} s per client set')
-    print(f'{"protocol":>8}{"client":>28}{"1 client":>10}{f"{CLIENTS} clients":>12}{"ratio":>8}'
-          '   (img/s; target >= 2x, goal 3x)')
-    for protocol, kinds in (('grpc', {'jina': 'jina Client (channel/post)', 'grpc': 'one channel per client'}),
-                            ('http', {'http': 'aiohttp, one session'})):
+    print(
+        f'\n/encode of one {Image.open(io.BytesIO(photo)).size} JPEG per request through a Deployment (onnx), '
+        f'{settings.serve_seconds:.0f} s per client set'
+    )
+    print(
+        f'{"protocol":>8}{"client":>28}{"1 client":>10}{f"{CLIENTS} clients":>12}{"ratio":>8}'
+        '   (img/s; target >= 2x, goal 3x)'
+    )
+    for protocol, kinds in (
+        ('grpc', {'jina': 'jina Client (channel/post)', 'grpc': 'one channel per client'}),
+        ('http', {'http': 'aiohttp, one session'}),
+    ):
         port = free_port()
-        with tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace, \
-                Deployment(uses=str(CONFIG), protocol=protocol, host='127.0.0.1', port=port, workspace=workspace,
-                           uses_with={'artifact': str(artifact), 'device': 'cpu'}, include_gateway=False, quiet=True):
+        with (
+            tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace,
+            Deployment(
+                uses=str(CONFIG),
+                protocol=protocol,
+                host='127.0.0.1',
+                port=port,
+                workspace=workspace,
+                uses_with={'artifact': str(artifact), 'device': 'cpu'},
+                include_gateway=False,
+                quiet=True,
+            ),
+        ):
             asyncio.run(encode_requests(next(iter(kinds)), port, photo, 1, 2.0))  # the first calls load the model
             for kind, label in kinds.items():
                 sequential = asyncio.run(encode_requests(kind, port, photo, 1, settings.serve_seconds))
                 many = asyncio.run(encode_requests(kind, port, photo, CLIENTS, settings.serve_seconds))
-                print(f'{protocol:>8}{label:>28}{sequential:>10.1f}{many:>12.1f}{many / sequential:>7.2f}x'
-                      f'   (ceiling {ceiling:.1f} img/s allows {ceiling / sequential:.2f}x)')
+                print(
+                    f'{protocol:>8}{label:>28}{sequential:>10.1f}{many:>12.1f}{many / sequential:>7.2f}x'
+                    f'   (ceiling {ceiling:.1f} img/s allows {ceiling / sequential:.2f}x)'
+                )
 
 
 def flow_vs_in_process(artifact: Path, photo: bytes, settings: Settings) -> None:
@@ -266,32 +294,49 @@ def flow_vs_in_process(artifact: Path, photo: bytes, settings: Settings) -> None
     stream = photos * FLOW_STREAM
     encoder = OnnxEncoder(artifact / 'model.onnx', device='cpu')
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace, \
-            Flow(protocol='grpc', host='127.0.0.1', port=port, workspace=workspace, quiet=True).add(
-                uses=str(CONFIG), uses_with={'artifact': str(artifact), 'device': 'cpu'}, quiet=True):
+    with (
+        tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace,
+        Flow(protocol='grpc', host='127.0.0.1', port=port, workspace=workspace, quiet=True).add(
+            uses=str(CONFIG), uses_with={'artifact': str(artifact), 'device': 'cpu'}, quiet=True
+        ),
+    ):
         client = Client(host=f'grpc://127.0.0.1:{port}')
         docs = DocList[FinetunerDoc]([FinetunerDoc(blob=p) for p in photos])
         many = DocList[FinetunerDoc]([FinetunerDoc(blob=p) for p in stream])
 
         def flow(inputs: DocList[FinetunerDoc], drop: bool = True) -> None:
-            out = client.post('/encode', inputs, request_size=FLOW_BATCH, return_type=DocList[FinetunerDoc],
-                              parameters={'batch_size': FLOW_BATCH, 'drop_image_content': drop})
+            out = client.post(
+                '/encode',
+                inputs,
+                request_size=FLOW_BATCH,
+                return_type=DocList[FinetunerDoc],
+                parameters={'batch_size': FLOW_BATCH, 'drop_image_content': drop},
+            )
             assert len(out) == len(inputs) and all(d.embedding is not None and (d.blob is None) == drop for d in out)
 
-        rates = throughputs({
-            'flow': (lambda: flow(docs), FLOW_BATCH),
-            'flow, JPEGs sent back': (lambda: flow(docs, drop=False), FLOW_BATCH),
-            'in-process': (lambda: encoder.encode(photos, batch_size=FLOW_BATCH), FLOW_BATCH),
-            'flow stream': (lambda: flow(many), len(stream)),
-            'in-process stream': (lambda: encoder.encode(stream, batch_size=FLOW_BATCH), len(stream)),
-        }, dataclasses.replace(settings, seconds=max(2.0, settings.seconds)))
-    print(f'\nbatches of {FLOW_BATCH} JPEGs, Flow (gRPC) vs onnxruntime in this process (target >= 0.9); the reply '
-          'carries ids and embeddings (drop_image_content=True, as FinetunerClient.encode asks):')
-    print(f'  one request at a time: {rates["flow"]:.1f} vs {rates["in-process"]:.1f} img/s -> '
-          f'{rates["flow"] / rates["in-process"]:.2f} (the JPEGs sent back too: '
-          f'{rates["flow, JPEGs sent back"] / rates["in-process"]:.2f})')
-    print(f'  {FLOW_STREAM} requests per post: {rates["flow stream"]:.1f} vs {rates["in-process stream"]:.1f} img/s -> '
-          f'{rates["flow stream"] / rates["in-process stream"]:.2f}')
+        rates = throughputs(
+            {
+                'flow': (lambda: flow(docs), FLOW_BATCH),
+                'flow, JPEGs sent back': (lambda: flow(docs, drop=False), FLOW_BATCH),
+                'in-process': (lambda: encoder.encode(photos, batch_size=FLOW_BATCH), FLOW_BATCH),
+                'flow stream': (lambda: flow(many), len(stream)),
+                'in-process stream': (lambda: encoder.encode(stream, batch_size=FLOW_BATCH), len(stream)),
+            },
+            dataclasses.replace(settings, seconds=max(2.0, settings.seconds)),
+        )
+    print(
+        f'\nbatches of {FLOW_BATCH} JPEGs, Flow (gRPC) vs onnxruntime in this process (target >= 0.9); the reply '
+        'carries ids and embeddings (drop_image_content=True, as FinetunerClient.encode asks):'
+    )
+    print(
+        f'  one request at a time: {rates["flow"]:.1f} vs {rates["in-process"]:.1f} img/s -> '
+        f'{rates["flow"] / rates["in-process"]:.2f} (the JPEGs sent back too: '
+        f'{rates["flow, JPEGs sent back"] / rates["in-process"]:.2f})'
+    )
+    print(
+        f'  {FLOW_STREAM} requests per post: {rates["flow stream"]:.1f} vs {rates["in-process stream"]:.1f} img/s -> '
+        f'{rates["flow stream"] / rates["in-process stream"]:.2f}'
+    )
 
 
 def registry_model_runtimes(photo: bytes, settings: Settings) -> None:
@@ -301,15 +346,28 @@ def registry_model_runtimes(photo: bytes, settings: Settings) -> None:
     photos = [photo] * FLOW_BATCH
     docs = DocList[FinetunerDoc]([FinetunerDoc(blob=p) for p in photos])
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace, \
-            Deployment(uses=str(CONFIG), protocol='grpc', host='127.0.0.1', port=port, workspace=workspace,
-                       uses_with={'device': 'cpu', 'model_cache': f'{workspace}/models'}, include_gateway=False,
-                       quiet=True):
+    with (
+        tempfile.TemporaryDirectory(prefix='encode-bench-') as workspace,
+        Deployment(
+            uses=str(CONFIG),
+            protocol='grpc',
+            host='127.0.0.1',
+            port=port,
+            workspace=workspace,
+            uses_with={'device': 'cpu', 'model_cache': f'{workspace}/models'},
+            include_gateway=False,
+            quiet=True,
+        ),
+    ):
         client = Client(host=f'grpc://127.0.0.1:{port}')
 
         def served(runtime: str) -> None:
-            out = client.post('/encode', docs, return_type=DocList[FinetunerDoc],
-                              parameters={'runtime': runtime, 'batch_size': FLOW_BATCH, 'drop_image_content': True})
+            out = client.post(
+                '/encode',
+                docs,
+                return_type=DocList[FinetunerDoc],
+                parameters={'runtime': runtime, 'batch_size': FLOW_BATCH, 'drop_image_content': True},
+            )
             assert len(out) == FLOW_BATCH and all(d.embedding is not None for d in out)
 
         started = time.perf_counter()
@@ -317,16 +375,23 @@ def registry_model_runtimes(photo: bytes, settings: Settings) -> None:
         first = time.perf_counter() - started
         (cached,) = Path(workspace, 'models').glob('efficientnet_lite0-*/model.onnx')
         encoder = OnnxEncoder(cached, device='cpu')
-        rates = throughputs({
-            'onnx': (lambda: served('onnx'), FLOW_BATCH),
-            'torch': (lambda: served('torch'), FLOW_BATCH),
-            'in-process': (lambda: encoder.encode(photos, batch_size=FLOW_BATCH), FLOW_BATCH),
-        }, dataclasses.replace(settings, seconds=max(2.0, settings.seconds)))
-    print(f'\nthe default registry model, no run (Deployment, gRPC, {FLOW_BATCH} JPEGs per request; the first onnx '
-          f'request exported it in {first:.1f} s, cached as {cached.parent.name}):')
-    print(f"  runtime='onnx' {rates['onnx']:.1f} vs runtime='torch' {rates['torch']:.1f} img/s -> "
-          f"{rates['onnx'] / rates['torch']:.2f}x (target >= 2x); vs onnxruntime in this process "
-          f"{rates['in-process']:.1f} img/s -> {rates['onnx'] / rates['in-process']:.2f} (goal >= 0.9)")
+        rates = throughputs(
+            {
+                'onnx': (lambda: served('onnx'), FLOW_BATCH),
+                'torch': (lambda: served('torch'), FLOW_BATCH),
+                'in-process': (lambda: encoder.encode(photos, batch_size=FLOW_BATCH), FLOW_BATCH),
+            },
+            dataclasses.replace(settings, seconds=max(2.0, settings.seconds)),
+        )
+    print(
+        f'\nthe default registry model, no run (Deployment, gRPC, {FLOW_BATCH} JPEGs per request; the first onnx '
+        f'request exported it in {first:.1f} s, cached as {cached.parent.name}):'
+    )
+    print(
+        f"  runtime='onnx' {rates['onnx']:.1f} vs runtime='torch' {rates['torch']:.1f} img/s -> "
+        f'{rates["onnx"] / rates["torch"]:.2f}x (target >= 2x); vs onnxruntime in this process '
+        f'{rates["in-process"]:.1f} img/s -> {rates["onnx"] / rates["in-process"]:.2f} (goal >= 0.9)'
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,8 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-    print(f'torch {torch.__version__}: {torch.get_num_threads()} threads; onnxruntime: {usable_cores()} intra-op '
-          f'threads; {"quick" if args.quick else "full"} run, best of {settings.repeats} rounds')
+    print(
+        f'torch {torch.__version__}: {torch.get_num_threads()} threads; onnxruntime: {usable_cores()} intra-op '
+        f'threads; {"quick" if args.quick else "full"} run, best of {settings.repeats} rounds'
+    )
 
     if args.registry_only:
         registry_model_runtimes(jpeg(sample_photos()[0]), settings)

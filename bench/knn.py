@@ -15,6 +15,7 @@ the ru_maxrss growth, which can under-count).
 
 faiss is only a yardstick, not a dependency: `.venv/bin/pip install faiss-cpu` (the faiss row is skipped without it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,11 @@ def run_all(args: argparse.Namespace) -> None:
     import numpy as np
 
     cores = os.cpu_count() or 1
-    print(f'exact top-{args.k}: {args.queries} queries x {args.n} x {args.dim} float32 index, cosine, '
-          f'{cores} CPU threads, best of {args.repeats} interleaved rounds; '
-          f'load average at start {os.getloadavg()[0]:.1f}')
+    print(
+        f'exact top-{args.k}: {args.queries} queries x {args.n} x {args.dim} float32 index, cosine, '
+        f'{cores} CPU threads, best of {args.repeats} interleaved rounds; '
+        f'load average at start {os.getloadavg()[0]:.1f}'
+    )
     with tempfile.TemporaryDirectory(prefix='bench-knn-') as tmp:
         data = Path(tmp)
         rng = np.random.default_rng(0)
@@ -64,23 +67,26 @@ def run_all(args: argparse.Namespace) -> None:
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             np.save(data / f'{name}.npy', x)
         del x
-        env = {**os.environ, 'OMP_NUM_THREADS': str(cores), 'OPENBLAS_NUM_THREADS': str(cores),
-               'MKL_NUM_THREADS': str(cores)}
+        env = {
+            **os.environ,
+            'OMP_NUM_THREADS': str(cores),
+            'OPENBLAS_NUM_THREADS': str(cores),
+            'MKL_NUM_THREADS': str(cores),
+        }
         workers = {}
         for method in METHODS:
             cmd = [sys.executable, __file__, '--worker', method, '--data', str(data), '--k', str(args.k)]
             for flag in ('query_chunk', 'index_chunk'):
                 if getattr(args, flag) is not None:
                     cmd += [f'--{flag.replace("_", "-")}', str(getattr(args, flag))]
-            workers[method] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                               env=env)
+            workers[method] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         try:
             results = {method: _ask(worker, 'ready') for method, worker in workers.items()}
             live = [method for method in METHODS if 'error' not in results[method]]
             times: dict[str, list[float]] = {method: [] for method in live}
             # Interleaved rounds (the order rotating) so that load from elsewhere hits every method alike.
             for round_ in range(args.repeats):
-                for method in live[round_ % len(live):] + live[:round_ % len(live)]:
+                for method in live[round_ % len(live) :] + live[: round_ % len(live)]:
                     times[method].append(_ask(workers[method], 'run')['seconds'])
             for method in live:
                 results[method].update(_ask(workers[method], 'done'))
@@ -118,14 +124,20 @@ def report(results: dict[str, dict]) -> None:
             print(f'{method:<10} skipped: {r["error"]}')
             continue
         ratio = f'{r["best_s"] / faiss_time:.2f}' if faiss_time else 'n/a'
-        print(f'{method:<10} {r["best_s"]:>8.3f} {r["median_s"]:>9.3f} {ratio:>8} {r["peak_mb"]:>8.0f} '
-              f'{r["same_lists"]:>20.1%}')
+        print(
+            f'{method:<10} {r["best_s"]:>8.3f} {r["median_s"]:>9.3f} {ratio:>8} {r["peak_mb"]:>8.0f} '
+            f'{r["same_lists"]:>20.1%}'
+        )
     if 'add_s' in results['faiss']:
-        print(f'(faiss add, not counted above: {results["faiss"]["add_s"]:.3f} s; its copy of the index is '
-              'counted in its peak)')
+        print(
+            f'(faiss add, not counted above: {results["faiss"]["add_s"]:.3f} s; its copy of the index is '
+            'counted in its peak)'
+        )
     executor_time = results['executor']['best_s']
-    print(f'executor knn vs numpy: {executor_time / results["numpy"]["best_s"]:.2f}x the time, '
-          f'{results["executor"]["peak_mb"]:.0f} MB vs {results["numpy"]["peak_mb"]:.0f} MB peak')
+    print(
+        f'executor knn vs numpy: {executor_time / results["numpy"]["best_s"]:.2f}x the time, '
+        f'{results["executor"]["peak_mb"]:.0f} MB vs {results["numpy"]["peak_mb"]:.0f} MB peak'
+    )
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -178,12 +190,14 @@ def _method(args: argparse.Namespace, cores: int):
         torch.set_num_threads(cores)
 
         def search(index, queries):
-            _, idx = knn(queries, index, k, 'cosine', query_chunk=args.query_chunk, index_chunk=args.index_chunk,
-                         device='cpu')
+            _, idx = knn(
+                queries, index, k, 'cosine', query_chunk=args.query_chunk, index_chunk=args.index_chunk, device='cpu'
+            )
             return idx.numpy()
 
         return search, lambda index: index
     if args.worker == 'numpy':
+
         def search(index, queries):
             scores = queries @ index.T  # (Q, N)
             part = np.argpartition(-scores, k, axis=1)[:, :k]

@@ -13,6 +13,7 @@ same id). The model is the offline default (efficientnet_lite0): no other pretra
     .venv/bin/python bench/paper_tables.py [--tll ../shared/data/tll-dev] [--size 224] [--epochs 8]
                                           [--augmentation strong]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ FINETUNER_HIT10 = (0.183, 0.301)  # the TLL tutorial's ResNet50 on full TLL, pre
 COMMON = dict(model='efficientnet_lite0', limit=10, tensorboard=False, freeze=4, seed=0)
 # learning rate 2e-4 decaying on a cosine after 5 % warmup: validation hit@10 0.577 at epoch 8 against 0.530 at a
 # constant 1e-4 and 0.510 with the cosine from 1e-4.
-TRIPLET = dict(loss='TripletMarginLoss', loss_options={'margin': 0.2}, num_items_per_class=2, learning_rate=2e-4,
-               scheduler='cosine', scheduler_options={'num_warmup_steps': 0.05})
+TRIPLET = dict(
+    loss='TripletMarginLoss',
+    loss_options={'margin': 0.2},
+    num_items_per_class=2,
+    learning_rate=2e-4,
+    scheduler='cosine',
+    scheduler_options={'num_warmup_steps': 0.05},
+)
 # The tutorial's miner: each anchor's hardest negative in the batch (Finetuner's TripletEasyHardMiner with
 # neg_strategy='hard'; pytorch-metric-learning's BatchHardMiner).
 HARD_MINER = dict(miner='BatchHardMiner', batch_size=64)
@@ -50,8 +57,11 @@ def tll_items(root: Path) -> tuple[list[Item], list[Item], list[Item]]:
     if len(ids) < 1600:
         raise SystemExit(f'{root} has {len(ids)} pairs; expected the 1600 of tll-dev')
     train_ids, eval_ids = ids[:1200], ids[1200:1600]
-    train = [Item(id=f'{side}/{i}', uri=str(root / side / f'{i}.jpg'), label=i) for i in train_ids
-             for side in ('left', 'right')]
+    train = [
+        Item(id=f'{side}/{i}', uri=str(root / side / f'{i}.jpg'), label=i)
+        for i in train_ids
+        for side in ('left', 'right')
+    ]
     queries = [Item(id=f'left/{i}', uri=str(root / 'left' / f'{i}.jpg'), label=i) for i in eval_ids]
     index = [Item(id=f'right/{i}', uri=str(root / 'right' / f'{i}.jpg'), label=i) for i in eval_ids]
     return train, queries, index
@@ -68,8 +78,12 @@ def main() -> None:
     parser.add_argument('--size', type=int, default=224, help='image size (bench/tune_tll.py chose 224)')
     parser.add_argument('--epochs', type=int, default=8)
     parser.add_argument('--ssl-epochs', type=int, default=2)
-    parser.add_argument('--augmentation', default='strong', choices=['none', 'light', 'strong'],
-                        help='training augmentation of the supervised TLL runs (bench/tune_tll.py chose it)')
+    parser.add_argument(
+        '--augmentation',
+        default='strong',
+        choices=['none', 'light', 'strong'],
+        help='training augmentation of the supervised TLL runs (bench/tune_tll.py chose it)',
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     train, queries, index = tll_items(args.tll)
@@ -91,32 +105,55 @@ def main() -> None:
 
     started = time.perf_counter()
     unlabelled = [Item(id=it.id, uri=it.uri) for it in train]
-    ssl = fit(train_data=unlabelled, loss='NTXentLoss', epochs=args.ssl_epochs, batch_size=64,
-              output_dir=out / 'simclr', **{**common, 'model': 'efficientnet_lite0'})
-    ssl_then_few = fit(train_data=tenth, batch_size=48, output_dir=out / 'simclr-few', **supervised_opts,
-                       **{**common, 'model': str(ssl.artifact)})
+    ssl = fit(
+        train_data=unlabelled,
+        loss='NTXentLoss',
+        epochs=args.ssl_epochs,
+        batch_size=64,
+        output_dir=out / 'simclr',
+        **{**common, 'model': 'efficientnet_lite0'},
+    )
+    ssl_then_few = fit(
+        train_data=tenth,
+        batch_size=48,
+        output_dir=out / 'simclr-few',
+        **supervised_opts,
+        **{**common, 'model': str(ssl.artifact)},
+    )
     t_ssl = time.perf_counter() - started
 
     started = time.perf_counter()
     train_d, held = digits_items(per_class=20, size=32), digits_items(per_class=10, offset=100, size=32)
-    digit_opts = dict(model='efficientnet_lite0', image_size=64, train_data=train_d, eval_data=held,
-                      loss='CrossEntropyLoss', tensorboard=False, seed=0, save_best=False)
+    digit_opts = dict(
+        model='efficientnet_lite0',
+        image_size=64,
+        train_data=train_d,
+        eval_data=held,
+        loss='CrossEntropyLoss',
+        tensorboard=False,
+        seed=0,
+        save_best=False,
+    )
     probe = fit(freeze=True, epochs=10, output_dir=out / 'probe', **digit_opts)
     full = fit(freeze=2, epochs=5, learning_rate=1e-4, output_dir=out / 'full', **digit_opts)
     t_cls = time.perf_counter() - started
 
     head = f'{"":<44}{"hit@1":>9}{"hit@5":>9}{"hit@10":>9}{"wall s":>10}'
-    print(f'\n(a) TLL tutorial: efficientnet_lite0 {args.size}px, 1200 pairs, {args.epochs} epochs, '
-          f'augmentation {args.augmentation!r}, TripletMarginLoss + {HARD_MINER["miner"]}; 400 left -> 400 right; '
-          'last epoch')
+    print(
+        f'\n(a) TLL tutorial: efficientnet_lite0 {args.size}px, 1200 pairs, {args.epochs} epochs, '
+        f'augmentation {args.augmentation!r}, TripletMarginLoss + {HARD_MINER["miner"]}; 400 left -> 400 right; '
+        'last epoch'
+    )
     print(head)
     print(row('pre-trained', before))
     print(row('fine-tuned', after, t_sup))
     pre, tuned = FINETUNER_HIT10
     ratio, theirs = after['hit@10'] / before['hit@10'], tuned / pre
-    print(f'hit@10 x{ratio:.4f}: {before["hit@10"] * len(queries):.0f} -> {after["hit@10"] * len(queries):.0f} of '
-          f'{len(queries)} queries (Finetuner, ResNet50 on full TLL: {pre} -> {tuned}, x{theirs:.4f}; '
-          f'{"beaten" if ratio > theirs else "not beaten"})')
+    print(
+        f'hit@10 x{ratio:.4f}: {before["hit@10"] * len(queries):.0f} -> {after["hit@10"] * len(queries):.0f} of '
+        f'{len(queries)} queries (Finetuner, ResNet50 on full TLL: {pre} -> {tuned}, x{theirs:.4f}; '
+        f'{"beaten" if ratio > theirs else "not beaten"})'
+    )
     print('\n(b) self-supervised tutorial, its "placeholder" column filled (10 % = 120 pairs)')
     print(head)
     print(row('pre-trained', before))
@@ -126,8 +163,7 @@ def main() -> None:
     print('\n(c) classification on scikit-learn digits (200 train, 100 held out, 64 px)')
     print(f'{"":<44}{"accuracy":>9}')
     print(f'{"pre-trained features + linear probe (10 ep)":<44}{probe.metrics_after["accuracy"]:>9.3f}')
-    print(f'{"full fine-tune (5 ep, stem+1 stage frozen)":<44}{full.metrics_after["accuracy"]:>9.3f}'
-          f'{t_cls:>10.0f}')
+    print(f'{"full fine-tune (5 ep, stem+1 stage frozen)":<44}{full.metrics_after["accuracy"]:>9.3f}{t_cls:>10.0f}')
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ restructuring) must print the same numbers. The runs are a metric-learning run (
 efficientnet_lite0 at 64 px, evaluated each epoch), a classification run (CrossEntropyLoss on resnet18, random init)
 and a SimCLR run (NTXentLoss on unlabelled digits), each 2 epochs on scikit-learn's digits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,15 @@ from executor.tuning import fit
 from executor.tuning.data.samples import digits_items
 
 RUNS = {
-    'metric': dict(model='efficientnet_lite0', image_size=64, loss='TripletMarginLoss', batch_size=20,
-                   learning_rate=1e-4),
-    'classification': dict(model='resnet18', pretrained=False, image_size=32, loss='CrossEntropyLoss',
-                           batch_size=20, learning_rate=1e-3),
-    'self_supervised': dict(model='resnet18', pretrained=False, image_size=32, loss='NTXentLoss', batch_size=20,
-                            learning_rate=1e-3),
+    'metric': dict(
+        model='efficientnet_lite0', image_size=64, loss='TripletMarginLoss', batch_size=20, learning_rate=1e-4
+    ),
+    'classification': dict(
+        model='resnet18', pretrained=False, image_size=32, loss='CrossEntropyLoss', batch_size=20, learning_rate=1e-3
+    ),
+    'self_supervised': dict(
+        model='resnet18', pretrained=False, image_size=32, loss='NTXentLoss', batch_size=20, learning_rate=1e-3
+    ),
 }
 
 
@@ -43,8 +47,16 @@ def main() -> None:
     for name, options in RUNS.items():
         data = [it.__class__(id=it.id, tensor=it.tensor) for it in train] if name == 'self_supervised' else train
         with tempfile.TemporaryDirectory() as tmp:
-            result = fit(train_data=data, eval_data=None if name == 'self_supervised' else evaluation, epochs=2,
-                         seed=0, tensorboard=False, output_dir=tmp, device='cpu', **options)
+            result = fit(
+                train_data=data,
+                eval_data=None if name == 'self_supervised' else evaluation,
+                epochs=2,
+                seed=0,
+                tensorboard=False,
+                output_dir=tmp,
+                device='cpu',
+                **options,
+            )
         rows = [{k: v for k, v in row.items() if k not in ('epoch_seconds', 'lr')} for row in result.history]
         figures[name] = {'history': rows, 'before': result.metrics_before, 'after': result.metrics_after}
         for row in rows:

@@ -11,6 +11,7 @@ training process is apart and not counted), then cancels the run and stops the s
 
 Targets: 0 errors, RSS growth under 5 %.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,15 @@ def main() -> None:
 def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None:
     client = FinetunerClient(f'grpc://127.0.0.1:{port}')
     images, _ = digits(per_class=1, size=args.image_size)
-    run = client.fit(model='resnet18', pretrained=False, train_data='digits', image_size=64, epochs=10_000,
-                     batch_size=32, run_name='soak')
+    run = client.fit(
+        model='resnet18',
+        pretrained=False,
+        train_data='digits',
+        image_size=64,
+        epochs=10_000,
+        batch_size=32,
+        run_name='soak',
+    )
     while run.status()['status'] != 'STARTED':
         time.sleep(0.5)
     client.encode([FinetunerDoc(tensor=images[0])])  # load the model before the first RSS reading
@@ -70,8 +78,10 @@ def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None
 
     stats = Stats()
     stop = time.monotonic() + args.seconds
-    threads = [threading.Thread(target=client_loop, args=(port, images[i % len(images)], stop, stats))
-               for i in range(args.clients)]
+    threads = [
+        threading.Thread(target=client_loop, args=(port, images[i % len(images)], stop, stats))
+        for i in range(args.clients)
+    ]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -87,8 +97,10 @@ def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None
     run.cancel()
 
     total = sum(len(v) for v in stats.latency.values())
-    print(f'{args.clients} clients for {elapsed:.0f} s while run "soak" trained (epoch {progress.epoch}, '
-          f'step {progress.step}, status {progress.status})')
+    print(
+        f'{args.clients} clients for {elapsed:.0f} s while run "soak" trained (epoch {progress.epoch}, '
+        f'step {progress.step}, status {progress.status})'
+    )
     print(f'requests: {total} ok, {stats.error_count} errors, {total / elapsed:.1f} requests/s')
     for endpoint, values in sorted(stats.latency.items()):
         ms = np.array(values) * 1000
@@ -97,8 +109,10 @@ def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None
     for message, count in stats.errors.most_common(5):
         print(f'  error x{count}: {message[:200]}')
     growth = 100 * (rss_end - rss_start) / rss_start
-    print(f'service RSS: {rss_start / 2**20:.0f} MiB at the start, {rss_end / 2**20:.0f} MiB at the end '
-          f'({growth:+.1f} %; target < 5 %); every tenth: {" ".join(f"{r / 2**20:.0f}" for r in samples)} MiB')
+    print(
+        f'service RSS: {rss_start / 2**20:.0f} MiB at the start, {rss_end / 2**20:.0f} MiB at the end '
+        f'({growth:+.1f} %; target < 5 %); every tenth: {" ".join(f"{r / 2**20:.0f}" for r in samples)} MiB'
+    )
 
 
 class Stats:
@@ -139,12 +153,26 @@ def client_loop(port: int, image: np.ndarray, stop: float, stats: Stats) -> None
 
 
 def start_service(workspace: Path, data: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, '-m', 'jina', 'executor', '--uses', 'config.yml', '--host', '127.0.0.1', '--port',
-               str(port), '--workspace', str(workspace), '--uses-with',
-               json.dumps({'data_roots': [str(data)], 'runtime': 'torch'})]
+    command = [
+        sys.executable,
+        '-m',
+        'jina',
+        'executor',
+        '--uses',
+        'config.yml',
+        '--host',
+        '127.0.0.1',
+        '--port',
+        str(port),
+        '--workspace',
+        str(workspace),
+        '--uses-with',
+        json.dumps({'data_roots': [str(data)], 'runtime': 'torch'}),
+    ]
     env = {**os.environ, 'JINA_OPTOUT_TELEMETRY': '1', 'PYTHONPATH': str(REPO)}
-    service = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    service = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     client = FinetunerClient(f'grpc://127.0.0.1:{port}')
     deadline = time.monotonic() + 180
     while True:
@@ -153,8 +181,9 @@ def start_service(workspace: Path, data: Path, port: int) -> subprocess.Popen:
             return service
         except (ServiceError, ConnectionError):
             if service.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError('the service did not start; run the command by hand to see why: '
-                                   + ' '.join(command)) from None
+                raise RuntimeError(
+                    'the service did not start; run the command by hand to see why: ' + ' '.join(command)
+                ) from None
             time.sleep(0.5)
 
 

@@ -6,6 +6,7 @@ Rounds alternate between the two so machine noise hits both alike. Also prints c
 
     .venv/bin/python bench/train_overhead.py [--model efficientnet_lite0] [--size 224] [--batch 32] [--rounds 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,17 @@ def main() -> None:
 
     items = digits_items(per_class=(args.batch * args.steps) // 10 + 1, size=32)
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(model=args.model, train_data=items, image_size=args.size, batch_size=args.batch,
-                             epochs=1, freeze=3, tensorboard=False, output_dir=Path(tmp), learning_rate=1e-4)
+        config = TrainConfig(
+            model=args.model,
+            train_data=items,
+            image_size=args.size,
+            batch_size=args.batch,
+            epochs=1,
+            freeze=3,
+            tensorboard=False,
+            output_dir=Path(tmp),
+            learning_rate=1e-4,
+        )
         trainer = Trainer(config)
         trainer.sampler.set_epoch(0)
         batches = [(x, y) for _, (x, y) in zip(range(args.steps), trainer.loader)]
@@ -80,8 +90,10 @@ def main() -> None:
 
     imgs = args.batch * args.steps
     med = {k: statistics.median(v) for k, v in timings.items()}
-    print(f'{args.model} {args.size}px batch {args.batch}, {args.steps} steps x {args.rounds} rounds, '
-          f'{torch.get_num_threads()} threads (stem + 2 stages frozen)')
+    print(
+        f'{args.model} {args.size}px batch {args.batch}, {args.steps} steps x {args.rounds} rounds, '
+        f'{torch.get_num_threads()} threads (stem + 2 stages frozen)'
+    )
     print(f'{"loop":<18}{"median s":>10}{"img/s":>10}')
     for name, value in med.items():
         print(f'{name:<18}{value:>10.3f}{imgs / value:>10.1f}')

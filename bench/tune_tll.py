@@ -6,6 +6,7 @@ long run shows where the curve flattens.
 
     .venv/bin/python bench/tune_tll.py '{"epochs": 16}' '{"freeze": 2, "batch_size": 128}'
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,13 @@ def main() -> None:
     for spec in sys.argv[1:] or ['{}']:
         options = {**RECIPE, **json.loads(spec)}
         started = time.perf_counter()
-        result = fit(train_data=train, query_data=queries, index_data=index,
-                     output_dir=Path(tempfile.mkdtemp(prefix='tune-tll-')), **options)
+        result = fit(
+            train_data=train,
+            query_data=queries,
+            index_data=index,
+            output_dir=Path(tempfile.mkdtemp(prefix='tune-tll-')),
+            **options,
+        )
         seconds = time.perf_counter() - started
         before = result.metrics_before
         print(f'\n{spec}  ({seconds:.0f} s)')
@@ -53,8 +59,10 @@ def main() -> None:
             cells = ' '.join(f'{k} {logs[k]:.3f}' for k in HITS if k in logs)
             print(f'  epoch {int(logs["epoch"]):>2} loss {logs.get("train_loss", float("nan")):.4f} {cells}')
         last, best = result.history[-1].get('hit@10', 0), max(row.get('hit@10', 0) for row in result.history)
-        print(f'  hit@10 x{last / before["hit@10"]:.2f} (last epoch), x{best / before["hit@10"]:.2f} (best epoch)',
-              flush=True)
+        print(
+            f'  hit@10 x{last / before["hit@10"]:.2f} (last epoch), x{best / before["hit@10"]:.2f} (best epoch)',
+            flush=True,
+        )
 
 
 if __name__ == '__main__':

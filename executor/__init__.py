@@ -2,6 +2,7 @@
 
 The Jina executors are imported lazily so that `executor.tuning` (plain PyTorch) can be used without loading jina.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -7,6 +7,7 @@
 >>> run.status()['status'], run.metrics(), run.artifact  # doctest: +SKIP
 >>> client.encode(docs, run_id=run.name)  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import time
@@ -34,19 +35,34 @@ class FinetunerClient:
     def __init__(self, host: str = 'grpc://127.0.0.1:12345', **kwargs: Any) -> None:
         self._client = Client(host=host, **kwargs)
 
-    def post(self, endpoint: str, docs: Sequence[BaseDoc] | None = None, parameters: dict[str, Any] | None = None,
-             return_type: type[BaseDoc] = FinetunerDoc) -> DocList:
+    def post(
+        self,
+        endpoint: str,
+        docs: Sequence[BaseDoc] | None = None,
+        parameters: dict[str, Any] | None = None,
+        return_type: type[BaseDoc] = FinetunerDoc,
+    ) -> DocList:
         """One request; the service's error is raised as ``ServiceError``."""
         try:
-            return self._client.post(endpoint, inputs=DocList[FinetunerDoc](docs or []), parameters=parameters or {},
-                                     return_type=DocList[return_type])
+            return self._client.post(
+                endpoint,
+                inputs=DocList[FinetunerDoc](docs or []),
+                parameters=parameters or {},
+                return_type=DocList[return_type],
+            )
         except BadServer as err:  # args[0] is the reply's header, which holds the executor's error
             raise ServiceError(err.args[0].status.description) from None
 
     # --- Finetuner's workflow --------------------------------------------------------------------------------------
 
-    def fit(self, model: str = 'efficientnet_lite0', train_data: str | Sequence[BaseDoc] | None = None,
-            eval_data: str | None = None, run_name: str | None = None, **options: Any) -> Run:
+    def fit(
+        self,
+        model: str = 'efficientnet_lite0',
+        train_data: str | Sequence[BaseDoc] | None = None,
+        eval_data: str | None = None,
+        run_name: str | None = None,
+        **options: Any,
+    ) -> Run:
         """Start a run and return at once (pass ``wait=True`` to return when it has ended).
 
         ``train_data``: a CSV file or image folder on the server (under its data roots), or documents with
@@ -77,8 +93,14 @@ class FinetunerClient:
 
     # --- models in service -----------------------------------------------------------------------------------------
 
-    def encode(self, docs: Sequence[BaseDoc], run_id: str | None = None, model: str | None = None,
-               drop_image_content: bool = True, **parameters: Any) -> DocList[FinetunerDoc]:
+    def encode(
+        self,
+        docs: Sequence[BaseDoc],
+        run_id: str | None = None,
+        model: str | None = None,
+        drop_image_content: bool = True,
+        **parameters: Any,
+    ) -> DocList[FinetunerDoc]:
         """The documents with ``embedding`` set, by a finished run, a registry model, or the served model.
 
         The reply leaves out the image bytes you sent (``blob``, ``tensor``, ``data:`` URIs), as clip-as-service's
@@ -86,15 +108,21 @@ class FinetunerClient:
         parameters['drop_image_content'] = drop_image_content
         return self.post('/encode', docs, _model_params(run_id, model, parameters))
 
-    def classify(self, docs: Sequence[BaseDoc], run_id: str | None = None, drop_image_content: bool = True,
-                 **parameters: Any) -> DocList[FinetunerDoc]:
+    def classify(
+        self, docs: Sequence[BaseDoc], run_id: str | None = None, drop_image_content: bool = True, **parameters: Any
+    ) -> DocList[FinetunerDoc]:
         """The documents with the predicted ``label`` and ``scores`` per class (a run trained with a classifier);
         the image bytes are left out of the reply as in ``encode``."""
         parameters['drop_image_content'] = drop_image_content
         return self.post('/classify', docs, _model_params(run_id, None, parameters))
 
-    def evaluate(self, data: str | Sequence[BaseDoc] | None = None, run_id: str | None = None,
-                 model: str | None = None, **parameters: Any) -> dict[str, float]:
+    def evaluate(
+        self,
+        data: str | Sequence[BaseDoc] | None = None,
+        run_id: str | None = None,
+        model: str | None = None,
+        **parameters: Any,
+    ) -> dict[str, float]:
         """Retrieval metrics (and accuracy for a classifier) on labelled data: a path on the server or documents;
         ``query_data=`` and ``index_data=`` paths for a query set searched in an index."""
         params = _model_params(run_id, model, parameters)

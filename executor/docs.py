@@ -7,6 +7,7 @@ which fails on `Optional[DocList[...]]` (KeyError '#/$defs/MatchDoc') and makes 
 
 The endpoints' `parameters` are pydantic models too, in `executor.params`.
 """
+
 # No `from __future__ import annotations` here: jina copies these classes into new pydantic models to describe its
 # endpoints, and postponed (string) annotations cannot be resolved there ("`FinetunerDoc` is not fully defined").
 import os
@@ -61,8 +62,9 @@ class FinetunerDoc(BaseDoc):
     label: Optional[str] = None
     url: Optional[str] = Field(None, description="docarray ImageDoc/TextDoc's name for uri")
     bytes_: Optional[bytes] = Field(None, description="docarray ImageDoc's name for blob")
-    tags: Optional[dict[str, Any]] = Field(None, description=f"Finetuner's document tags; tags['{FINETUNER_LABEL}'] "
-                                                             'is read as label')
+    tags: Optional[dict[str, Any]] = Field(
+        None, description=f"Finetuner's document tags; tags['{FINETUNER_LABEL}'] is read as label"
+    )
     embedding: Optional[NdArray] = None
     scores: Optional[dict[str, float]] = Field(None, description='classification score per class name')
     matches: DocList[MatchDoc] = Field(DocList[MatchDoc](), description='search results, best first')

@@ -4,6 +4,7 @@ The Jina layer only: each endpoint validates its parameters (``executor.params``
 items and arrays, calls the core (``executor.tuning``) off the event loop, and turns the results back into
 documents. Training runs in child processes (``service.jobs``); runs live in ``<workspace>/runs/`` (``service.store``).
 """
+
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations as live objects.
 import asyncio
 import base64
@@ -91,8 +92,14 @@ class FinetunerExecutor(Executor):
         super().__init__(**kwargs)
         self.names = executor_names(self)  # what per-executor parameters address it by
         self.settings = ServiceConfig(
-            model=model, artifact=artifact, batch_size=batch_size, select_model=select_model, device=device,
-            runtime=runtime, data_roots=list(data_roots or []), max_cached_models=max_cached_models,
+            model=model,
+            artifact=artifact,
+            batch_size=batch_size,
+            select_model=select_model,
+            device=device,
+            runtime=runtime,
+            data_roots=list(data_roots or []),
+            max_cached_models=max_cached_models,
             model_cache=model_cache,
         )
         workspace = Path(self.workspace)
@@ -109,12 +116,17 @@ class FinetunerExecutor(Executor):
             self._check_model_name(self.settings.model)
         else:
             self.unpack_dir.mkdir(parents=True, exist_ok=True)
-            self.served = open_artifact(self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime,
-                                        self.settings.select_model)
+            self.served = open_artifact(
+                self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, self.settings.select_model
+            )
         self.jobs = JobQueue(self.store)
         self.jobs.start()
-        logger.info('FinetunerExecutor: serving %s, runs in %s, data roots %s', self.served or self.settings.model,
-                    self.store.root, self.data_roots)
+        logger.info(
+            'FinetunerExecutor: serving %s, runs in %s, data roots %s',
+            self.served or self.settings.model,
+            self.store.root,
+            self.data_roots,
+        )
 
     # --- training and runs -----------------------------------------------------------------------------------------
 
@@ -258,8 +270,9 @@ class FinetunerExecutor(Executor):
                 blob = base64.b64decode(payload) if base64_coded else urllib.parse.unquote_to_bytes(payload)
                 uri = None
             tensor = None if doc.tensor is None else np.asarray(doc.tensor)
-            records.append({'id': doc.id, 'uri': uri, 'blob': blob, 'tensor': tensor, 'text': doc.text,
-                            'label': label_of(doc)})
+            records.append(
+                {'id': doc.id, 'uri': uri, 'blob': blob, 'tensor': tensor, 'text': doc.text, 'label': label_of(doc)}
+            )
         return from_records(records, self.data_roots)
 
     def _encoder(self, params: ModelParams) -> 'Encoder':
@@ -272,8 +285,9 @@ class FinetunerExecutor(Executor):
             path = self.served
         else:
             name = params.model or self.settings.model
-            return self.encoders.get(('model', name, runtime, device, None),
-                                      lambda: self._registry_encoder(name, runtime, device))
+            return self.encoders.get(
+                ('model', name, runtime, device, None), lambda: self._registry_encoder(name, runtime, device)
+            )
         key = ('file', str(path), path.stat().st_mtime_ns, device, params.run_id)
         return self.encoders.get(key, lambda: create_encoder(path, device=device))
 
@@ -288,8 +302,12 @@ class FinetunerExecutor(Executor):
             try:
                 return cached_onnx_encoder(model, name, self.model_cache, device=device)
             except (ExportError, OSError, ValueError) as err:  # no export, or an unwritable or broken cache folder
-                logger.warning('model %r cannot be served by onnxruntime from %s (%s); serving it with torch', name,
-                               self.model_cache, err)
+                logger.warning(
+                    'model %r cannot be served by onnxruntime from %s (%s); serving it with torch',
+                    name,
+                    self.model_cache,
+                    err,
+                )
         return TorchEncoder(model, device=device, copy_model=False)
 
     async def _embed(self, docs: DocList[FinetunerDoc], params: DocModelParams) -> DocList[FinetunerDoc]:
@@ -308,8 +326,9 @@ class FinetunerExecutor(Executor):
         run = encoder.encode if task == 'encode' else encoder.classify
         if batch is None:  # too large to share a batch: encoded on its own, preparing overlapped with the model
             return await asyncio.to_thread(run, contents, batch_size, names), encoder
-        out = await self.batcher.run((task, id(encoder), batch_size), batch, lambda rows: run(rows, batch_size),
-                                     encoder.inputs)
+        out = await self.batcher.run(
+            (task, id(encoder), batch_size), batch, lambda rows: run(rows, batch_size), encoder.inputs
+        )
         return out, encoder
 
     def _prepare(self, docs: DocList[FinetunerDoc], params: ModelParams, task: str, batch_size: int) -> tuple:
@@ -317,8 +336,10 @@ class FinetunerExecutor(Executor):
         enough for the batcher (else None): one trip to a worker thread per request."""
         encoder = self._encoder(params)
         if task == 'classify' and not encoder.has_classifier:
-            raise ValueError('this model has no classifier head: /classify needs the run_id of a run trained with '
-                             'loss="CrossEntropyLoss"')
+            raise ValueError(
+                'this model has no classifier head: /classify needs the run_id of a run trained with '
+                'loss="CrossEntropyLoss"'
+            )
         contents, names = encoder.items(self._items(docs))
         if len(contents) > self.batcher.max_rows:
             return encoder, contents, names, None
@@ -335,8 +356,11 @@ class FinetunerExecutor(Executor):
         evaluator = Evaluator(query, index, params.limit)  # checks every item's label first
         encoder = self._encoder(params)
         evaluation = evaluator(encoder.embedder(params.batch_size or self.settings.batch_size))
-        result = EvaluationResult(run_id=params.run_id, model=None if params.run_id else
-                                  params.model or str(self.served or self.settings.model), metrics=evaluation.metrics)
+        result = EvaluationResult(
+            run_id=params.run_id,
+            model=None if params.run_id else params.model or str(self.served or self.settings.model),
+            metrics=evaluation.metrics,
+        )
         if evaluation.confusion is not None:
             result.confusion_matrix, result.class_names = evaluation.confusion, encoder.class_names
         return result
@@ -346,8 +370,12 @@ class FinetunerExecutor(Executor):
 
         model_file = self.store.model_file(params.run_id, 'torch')
         variant = 'fp16' if params.fp16 else 'int8' if params.quantize else 'fp32'
-        report = export_onnx(load_model(model_file), model_file.with_name(EXPORT_FILES[variant]), fp16=params.fp16,
-                             quantize=params.quantize)
+        report = export_onnx(
+            load_model(model_file),
+            model_file.with_name(EXPORT_FILES[variant]),
+            fp16=params.fp16,
+            quantize=params.quantize,
+        )
         self.encoders.drop(lambda key: key[-1] == params.run_id)
         return self.store.get(params.run_id), report.path
 

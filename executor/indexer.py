@@ -10,6 +10,7 @@ Scores are cosine similarities (higher is closer): hnswlib's cosine space return
 ShardMerger follows a sharded VectorIndexer in a Flow (flows/k8s.yml), or serves as its `uses_after`: it keeps each
 query's best `limit` matches over all shards and sums the shards' counts.
 """
+
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations (`docs`, `parameters`,
 # the return type) as live objects to build its request schemas, and postponed annotations are only strings.
 import functools

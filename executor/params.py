@@ -14,6 +14,7 @@ that both executors validate: the encoder's fields plus the indexer's ``limit``.
 ``/train`` takes the fields of the core's ``TrainConfig`` (so the names never drift from it) minus those the
 executor sets itself (``output_dir``, ``callbacks``, ``data_roots``), plus ``wait``, ``resume`` and ``run_name``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,7 +67,7 @@ class EndpointParams(BaseModel):
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f' (did you mean {close[0]!r}?)' if close else ''
-                raise ValueError(f"unknown parameter {key!r}{hint}; allowed: {', '.join(allowed) or 'none'}")
+                raise ValueError(f'unknown parameter {key!r}{hint}; allowed: {", ".join(allowed) or "none"}')
         return data
 
 
@@ -88,12 +89,17 @@ def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: type
             # jina's gateway hands an executor only its own `<name>__<key>` keys (and strips the `<name>__`): one
             # that gets here unstripped came with no gateway in between (an HTTP Deployment), so it is no other's
             if executor not in names:
-                raise ParameterError(f'parameter {key!r} is addressed to an executor named {executor!r}, but this one '
-                                     f"is called {' or '.join(map(repr, names))}; write {field!r} or "
-                                     f'{names[0]}__{field}')
+                raise ParameterError(
+                    f'parameter {key!r} is addressed to an executor named {executor!r}, but this one '
+                    f'is called {" or ".join(map(repr, names))}; write {field!r} or '
+                    f'{names[0]}__{field}'
+                )
             addressed[field] = value
-        elif (isinstance(value, dict) and key not in model.model_fields
-              and not difflib.get_close_matches(key, mapping_fields, n=1)):
+        elif (
+            isinstance(value, dict)
+            and key not in model.model_fields
+            and not difflib.get_close_matches(key, mapping_fields, n=1)
+        ):
             others.append(key)  # {"<another executor>": {...}}
         else:
             own[key] = value
@@ -164,10 +170,14 @@ class _TrainOptions(EndpointParams):
     """What ``/train`` takes besides ``TrainConfig``'s fields."""
 
     wait: bool = Field(False, description='answer when the run has ended rather than when it is queued')
-    resume: Optional[str] = Field(None, pattern=RUN_ID_PATTERN, description='run_id of a FAILED or CANCELLED run to '
-                                                                         'continue from its last checkpoint')
-    run_name: Optional[str] = Field(None, pattern=RUN_ID_PATTERN,
-                                    description='the run_id to give the new run (default: a time-ordered id)')
+    resume: Optional[str] = Field(
+        None,
+        pattern=RUN_ID_PATTERN,
+        description='run_id of a FAILED or CANCELLED run to continue from its last checkpoint',
+    )
+    run_name: Optional[str] = Field(
+        None, pattern=RUN_ID_PATTERN, description='the run_id to give the new run (default: a time-ordered id)'
+    )
 
     @field_validator('freeze', mode='before', check_fields=False)
     @classmethod
@@ -179,8 +189,10 @@ class _TrainOptions(EndpointParams):
     @classmethod
     def _data_path(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, str):
-            raise ValueError('must be the path of a CSV file or an image folder under the data roots; send training '
-                             "documents as the request's documents instead")
+            raise ValueError(
+                'must be the path of a CSV file or an image folder under the data roots; send training '
+                "documents as the request's documents instead"
+            )
         return value
 
     @model_validator(mode='after')
@@ -188,8 +200,10 @@ class _TrainOptions(EndpointParams):
         if self.resume is not None:
             extra = sorted(self.model_fields_set - {'resume', 'wait', 'epochs'})
             if extra:
-                raise ValueError(f'resume={self.resume!r} continues that run with its own options; drop {extra}, or '
-                                 'start a new run with them (only epochs may change on resume)')
+                raise ValueError(
+                    f'resume={self.resume!r} continues that run with its own options; drop {extra}, or '
+                    'start a new run with them (only epochs may change on resume)'
+                )
         else:
             self.config_dict()  # TrainConfig's own checks (known loss and miner, device, data pairs)
         return self
@@ -203,12 +217,17 @@ class _TrainOptions(EndpointParams):
 
 
 def _train_fields() -> dict[str, Any]:
-    return {name: (info.annotation, copy.copy(info)) for name, info in TrainConfig.model_fields.items()
-            if name not in EXECUTOR_SET}
+    return {
+        name: (info.annotation, copy.copy(info))
+        for name, info in TrainConfig.model_fields.items()
+        if name not in EXECUTOR_SET
+    }
 
 
 TrainParams = create_model(
-    'TrainParams', __base__=_TrainOptions, __module__=__name__,
+    'TrainParams',
+    __base__=_TrainOptions,
+    __module__=__name__,
     __doc__="Parameters of ``/train``: ``TrainConfig``'s fields (Finetuner's ``fit`` names) and the run options.",
     **_train_fields(),
 )
@@ -256,8 +275,9 @@ class ModelParams(EndpointParams):
 
     run_id: Optional[str] = Field(None, pattern=RUN_ID_PATTERN, description='a FINISHED run')
     model: Optional[str] = Field(None, description="a registry model name, e.g. 'efficientnet_lite0' (pre-trained)")
-    runtime: Optional[Runtime] = Field(None, description="'onnx' where the model has an ONNX export, else 'torch' "
-                                                         "(default: the executor's runtime)")
+    runtime: Optional[Runtime] = Field(
+        None, description="'onnx' where the model has an ONNX export, else 'torch' (default: the executor's runtime)"
+    )
     batch_size: Optional[int] = Field(None, ge=1, le=4096, description="default: the executor's batch_size")
 
     @model_validator(mode='after')
@@ -270,9 +290,12 @@ class ModelParams(EndpointParams):
 class DocModelParams(ModelParams):
     """A model endpoint that answers with the documents it was sent."""
 
-    drop_image_content: bool = Field(False, description="clear each document's blob, tensor and data: URI in the "
-                                     'reply (path and http URIs stay): the reply carries ids and results only, as '
-                                     "clip-as-service's parameter of the same name does")
+    drop_image_content: bool = Field(
+        False,
+        description="clear each document's blob, tensor and data: URI in the "
+        'reply (path and http URIs stay): the reply carries ids and results only, as '
+        "clip-as-service's parameter of the same name does",
+    )
 
 
 class EncodeParams(DocModelParams):
@@ -331,17 +354,21 @@ class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra='forbid', protected_namespaces=())
 
     model: str = Field('efficientnet_lite0', description='registry model served when a request names none')
-    artifact: Optional[str] = Field(None, description='serve this instead of `model`: a run id, an artifact folder '
-                                                      'or a .zip of one')
+    artifact: Optional[str] = Field(
+        None, description='serve this instead of `model`: a run id, an artifact folder or a .zip of one'
+    )
     batch_size: int = Field(32, ge=1, le=4096, description='images per forward pass')
     select_model: Optional[str] = Field(None, description="the model file inside `artifact`, e.g. 'model-int8.onnx'")
     device: str = Field('auto', description="'auto', 'cpu', 'cuda' or 'cuda:N'; for serving and training")
     runtime: Runtime = Field('onnx', description="'onnx' where an ONNX export exists, else torch")
-    data_roots: list[str] = Field(default_factory=list, description='folders requests may read data from, besides '
-                                                                    "the workspace's data/ folder")
+    data_roots: list[str] = Field(
+        default_factory=list, description="folders requests may read data from, besides the workspace's data/ folder"
+    )
     max_cached_models: int = Field(4, ge=1, le=64, description='models held in memory at once (LRU)')
-    model_cache: Optional[str] = Field(None, description="folder of the registry models' ONNX exports, by name and "
-                                                         'weights (default: <workspace>/models)')
+    model_cache: Optional[str] = Field(
+        None,
+        description="folder of the registry models' ONNX exports, by name and weights (default: <workspace>/models)",
+    )
 
     @field_validator('device')
     @classmethod
@@ -352,8 +379,17 @@ class ServiceConfig(BaseModel):
 # Every endpoint's parameters, by path: what the endpoints validate with, and what the OpenAPI page shows
 # (executor.rest).
 ENDPOINT_PARAMS: dict[str, type[EndpointParams]] = {
-    '/train': TrainParams, '/runs': EndpointParams, '/runs/status': RunParams, '/runs/logs': LogsParams,
-    '/runs/cancel': RunParams, '/export': ExportParams, '/encode': EncodeParams, '/index': IndexParams,
-    '/search': SearchParams, '/classify': ClassifyParams, '/evaluate': EvaluateParams, '/delete': DeleteParams,
+    '/train': TrainParams,
+    '/runs': EndpointParams,
+    '/runs/status': RunParams,
+    '/runs/logs': LogsParams,
+    '/runs/cancel': RunParams,
+    '/export': ExportParams,
+    '/encode': EncodeParams,
+    '/index': IndexParams,
+    '/search': SearchParams,
+    '/classify': ClassifyParams,
+    '/evaluate': EvaluateParams,
+    '/delete': DeleteParams,
     '/count': EndpointParams,
 }

@@ -12,6 +12,7 @@ Why not jina's own typing (``parameters: SomeModel``): behind a Flow's gateway t
 models and maps the executors' error types to HTTP statuses. jina answers every executor error with 500 and the
 exception's ``repr`` as ``detail``, so the status is chosen from the exception's name at the start of ``detail``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,10 @@ STATUS_BY_ERROR = {
     'RunNotFoundError': 404,
 }
 _ERROR_NAME = re.compile(r'^(\w+)\(')
-_PARAMETERS_NOTE = ('The endpoint\'s own parameters; an object under the name of an executor of the Flow '
-                    '(`{"indexer": {"limit": 3}}`) is addressed to that executor (docs/service.md).')
+_PARAMETERS_NOTE = (
+    "The endpoint's own parameters; an object under the name of an executor of the Flow "
+    '(`{"indexer": {"limit": 3}}`) is addressed to that executor (docs/service.md).'
+)
 
 
 def status_for(detail: Any) -> int | None:
@@ -60,7 +63,7 @@ def typed_openapi(schema: dict[str, Any]) -> dict[str, Any]:
         described = model.model_json_schema(ref_template='#/components/schemas/{model}')
         components.update(described.pop('$defs', {}))
         described['additionalProperties'] = {'type': 'object'}  # objects addressed to other executors
-        described['description'] = f"{described.get('description', '')}\n\n{_PARAMETERS_NOTE}".strip()
+        described['description'] = f'{described.get("description", "")}\n\n{_PARAMETERS_NOTE}'.strip()
         components[model.__name__] = described
         request_model['properties']['parameters'] = {'$ref': f'#/components/schemas/{model.__name__}'}
     return schema

@@ -1,4 +1,5 @@
 """Fixtures shared by every test: free local ports for the servers tests start, and jina's environment."""
+
 from __future__ import annotations
 
 import os

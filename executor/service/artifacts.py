@@ -2,6 +2,7 @@
 
 A zip is unpacked once, into a folder named by its name and a digest of its bytes, and served from there.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,9 @@ logger = logging.getLogger(__name__)
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 
 
-def open_artifact(artifact: str | os.PathLike, store: RunStore, unpack_dir: Path, runtime: str,
-                  select_model: str | None = None) -> Path:
+def open_artifact(
+    artifact: str | os.PathLike, store: RunStore, unpack_dir: Path, runtime: str, select_model: str | None = None
+) -> Path:
     """The model file to serve for ``artifact``: a run id, an artifact folder, a ``.zip`` of one, or a model file.
 
     In a folder, ``select_model`` names the file; by default ``model.onnx`` when ``runtime='onnx'`` and it exists,
@@ -34,8 +36,10 @@ def open_artifact(artifact: str | os.PathLike, store: RunStore, unpack_dir: Path
     else:
         path = Path(text).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f'artifact {text!r} is neither a run id of this workspace nor an existing path; '
-                                    'give a run id, an artifact folder (with model.pt / model.onnx) or a .zip of one')
+            raise FileNotFoundError(
+                f'artifact {text!r} is neither a run id of this workspace nor an existing path; '
+                'give a run id, an artifact folder (with model.pt / model.onnx) or a .zip of one'
+            )
         if path.is_file() and path.suffix == '.zip':
             path = _unpack(path, unpack_dir)
         if path.is_file():

@@ -1,4 +1,5 @@
 """The request batcher: concurrent small requests for the same model share forward passes (dynamic batching)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -71,7 +72,7 @@ class RequestBatcher:
             start = 0
             for part, _, future, _ in group:
                 if not future.done():  # a request whose client went away is skipped
-                    future.set_result(out[start:start + inputs.rows(part)])
+                    future.set_result(out[start : start + inputs.rows(part)])
                 start += inputs.rows(part)
         self._pending.pop(key, None)
 

@@ -1,4 +1,5 @@
 """The encoder cache: loaded models for serving, kept while they are used, least recently used dropped first."""
+
 from __future__ import annotations
 
 import logging

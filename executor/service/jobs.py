@@ -12,6 +12,7 @@ that fails writes its error to ``failures/rank-<r>.json`` and torchrun stops the
 marks the run FAILED with the first error of any rank. Cancelling sends SIGTERM to torchrun, which stops its
 workers; the workers also watch the service's pipe, so they end with their service or with a killed torchrun.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,14 @@ FAILURES_DIR = 'failures'  # under a run folder: one JSON file per rank that fai
 
 def _check_resumed_epochs(run_id: str, state: RunState, epochs: int, extends: bool) -> None:
     if epochs < state.epoch:
-        raise ValueError(f'run {run_id!r} has done {state.epoch} epochs already, so it cannot end after {epochs}: give '
-                         f'epochs >= {state.epoch}, or start a new run')
+        raise ValueError(
+            f'run {run_id!r} has done {state.epoch} epochs already, so it cannot end after {epochs}: give '
+            f'epochs >= {state.epoch}, or start a new run'
+        )
     if extends and epochs == state.epoch:
-        raise ValueError(f'run {run_id!r} finished its {state.epoch} epochs: give epochs > {state.epoch} to train it '
-                         'further')
+        raise ValueError(
+            f'run {run_id!r} finished its {state.epoch} epochs: give epochs > {state.epoch} to train it further'
+        )
 
 
 class JobQueue:
@@ -79,19 +83,26 @@ class JobQueue:
         with self._lock:
             state = self.store.get(run_id)
             if self._current is not None and self._current[0] == run_id and state.done:
-                raise ValueError(f'run {run_id!r} is {state.status} but its training process is still exiting; '
-                                 'resume it again in a few seconds')
+                raise ValueError(
+                    f'run {run_id!r} is {state.status} but its training process is still exiting; '
+                    'resume it again in a few seconds'
+                )
             extends = state.status == 'FINISHED' and epochs is not None
             if state.status not in RESUMABLE and not extends:
-                why = ('it is still queued or training' if not state.done else
-                       f'it finished; resume it with epochs=N (more than its {state.epoch}) to train it further, or '
-                       f'start a new run with model={run_id!r}')
+                why = (
+                    'it is still queued or training'
+                    if not state.done
+                    else f'it finished; resume it with epochs=N (more than its {state.epoch}) to train it further, or '
+                    f'start a new run with model={run_id!r}'
+                )
                 raise ValueError(f'run {run_id!r} is {state.status} and cannot be resumed: {why}')
             if epochs is not None:
                 _check_resumed_epochs(run_id, state, epochs, extends)
                 if extends and not (self.store.folder(run_id) / CHECKPOINT).is_file():
-                    raise ValueError(f'run {run_id!r} has no checkpoint to continue from ({CHECKPOINT}); start a new '
-                                     f'run with model={run_id!r} instead')
+                    raise ValueError(
+                        f'run {run_id!r} has no checkpoint to continue from ({CHECKPOINT}); start a new '
+                        f'run with model={run_id!r} instead'
+                    )
                 self.store.update_request(run_id, epochs=epochs)
             changes = {'epochs': epochs} if epochs is not None else {}
             state = self.store.update(run_id, status='CREATED', finished_at=None, error=None, resume=True, **changes)
@@ -163,18 +174,33 @@ class JobQueue:
                 self.store.update(run_id, status='FAILED', finished_at=now(), error=str(err))
                 return
             shutil.rmtree(folder / FAILURES_DIR, ignore_errors=True)  # left by an earlier attempt of a resumed run
-            env = {**os.environ, **self.env, 'FINETUNER_PROGRESS': '0', 'PYTHONUNBUFFERED': '1',
-                   'PYTHONPATH': os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get('PYTHONPATH')])])}
+            env = {
+                **os.environ,
+                **self.env,
+                'FINETUNER_PROGRESS': '0',
+                'PYTHONUNBUFFERED': '1',
+                'PYTHONPATH': os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]),
+            }
             # A session of its own: cancel signals the child's whole group, and a Ctrl-C meant for the service
             # reaches the child only through the service's close().
             with open(folder / 'train.log', 'ab') as log:
                 process = subprocess.Popen(
-                    child_command(folder, num_devices), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                    env=env, cwd=str(folder), start_new_session=True,
+                    child_command(folder, num_devices),
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=str(folder),
+                    start_new_session=True,
                 )
             self._current = (run_id, process)
-        logger.info('run %s: training in process %d (%d device%s)', run_id, process.pid, num_devices,
-                    's' if num_devices > 1 else '')
+        logger.info(
+            'run %s: training in process %d (%d device%s)',
+            run_id,
+            process.pid,
+            num_devices,
+            's' if num_devices > 1 else '',
+        )
         code = process.wait()
         with self._lock:
             self._current = None
@@ -190,9 +216,16 @@ class JobQueue:
             self.store.update(run_id, status='CANCELLED', finished_at=now(), pid=None)
             logger.info('run %s cancelled', run_id)
         elif self._closed and not state.done:
-            self.store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=(
-                f'interrupted: the service stopped while the run was training; resume it with /train '
-                f'resume={run_id!r}'))
+            self.store.update(
+                run_id,
+                status='FAILED',
+                finished_at=now(),
+                pid=None,
+                error=(
+                    f'interrupted: the service stopped while the run was training; resume it with /train '
+                    f'resume={run_id!r}'
+                ),
+            )
         elif not state.done:
             error = first_failure(self.store.folder(run_id)) or _exit_reason(code)
             self.store.update(run_id, status='FAILED', finished_at=now(), pid=None, error=error)
@@ -232,13 +265,17 @@ def first_failure(folder: Path) -> str | None:
     if not records:
         return None
     first = min(records, key=lambda record: record['time'])
-    return f"rank {first['rank']} of {first['world']}: {first['error']}"
+    return f'rank {first["rank"]} of {first["world"]}: {first["error"]}'
 
 
 def _exit_reason(code: int) -> str:
     if code < 0:
         name = signal.Signals(-code).name
-        hint = (' (SIGKILL is most often the kernel\'s out-of-memory killer: lower batch_size or image_size, or '
-                'freeze more layers)' if -code == signal.SIGKILL else '')
-        return f'the training process was killed by {name}{hint}; see the run\'s log (/runs/logs)'
-    return f'the training process exited with code {code} before it finished; see the run\'s log (/runs/logs)'
+        hint = (
+            " (SIGKILL is most often the kernel's out-of-memory killer: lower batch_size or image_size, or "
+            'freeze more layers)'
+            if -code == signal.SIGKILL
+            else ''
+        )
+        return f"the training process was killed by {name}{hint}; see the run's log (/runs/logs)"
+    return f"the training process exited with code {code} before it finished; see the run's log (/runs/logs)"

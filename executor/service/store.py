@@ -18,6 +18,7 @@ runs can be set back to CREATED to resume from their last checkpoint.
 The artifact's own file names (``model.pt``, ``model.onnx``, ``history.jsonl``, ...) are ``executor.tuning.artifact``'s;
 the names here are those of the run folder around it.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ STATUS_FILE = 'status.json'
 REQUEST_FILE = 'request.json'
 LOG_FILE = 'train.log'
 DOCS_DIR = 'train_docs'
+
 
 class RunNotFoundError(LookupError):
     """No run has this id in the store."""
@@ -93,8 +95,20 @@ class RunState:
     pid: int | None = None  # the training process, while the run is STARTED
     resume: bool = False  # the next start continues from the last checkpoint
 
-    INFO_FIELDS = ('run_id', 'status', 'created_at', 'started_at', 'finished_at', 'epoch', 'epochs', 'step',
-                   'total_steps', 'metrics', 'error', 'artifact')
+    INFO_FIELDS = (
+        'run_id',
+        'status',
+        'created_at',
+        'started_at',
+        'finished_at',
+        'epoch',
+        'epochs',
+        'step',
+        'total_steps',
+        'metrics',
+        'error',
+        'artifact',
+    )
 
     @property
     def done(self) -> bool:
@@ -112,8 +126,10 @@ class RunState:
 
 def check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise ValueError(f'run_id {run_id!r} is not valid: use 1-128 letters, digits, ".", "_" or "-", starting with a '
-                         'letter or digit')
+        raise ValueError(
+            f'run_id {run_id!r} is not valid: use 1-128 letters, digits, ".", "_" or "-", starting with a '
+            'letter or digit'
+        )
     return run_id
 
 
@@ -144,8 +160,9 @@ class RunStore:
     def ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / STATUS_FILE).is_file())
 
-    def create(self, request: dict[str, Any], run_id: str | None = None,
-               docs: Sequence[Item] | None = None) -> RunState:
+    def create(
+        self, request: dict[str, Any], run_id: str | None = None, docs: Sequence[Item] | None = None
+    ) -> RunState:
         """A new CREATED run with its request (and the documents sent with it) written before its status.
 
         ``run_id`` defaults to a fresh time-ordered id. A run's status file is written last, so a run that was
@@ -157,8 +174,10 @@ class RunStore:
             check_run_id(run_id)
             folder = self.root / run_id
             if (folder / STATUS_FILE).exists():
-                raise ValueError(f'a run named {run_id!r} exists already; choose another run_name, or resume it with '
-                                 f'resume={run_id!r}')
+                raise ValueError(
+                    f'a run named {run_id!r} exists already; choose another run_name, or resume it with '
+                    f'resume={run_id!r}'
+                )
             folder.mkdir(parents=True, exist_ok=True)
         if docs:
             self._write_docs(folder / DOCS_DIR, docs)
@@ -214,9 +233,16 @@ class RunStore:
         queued = []
         for state in self.list():
             if state.status == 'STARTED' and not (state.pid and alive(state.pid)):
-                self.update(state.run_id, status='FAILED', finished_at=now(), pid=None, error=(
-                    'interrupted: the service stopped while the run was training; resume it with '
-                    f'/train resume={state.run_id!r} (it continues from its last checkpoint)'))
+                self.update(
+                    state.run_id,
+                    status='FAILED',
+                    finished_at=now(),
+                    pid=None,
+                    error=(
+                        'interrupted: the service stopped while the run was training; resume it with '
+                        f'/train resume={state.run_id!r} (it continues from its last checkpoint)'
+                    ),
+                )
                 logger.warning('run %s was interrupted by a stop of the service; marked FAILED', state.run_id)
             elif state.status == 'CREATED':
                 queued.append(state.run_id)
@@ -251,8 +277,13 @@ class RunStore:
         folder = self.folder(run_id)
         state = self.get(run_id)
         if state.status != 'FINISHED':
-            hint = ('wait until it reads FINISHED' if not state.done else
-                    f'resume it with /train resume={run_id!r}' if state.status in RESUMABLE else '')
+            hint = (
+                'wait until it reads FINISHED'
+                if not state.done
+                else f'resume it with /train resume={run_id!r}'
+                if state.status in RESUMABLE
+                else ''
+            )
             raise ValueError(f'run {run_id!r} is {state.status}, it has no model to serve yet; {hint}'.rstrip('; '))
         onnx = folder / ONNX_FILE
         return onnx if runtime == 'onnx' and onnx.is_file() else folder / MODEL_FILE
@@ -291,8 +322,15 @@ class RunStore:
         for line in index.read_text(encoding='utf-8').splitlines():
             record = json.loads(line)
             uri = str(folder / record['file']) if 'file' in record else record.get('uri')
-            items.append(Item(id=record['id'], uri=uri, text=record.get('text'), label=record.get('label'),
-                              name=record.get('name', '')))
+            items.append(
+                Item(
+                    id=record['id'],
+                    uri=uri,
+                    text=record.get('text'),
+                    label=record.get('label'),
+                    name=record.get('name', ''),
+                )
+            )
         return items
 
 

@@ -6,6 +6,7 @@ while it lives: STARTED, progress each batch and epoch (``StatusCallback``), the
 error to ``failures/rank-<r>.json``. It exits as soon as its service does: it watches the pipe on its stdin, whose
 other end the service holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ class StatusCallback(Callback):
         self._last_write = 0.0
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.store.update(self.run_id, epoch=trainer.epoch, epochs=trainer.epochs, step=trainer.step,
-                          total_steps=trainer.total_steps)
+        self.store.update(
+            self.run_id, epoch=trainer.epoch, epochs=trainer.epochs, step=trainer.step, total_steps=trainer.total_steps
+        )
 
     def on_batch_end(self, trainer: Trainer, loss: float) -> None:
         if time.monotonic() - self._last_write >= STATUS_INTERVAL:
@@ -107,8 +109,15 @@ def train_run(folder: Path) -> int:
     if rank == 0:
         metrics = dict(result.history[-1]) if result.history else {}
         metrics.update({f'before/{k}': v for k, v in (result.metrics_before or {}).items()})
-        store.update(run_id, status='FINISHED', finished_at=now(), pid=None, resume=False,
-                     artifact=str(result.artifact), metrics=finite_metrics(metrics))
+        store.update(
+            run_id,
+            status='FINISHED',
+            finished_at=now(),
+            pid=None,
+            resume=False,
+            artifact=str(result.artifact),
+            metrics=finite_metrics(metrics),
+        )
         logger.info('run %s finished: %s', run_id, result.artifact)
     return 0
 
@@ -116,8 +125,10 @@ def train_run(folder: Path) -> int:
 def _record_failure(folder: Path, rank: int, world: int, err: BaseException) -> None:
     """Write this rank's error for ``first_failure``, before the process exits and its peers see it gone."""
     (folder / FAILURES_DIR).mkdir(exist_ok=True)
-    atomic_write_text(folder / FAILURES_DIR / f'rank-{rank}.json',
-                      json.dumps({'rank': rank, 'world': world, 'time': time.time(), 'error': _describe(err)}))
+    atomic_write_text(
+        folder / FAILURES_DIR / f'rank-{rank}.json',
+        json.dumps({'rank': rank, 'world': world, 'time': time.time(), 'error': _describe(err)}),
+    )
 
 
 def _describe(err: BaseException) -> str:
@@ -135,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print('usage: python -m executor.service.worker <run folder>', file=sys.stderr)
         return 2
     # under torchrun the ranks share train.log: each line says whose it is
-    rank = f" rank {os.environ['RANK']}" if int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f'%(asctime)s %(levelname)s{rank} %(name)s: %(message)s')
+    rank = f' rank {os.environ["RANK"]}' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f'%(asctime)s %(levelname)s{rank} %(name)s: %(message)s'
+    )
     _exit_with_parent()
     return train_run(Path(args[0]).resolve())
 

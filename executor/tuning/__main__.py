@@ -2,6 +2,7 @@
 
 The same command runs under ``torchrun`` for many devices or machines (see README, "Many devices").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ from executor.tuning import TrainConfig, fit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m executor.tuning', description=__doc__.splitlines()[0])
     parser.add_argument('config', type=Path, help='a JSON or YAML file of TrainConfig fields')
-    parser.add_argument('--resume', action='store_true', help='continue from the run folder\'s last checkpoint')
+    parser.add_argument('--resume', action='store_true', help="continue from the run folder's last checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     text = args.config.read_text()

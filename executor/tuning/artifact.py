@@ -13,6 +13,7 @@ model), the batch axis dynamic, and gives ``embeddings`` ``(B, D)``, plus ``logi
 classifier head. ``preprocessing.json`` is written beside ``model.pt`` by the trainer and beside every export, and
 also travels inside the ``.onnx`` file's metadata, so an ``.onnx`` file copied alone can still be served.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,15 @@ def read_preprocessing(onnx_path: str | os.PathLike) -> dict[str, Any]:
             )
         record = json.loads(meta[ONNX_METADATA_KEY])
     if record.get('format') == PREPROCESSING_FORMAT_V1:
-        record = {**record, 'format': PREPROCESSING_FORMAT, 'inputs': {'kind': 'image', **record['data_config']},
-                  'onnx': {'inputs': [record['input']], 'outputs': record['outputs']}}
+        record = {
+            **record,
+            'format': PREPROCESSING_FORMAT,
+            'inputs': {'kind': 'image', **record['data_config']},
+            'onnx': {'inputs': [record['input']], 'outputs': record['outputs']},
+        }
     if record.get('format') != PREPROCESSING_FORMAT:
-        raise ValueError(f'preprocessing record of {str(onnx_path)!r} has format {record.get("format")!r}, expected '
-                         f'{PREPROCESSING_FORMAT!r}; export the model again with export_onnx')
+        raise ValueError(
+            f'preprocessing record of {str(onnx_path)!r} has format {record.get("format")!r}, expected '
+            f'{PREPROCESSING_FORMAT!r}; export the model again with export_onnx'
+        )
     return record

@@ -4,6 +4,7 @@ Finetuner's users hit out-of-memory at batch 128 and asked for this (finetuner #
 until a step fails with out-of-memory (or ``maximum`` is reached), then bisects between the last batch that fitted
 and the first that did not; at most ``2 * log2(maximum / start)`` trial steps.
 """
+
 from __future__ import annotations
 
 import gc
@@ -17,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and 'out of memory' in str(err).lower())
+        isinstance(err, RuntimeError) and 'out of memory' in str(err).lower()
+    )
 
 
 def _fits(trial: Callable[[int], None], batch: int) -> bool:

@@ -5,15 +5,19 @@ epoch's row of the metrics history. Callbacks with state (best score, patience) 
 resume. The trainer imports this module, never the reverse: what a callback may read of the trainer is
 ``TrainerState``.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from executor.tuning.config import TrainConfig
 from executor.tuning.evaluation import Evaluator, metric_mode
 
 logger = logging.getLogger(__name__)
@@ -91,8 +95,9 @@ class BestModel(Callback):
     def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
         value = logs.get(self.monitor)
         if value is None:
-            raise ValueError(f'monitor {self.monitor!r} is not among the logged metrics {sorted(logs)}; '
-                             'choose one of those')
+            raise ValueError(
+                f'monitor {self.monitor!r} is not among the logged metrics {sorted(logs)}; choose one of those'
+            )
         if self.best is None or (value > self.best if higher_is_better(self.monitor) else value < self.best):
             self.best, self.best_epoch = float(value), int(logs['epoch'])
             self.best_state = {k: v.detach().clone().cpu() for k, v in trainer.raw_model.state_dict().items()}
@@ -143,12 +148,23 @@ class ProgressBar(Callback):
     def on_fit_start(self, trainer: TrainerState) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn('[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}'), BarColumn(),
-                                 MofNCompleteColumn(), TimeRemainingColumn(), TextColumn('{task.fields[info]}'),
-                                 transient=False)
+        self.progress = Progress(
+            TextColumn('[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}'),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn('{task.fields[info]}'),
+            transient=False,
+        )
         self.progress.start()
-        self.task = self.progress.add_task('train', total=trainer.total_steps, completed=trainer.step,
-                                           epoch=trainer.epoch + 1, epochs=trainer.epochs, info='')
+        self.task = self.progress.add_task(
+            'train',
+            total=trainer.total_steps,
+            completed=trainer.step,
+            epoch=trainer.epoch + 1,
+            epochs=trainer.epochs,
+            info='',
+        )
 
     def on_batch_end(self, trainer: TrainerState, loss: float) -> None:
         self.progress.update(self.task, completed=trainer.step, epoch=trainer.epoch + 1, info=f'loss {loss:.4f}')
@@ -187,3 +203,19 @@ class TensorBoardLogger(Callback):
     def on_fit_end(self, trainer: TrainerState) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str, output_dir: Path) -> list[Callback]:
+    """A run's callbacks, in the order they run: evaluation first (the others watch its metrics), best model, early
+    stopping, the caller's own, TensorBoard, the progress bar (unless ``FINETUNER_PROGRESS=0``)."""
+    callbacks: list[Callback] = [EvaluationCallback(evaluator)] if evaluator is not None else []
+    if config.save_best and evaluator is not None:
+        callbacks.append(BestModel(monitor))
+    if config.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor, config.early_stopping_patience))
+    callbacks += list(config.callbacks)
+    if config.tensorboard:
+        callbacks.append(TensorBoardLogger(str(output_dir / 'tensorboard')))
+    if os.environ.get('FINETUNER_PROGRESS', '1') != '0':
+        callbacks.append(ProgressBar())
+    return callbacks

@@ -1,4 +1,5 @@
 """The training configuration: Finetuner's parameter names, validated (a misspelt key is an error)."""
+
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from executor.tuning.losses import list_losses, list_miners, unknown_name
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
 MAX_DEVICES = 64  # processes on one machine: past any machine's GPU count, and past what CPU training gains from
+
 
 class SchedulerOptions(BaseModel):
     """``num_warmup_steps`` (batches, or a fraction of all steps when < 1), cycles and power of the schedule."""
@@ -39,7 +41,8 @@ class TrainConfig(BaseModel):
     output_dim: Optional[int] = Field(None, ge=1, le=65536)
     pooler: Literal['avg', 'gem'] = 'avg'
     freeze_batchnorm: Optional[bool] = Field(
-        None, description='keep BatchNorm statistics fixed while training; default: True for pretrained weights')
+        None, description='keep BatchNorm statistics fixed while training; default: True for pretrained weights'
+    )
     image_size: Optional[int] = Field(None, ge=16, le=2048, description='override the model input size (pixels)')
     projection_layers: int = Field(2, ge=1, le=4, description='layers of the SimCLR projection head')
 
@@ -66,8 +69,12 @@ class TrainConfig(BaseModel):
     scheduler: Optional[Scheduler] = None
     scheduler_options: SchedulerOptions = Field(default_factory=SchedulerOptions)
     epochs: Optional[int] = Field(None, ge=1, le=10000, description='default depends on the task')
-    batch_size: Optional[int] = Field(None, ge=2, le=65536, description=(
-        'the global batch, split among num_devices processes; default depends on the task'))
+    batch_size: Optional[int] = Field(
+        None,
+        ge=2,
+        le=65536,
+        description=('the global batch, split among num_devices processes; default depends on the task'),
+    )
     auto_batch_size: bool = Field(False, description='find the largest batch that fits in memory')
     num_items_per_class: int = Field(4, ge=2, le=1024)
     sampler: Literal['auto', 'class', 'random'] = 'auto'
@@ -77,11 +84,17 @@ class TrainConfig(BaseModel):
 
     # machinery
     device: Device = 'auto'
-    num_devices: int = Field(1, ge=1, le=MAX_DEVICES, description=(
-        'processes training the run together on this machine, launched by torchrun (DDP): one per GPU with '
-        "device='cuda' (or 'auto' on a machine with GPUs), at most the GPUs visible; with device='cpu' (or 'auto' "
-        'without GPUs) that many CPU processes joined over gloo. batch_size is the global batch and must be a '
-        'multiple of num_devices'))
+    num_devices: int = Field(
+        1,
+        ge=1,
+        le=MAX_DEVICES,
+        description=(
+            'processes training the run together on this machine, launched by torchrun (DDP): one per GPU with '
+            "device='cuda' (or 'auto' on a machine with GPUs), at most the GPUs visible; with device='cpu' (or 'auto' "
+            'without GPUs) that many CPU processes joined over gloo. batch_size is the global batch and must be a '
+            'multiple of num_devices'
+        ),
+    )
     amp: bool = Field(True, description='mixed precision on CUDA (ignored on CPU)')
     channels_last: bool = True
     num_workers: int = Field(0, ge=0, le=64)
@@ -115,9 +128,18 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode='after')
     def _consistent(self) -> TrainConfig:
-        if self.query_data is not None and self.index_data is None or self.index_data is not None and self.query_data is None:
+        if (
+            self.query_data is not None
+            and self.index_data is None
+            or self.index_data is not None
+            and self.query_data is None
+        ):
             raise ValueError('query_data and index_data go together: give both, or eval_data alone')
-        if self.early_stopping_patience is not None and not self.has_evaluation and self.monitor not in (None, 'train_loss'):
+        if (
+            self.early_stopping_patience is not None
+            and not self.has_evaluation
+            and self.monitor not in (None, 'train_loss')
+        ):
             raise ValueError(f'monitor={self.monitor!r} needs evaluation data (eval_data, or query_data + index_data)')
         if self.num_devices > 1:
             self._check_devices()
@@ -127,11 +149,15 @@ class TrainConfig(BaseModel):
         """``num_devices`` processes must each find a GPU of their own (or, on CPU, the batch must divide)."""
         n = self.num_devices
         if self.batch_size is not None and self.batch_size % n:
-            raise ValueError(f'batch_size={self.batch_size} is the global batch and must divide among num_devices={n} '
-                             f'processes; use a multiple of {n}')
+            raise ValueError(
+                f'batch_size={self.batch_size} is the global batch and must divide among num_devices={n} '
+                f'processes; use a multiple of {n}'
+            )
         if self.device.startswith('cuda:'):
-            raise ValueError(f'device={self.device!r} names one GPU, but num_devices={n} trains on {n}; use '
-                             "device='cuda' (choose the GPUs with CUDA_VISIBLE_DEVICES), or num_devices=1")
+            raise ValueError(
+                f'device={self.device!r} names one GPU, but num_devices={n} trains on {n}; use '
+                "device='cuda' (choose the GPUs with CUDA_VISIBLE_DEVICES), or num_devices=1"
+            )
         if self.device == 'cpu':
             return
         count = torch.cuda.device_count()
@@ -140,10 +166,15 @@ class TrainConfig(BaseModel):
         if count < n:
             shown = os.environ.get('CUDA_VISIBLE_DEVICES')
             where = f' (CUDA_VISIBLE_DEVICES={shown!r})' if shown is not None else ''
-            visible, fewer = (('no CUDA device is visible', '') if count == 0 else
-                              (f'only {count} CUDA device(s) are visible', f'set num_devices to at most {count}, or '))
-            raise ValueError(f'num_devices={n} with device={self.device!r} needs {n} GPUs, but {visible}{where}; '
-                             f"{fewer}set device='cpu' to train with {n} CPU processes")
+            visible, fewer = (
+                ('no CUDA device is visible', '')
+                if count == 0
+                else (f'only {count} CUDA device(s) are visible', f'set num_devices to at most {count}, or ')
+            )
+            raise ValueError(
+                f'num_devices={n} with device={self.device!r} needs {n} GPUs, but {visible}{where}; '
+                f"{fewer}set device='cpu' to train with {n} CPU processes"
+            )
 
     @property
     def has_evaluation(self) -> bool:

@@ -1,4 +1,5 @@
 """Devices: the names training and serving accept ('auto', 'cpu', 'cuda', 'cuda:N'), and the CPUs this process has."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,10 @@ def check_device(device: str) -> str:
     """``device`` unchanged when it is a name this project accepts; a ``ValueError`` saying which are otherwise."""
     if device in ('auto', 'cpu', 'cuda') or (device.startswith('cuda:') and device[5:].isdigit()):
         return device
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}; use 'auto', 'cpu', 'cuda' "
-                     "or 'cuda:<index>' ('auto' takes a GPU when there is one)")
+    raise ValueError(
+        f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}; use 'auto', 'cpu', 'cuda' "
+        "or 'cuda:<index>' ('auto' takes a GPU when there is one)"
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -35,8 +38,11 @@ def usable_cores() -> int:
     for cpu in usable_cpus():
         topology = Path(f'/sys/devices/system/cpu/cpu{cpu}/topology')
         try:
-            cores.add((topology / 'physical_package_id').read_text().strip() + ':'
-                      + (topology / 'core_id').read_text().strip())
+            cores.add(
+                (topology / 'physical_package_id').read_text().strip()
+                + ':'
+                + (topology / 'core_id').read_text().strip()
+            )
         except OSError:
             cores.add(f'cpu {cpu}')
     return max(1, len(cores))

@@ -1,4 +1,5 @@
 """The training process's device and its place in a DDP group (``torchrun``), NCCL on GPUs and gloo on CPU."""
+
 from __future__ import annotations
 
 import logging
@@ -46,7 +47,8 @@ def check_local_world(num_devices: int) -> None:
             f'num_devices={num_devices} asks for that many processes on this machine, but this one runs among '
             f'{local}; torchrun starts them: train through the service (/train num_devices=...) or run `torchrun '
             f'--nproc-per-node {num_devices} -m executor.tuning run.json` (num_devices=1 when torchrun decides the '
-            'count)')
+            'count)'
+        )
 
 
 def agree_on_minimum(value: int, device: torch.device, world: int) -> int:

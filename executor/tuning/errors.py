@@ -1,4 +1,5 @@
 """The core's error for bad data, apart from every other module so that any of them can raise it."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ file outside the tolerance is deleted and the export raises ``ExportError``. The
 contract of ``artifact.py``: the inputs' ONNX names with their dynamic axes, ``embeddings`` and, for a classifier,
 ``logits``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -111,19 +112,38 @@ def export_onnx(
         with torch.inference_mode():
             reference = [t.numpy() for t in module(*_graph_args(inputs, batch))]
         exporter, float_nodes, max_abs, min_cos = _export_variant(
-            module, inputs, batch, reference, path, variant, calibration, opset, dynamo, (min_cosine, atol))
+            module, inputs, batch, reference, path, variant, calibration, opset, dynamo, (min_cosine, atol)
+        )
     finally:
         model.train(was_training)
     artifact.write_preprocessing(path.parent, model)
-    report = ExportReport(path, variant, max_abs, min_cos, _size(path), time.perf_counter() - start, exporter,
-                          artifact.output_names(model), float_nodes)
+    report = ExportReport(
+        path,
+        variant,
+        max_abs,
+        min_cos,
+        _size(path),
+        time.perf_counter() - start,
+        exporter,
+        artifact.output_names(model),
+        float_nodes,
+    )
     logger.info('exported %s (%s, %.1f MB) in %.1f s', path, variant, report.size_bytes / 1e6, report.seconds)
     return report
 
 
-def _export_variant(module: _GraphModule, inputs: Inputs, batch: Batch, reference: list[np.ndarray], path: Path,
-                    variant: Variant, calibration: Any, opset: int | None, dynamo: bool,
-                    tolerance: tuple[float, float | None]) -> tuple[str, int, float, float]:
+def _export_variant(
+    module: _GraphModule,
+    inputs: Inputs,
+    batch: Batch,
+    reference: list[np.ndarray],
+    path: Path,
+    variant: Variant,
+    calibration: Any,
+    opset: int | None,
+    dynamo: bool,
+    tolerance: tuple[float, float | None],
+) -> tuple[str, int, float, float]:
     """Export into a temporary folder beside ``path``, convert to ``variant``, and move the files over only when
     parity holds (``tolerance``: min cosine, max abs diff): (exporter, leading float nodes, max abs diff, min cosine).
     """
@@ -136,8 +156,9 @@ def _export_variant(module: _GraphModule, inputs: Inputs, batch: Batch, referenc
         if variant == 'fp16':
             proto = _to_fp16(onnx.load(str(fp32)), large)
         elif variant == 'int8':
-            cal = _as_batch(inputs, inputs.calibration_contents() if calibration is None else calibration,
-                            'calibration', 1)
+            cal = _as_batch(
+                inputs, inputs.calibration_contents() if calibration is None else calibration, 'calibration', 1
+            )
             proto, float_nodes = _quantize_int8(fp32, Path(tmp), inputs, batch, reference, cal, min_cosine, large)
         else:
             proto = onnx.load(str(fp32))
@@ -191,8 +212,9 @@ def _as_batch(inputs: Inputs, items: Any, what: str, minimum: int) -> Batch:
     return batch
 
 
-def _export_graph(module: _GraphModule, inputs: Inputs, batch: Batch, path: Path, opset: int | None, dynamo: bool,
-                  large: bool) -> Literal['dynamo', 'legacy']:
+def _export_graph(
+    module: _GraphModule, inputs: Inputs, batch: Batch, path: Path, opset: int | None, dynamo: bool, large: bool
+) -> Literal['dynamo', 'legacy']:
     """Trace ``module`` into ``path``. The dynamo exporter's graph runs faster in onnxruntime (efficientnet-lite0:
     182 vs 129 img/s on 2 cores), so the legacy TorchScript exporter is only the fallback."""
     args, names = _graph_args(inputs, batch), list(inputs.onnx_inputs)
@@ -202,30 +224,56 @@ def _export_graph(module: _GraphModule, inputs: Inputs, batch: Batch, path: Path
     if dynamo:
         dims: dict[str, Any] = {}
         # one entry: forward takes its tensors as *args, which torch.export sees as one tuple
-        shapes = tuple({axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes[n].items()}
-                       for n in names)
+        shapes = tuple(
+            {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes[n].items()} for n in names
+        )
         try:
-            torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=outputs,
-                              dynamic_shapes=(shapes,), opset_version=opset, external_data=large, verbose=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                input_names=names,
+                output_names=outputs,
+                dynamic_shapes=(shapes,),
+                opset_version=opset,
+                external_data=large,
+                verbose=False,
+            )
             return 'dynamo'
         except OSError as err:  # a full disk or a folder not writable: the legacy exporter would fail the same way
-            raise ExportError(f'could not write the ONNX graph under {path.parent}: {err}; free space there or '
-                              f'export to another folder') from err
+            raise ExportError(
+                f'could not write the ONNX graph under {path.parent}: {err}; free space there or '
+                f'export to another folder'
+            ) from err
         except Exception as err:  # the dynamo exporter fails in many library-specific ways; the reason is logged
             dynamo_error = f'{type(err).__name__}: {err}'
-            logger.warning('the dynamo ONNX exporter failed (%s); falling back to the legacy TorchScript exporter, '
-                           'whose graph runs slower', dynamo_error)
+            logger.warning(
+                'the dynamo ONNX exporter failed (%s); falling back to the legacy TorchScript exporter, '
+                'whose graph runs slower',
+                dynamo_error,
+            )
     try:
         with warnings.catch_warnings():  # its deprecation notice: chosen knowingly, and the reason is logged above
             warnings.simplefilter('ignore', DeprecationWarning)
-            torch.onnx.export(module, args, str(path), dynamo=False, input_names=names, output_names=outputs,
-                              dynamic_axes={**axes, **{o: {0: 'batch'} for o in outputs}}, opset_version=opset,
-                              do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes={**axes, **{o: {0: 'batch'} for o in outputs}},
+                opset_version=opset,
+                do_constant_folding=True,
+            )
     except Exception as err:
         if dynamo_error is None:
             raise
-        raise ExportError(f'neither ONNX exporter could export the model: the dynamo exporter failed with '
-                          f'{dynamo_error}, then the legacy exporter with {type(err).__name__}: {err}') from err
+        raise ExportError(
+            f'neither ONNX exporter could export the model: the dynamo exporter failed with '
+            f'{dynamo_error}, then the legacy exporter with {type(err).__name__}: {err}'
+        ) from err
     return 'legacy'
 
 
@@ -245,8 +293,16 @@ class _BatchReader(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def _quantize_int8(fp32: Path, tmp: Path, inputs: Inputs, batch: Batch, reference: list[np.ndarray],
-                   calibration: Batch, min_cosine: float, large: bool) -> tuple[onnx.ModelProto, int]:
+def _quantize_int8(
+    fp32: Path,
+    tmp: Path,
+    inputs: Inputs,
+    batch: Batch,
+    reference: list[np.ndarray],
+    calibration: Batch,
+    min_cosine: float,
+    large: bool,
+) -> tuple[onnx.ModelProto, int]:
     """Static int8 (uint8 activations, per-channel int8 weights, QDQ), keeping the fewest leading layers in float
     that reach ``min_cosine``.
 
@@ -266,20 +322,28 @@ def _quantize_int8(fp32: Path, tmp: Path, inputs: Inputs, batch: Batch, referenc
     for keep in [k for k in INT8_FLOAT_NODES if k < len(nodes)]:
         out = tmp / f'int8-{keep}.onnx'
         quantize_static(
-            str(prepared), str(out), _BatchReader(inputs, calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=nodes[:keep],
+            str(prepared),
+            str(out),
+            _BatchReader(inputs, calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=nodes[:keep],
             reduce_range=True,  # 7-bit weights: u8 x s8 sums saturate on CPUs without VNNI (AVX2 only)
-            use_external_data_format=large, calibration_providers=['CPUExecutionProvider'],
+            use_external_data_format=large,
+            calibration_providers=['CPUExecutionProvider'],
         )
         _, cosine = _parity(reference, _run_onnx(out, batch))
         tried.append(f'{keep}: {cosine:.4f}')
-        logger.info('int8 with the first %d of %d Conv/MatMul/Gemm nodes in float: min cosine %.5f', keep,
-                    len(nodes), cosine)
+        logger.info(
+            'int8 with the first %d of %d Conv/MatMul/Gemm nodes in float: min cosine %.5f', keep, len(nodes), cosine
+        )
         if cosine >= min_cosine:
             return onnx.load(str(out)), keep
     raise ExportError(
         f'int8 quantization does not reach cosine {min_cosine} against torch (leading float nodes -> min cosine: '
-        f'{", ".join(tried)}); the file was not written. Pass calibration images from the model\'s domain, lower '
+        f"{', '.join(tried)}); the file was not written. Pass calibration images from the model's domain, lower "
         f'min_cosine, or use the fp32 or fp16 export'
     )
 
@@ -309,8 +373,7 @@ def _save(proto: onnx.ModelProto, path: Path, preprocessing: dict[str, Any], lar
     """One file when it fits in protobuf, else the graph plus one ``<name>.data`` file; checked after writing."""
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {artifact.ONNX_METADATA_KEY: json.dumps(preprocessing)})
-    onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-              location=f'{path.name}.data')
+    onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=f'{path.name}.data')
     onnx.checker.check_model(str(path))
 
 

@@ -4,6 +4,7 @@ A crash (or a full disk) at any moment leaves either the old file or the new one
 processes never see a partial file. The temporary name is unique per process and thread, so concurrent writers of
 the same file do not trample each other's temporary file (the last rename wins).
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 Both runtimes preprocess items the same way (``model.inputs``), on a small thread pool that prepares the next batch
 while the model runs the current one, so the model is not kept waiting.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,19 +41,26 @@ logger = logging.getLogger(__name__)
 
 Runtime = Literal['torch', 'onnx']
 Contents = Sequence[Any] | Batch | torch.Tensor  # items' contents, or a batch preprocessed already
-ONNX_DTYPES = {'tensor(float)': np.float32, 'tensor(float16)': np.float16, 'tensor(int64)': np.int64,
-               'tensor(int32)': np.int32}
+ONNX_DTYPES = {
+    'tensor(float)': np.float32,
+    'tensor(float16)': np.float16,
+    'tensor(int64)': np.int64,
+    'tensor(int32)': np.int32,
+}
 
 
-def iter_batches(inputs: Inputs, contents: Contents, batch_size: int, names: Sequence[str] | None,
-                 workers: int) -> Iterator[Batch]:
+def iter_batches(
+    inputs: Inputs, contents: Contents, batch_size: int, names: Sequence[str] | None, workers: int
+) -> Iterator[Batch]:
     """Batches of ``batch_size``; the next one is preprocessed on ``workers`` threads while the caller runs this one."""
     if isinstance(contents, (dict, torch.Tensor)):
         yield from inputs.split(inputs.as_batch(contents), batch_size)
         return
     if isinstance(contents, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(contents, Sequence):
-        raise TypeError(f'items must be a list (or a preprocessed batch), got one {type(contents).__name__}; wrap a '
-                        'single item in a list')
+        raise TypeError(
+            f'items must be a list (or a preprocessed batch), got one {type(contents).__name__}; wrap a '
+            'single item in a list'
+        )
     names = item_names(len(contents), names, inputs.kind)
     if len(contents) == 1:  # nothing to overlap: a pool would only cost its thread
         yield inputs.batch(contents, names)
@@ -89,8 +97,9 @@ class Encoder(ABC):
 
     runtime: Runtime
 
-    def __init__(self, inputs: Inputs, embed_dim: int, class_names: list[str] | None, device: str,
-                 decode_workers: int | None) -> None:
+    def __init__(
+        self, inputs: Inputs, embed_dim: int, class_names: list[str] | None, device: str, decode_workers: int | None
+    ) -> None:
         self.inputs = inputs
         self.embed_dim = int(embed_dim)
         self.class_names = list(class_names) if class_names else None
@@ -108,8 +117,9 @@ class Encoder(ABC):
     def classify(self, contents: Contents, batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
         """``(N, len(class_names))`` float32 logits."""
         if not self.has_classifier:
-            raise ValueError('this model has no classifier head: train it with loss="CrossEntropyLoss" first, '
-                             'then export it again')
+            raise ValueError(
+                'this model has no classifier head: train it with loss="CrossEntropyLoss" first, then export it again'
+            )
         return self._collect(contents, batch_size, names, artifact.LOGITS, len(self.class_names))
 
     def preprocess(self, contents: Sequence[Any], batch_size: int, names: Sequence[str] | None = None) -> Batch:
@@ -125,8 +135,9 @@ class Encoder(ABC):
         """This encoder as an ``Evaluator``'s ``Embedder``, at ``batch_size`` items per forward pass."""
         return ItemEmbedder(self, batch_size)
 
-    def _collect(self, contents: Contents, batch_size: int, names: Sequence[str] | None, output: str,
-                 width: int) -> np.ndarray:
+    def _collect(
+        self, contents: Contents, batch_size: int, names: Sequence[str] | None, output: str, width: int
+    ) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}')
         batches = iter_batches(self.inputs, contents, batch_size, names, self.decode_workers)
@@ -138,8 +149,10 @@ class Encoder(ABC):
         """One preprocessed CPU batch -> the named output, ``(B, D)`` or ``(B, C)``."""
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(runtime={self.runtime!r}, device={self.device!r}, embed_dim={self.embed_dim}, '
-                f'classes={len(self.class_names) if self.class_names else 0})')
+        return (
+            f'{type(self).__name__}(runtime={self.runtime!r}, device={self.device!r}, embed_dim={self.embed_dim}, '
+            f'classes={len(self.class_names) if self.class_names else 0})'
+        )
 
 
 class ItemEmbedder:
@@ -167,8 +180,9 @@ class TorchEncoder(Encoder):
 
     runtime = 'torch'
 
-    def __init__(self, model: EmbeddingModel, device: str = 'auto', copy_model: bool = True,
-                 decode_workers: int | None = None) -> None:
+    def __init__(
+        self, model: EmbeddingModel, device: str = 'auto', copy_model: bool = True, decode_workers: int | None = None
+    ) -> None:
         device = resolve_device(device)
         if device.startswith('cuda') and not torch.cuda.is_available():
             logger.warning('device=%r was asked for but torch sees no CUDA GPU: running on the CPU instead', device)
@@ -207,12 +221,19 @@ class OnnxEncoder(Encoder):
 
     runtime = 'onnx'
 
-    def __init__(self, path: str | os.PathLike, device: str = 'auto', intra_op_threads: int | None = None,
-                 tensorrt: bool = False, decode_workers: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: str = 'auto',
+        intra_op_threads: int | None = None,
+        tensorrt: bool = False,
+        decode_workers: int | None = None,
+    ) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f'ONNX model {str(path)!r} does not exist; export one with '
-                                    'export_onnx(model, path)')
+            raise FileNotFoundError(
+                f'ONNX model {str(path)!r} does not exist; export one with export_onnx(model, path)'
+            )
         config = artifact.read_preprocessing(path)
         asked = resolve_device(device)
         options = ort.SessionOptions()
@@ -226,27 +247,38 @@ class OnnxEncoder(Encoder):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(asked, tensorrt))
         except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
-            raise ValueError(f'onnxruntime cannot load {str(path)!r} ({err}); export the model again with '
-                             'export_onnx') from err
+            raise ValueError(
+                f'onnxruntime cannot load {str(path)!r} ({err}); export the model again with export_onnx'
+            ) from err
         used = self.session.get_providers()
         if asked.startswith('cuda') and 'CUDAExecutionProvider' not in used:
             logger.warning(
                 'device=%r was asked for, but onnxruntime runs %s on %s only (CUDA provider unavailable: check that '
-                'onnxruntime-gpu, CUDA and cuDNN match, see onnxruntime\'s log above); running on the CPU instead',
-                device, path.name, used,
+                "onnxruntime-gpu, CUDA and cuDNN match, see onnxruntime's log above); running on the CPU instead",
+                device,
+                path.name,
+                used,
             )
         elif tensorrt and 'TensorrtExecutionProvider' not in used:
             logger.warning('tensorrt=True was asked for, but the TensorRT provider did not load; using %s', used)
-        super().__init__(inputs_from_config(config['inputs']), config['embed_dim'], config.get('class_names'),
-                         asked if 'CUDAExecutionProvider' in used else 'cpu', decode_workers)
+        super().__init__(
+            inputs_from_config(config['inputs']),
+            config['embed_dim'],
+            config.get('class_names'),
+            asked if 'CUDAExecutionProvider' in used else 'cpu',
+            decode_workers,
+        )
         self.path = path
         self.providers = used
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.input_dtypes = {i.name: ONNX_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         if self.has_classifier and artifact.LOGITS not in self.outputs:
-            raise ValueError(f'{str(path)!r} names classes but has no {artifact.LOGITS!r} output; export the model again')
-        logger.info('onnxruntime session for %s on %s, %d intra-op threads', path.name, used,
-                    options.intra_op_num_threads)
+            raise ValueError(
+                f'{str(path)!r} names classes but has no {artifact.LOGITS!r} output; export the model again'
+            )
+        logger.info(
+            'onnxruntime session for %s on %s, %d intra-op threads', path.name, used, options.intra_op_num_threads
+        )
 
     def _run(self, batch: Batch, output: str) -> np.ndarray:
         feeds = {name: tensor.numpy().astype(self.input_dtypes[name], copy=False) for name, tensor in batch.items()}
@@ -270,16 +302,20 @@ def create_encoder(
     """
     path = None if isinstance(source, nn.Module) else Path(source)
     if path is not None and not path.is_file():
-        raise FileNotFoundError(f'model file {str(path)!r} does not exist; pass an EmbeddingModel, a .pt artifact '
-                                'written by save_model, or an .onnx file written by export_onnx')
+        raise FileNotFoundError(
+            f'model file {str(path)!r} does not exist; pass an EmbeddingModel, a .pt artifact '
+            'written by save_model, or an .onnx file written by export_onnx'
+        )
     is_onnx = path is not None and path.suffix == '.onnx'
     runtime = runtime or ('onnx' if is_onnx else 'torch')
     if runtime not in ('torch', 'onnx'):
         raise ValueError(f"unknown runtime {runtime!r}; use 'torch' or 'onnx'")
     if is_onnx:
         if runtime == 'torch':
-            raise ValueError(f"{str(path)!r} is an ONNX file, which runs on runtime='onnx' only; pass the .pt "
-                             "artifact for runtime='torch'")
+            raise ValueError(
+                f"{str(path)!r} is an ONNX file, which runs on runtime='onnx' only; pass the .pt "
+                "artifact for runtime='torch'"
+            )
         return OnnxEncoder(path, device=device, **options)
     model = source if path is None else load_model(path)
     if runtime == 'torch':
@@ -299,8 +335,12 @@ def weights_digest(model: EmbeddingModel) -> str:
     values), its configuration and preprocessing, and the torch and export format versions. It names the ONNX export
     of exactly this model, so another checkpoint of the same architecture, or an upgrade, never reuses a file."""
     digest = hashlib.sha256()
-    context = {'config': model.config, 'inputs': model.inputs.config(), 'torch': torch.__version__,
-               'format': artifact.PREPROCESSING_FORMAT}
+    context = {
+        'config': model.config,
+        'inputs': model.inputs.config(),
+        'torch': torch.__version__,
+        'format': artifact.PREPROCESSING_FORMAT,
+    }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
@@ -309,8 +349,9 @@ def weights_digest(model: EmbeddingModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_onnx_encoder(model: EmbeddingModel, name: str, cache_dir: str | os.PathLike, device: str = 'auto',
-                        **options: Any) -> OnnxEncoder:
+def cached_onnx_encoder(
+    model: EmbeddingModel, name: str, cache_dir: str | os.PathLike, device: str = 'auto', **options: Any
+) -> OnnxEncoder:
     """An onnxruntime encoder for ``model``, exported (and parity-checked) once into
     ``cache_dir/<name>-<weights digest>/model.onnx`` and reused from there, across restarts too.
 

@@ -3,6 +3,7 @@
 ``build_loss('TripletMarginLoss', {'margin': 0.2}, ...)`` and ``build_miner('TripletMarginMiner', {...})`` return the
 PML objects; losses that hold parameters (ArcFace, CosFace, proxies...) are trained by their own optimizer.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -28,20 +29,26 @@ LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @lru_cache(maxsize=1)
 def list_losses() -> list[str]:
-    names = [n for n, c in vars(pml_losses).items()
-             if inspect.isclass(c) and issubclass(c, pml_losses.BaseMetricLossFunction) and n not in EXCLUDED_LOSSES]
+    names = [
+        n
+        for n, c in vars(pml_losses).items()
+        if inspect.isclass(c) and issubclass(c, pml_losses.BaseMetricLossFunction) and n not in EXCLUDED_LOSSES
+    ]
     return sorted(names + [CROSS_ENTROPY])
 
 
 @lru_cache(maxsize=1)
 def list_miners() -> list[str]:
-    return sorted(n for n, c in vars(pml_miners).items()
-                  if inspect.isclass(c) and issubclass(c, pml_miners.BaseMiner) and n not in EXCLUDED_MINERS)
+    return sorted(
+        n
+        for n, c in vars(pml_miners).items()
+        if inspect.isclass(c) and issubclass(c, pml_miners.BaseMiner) and n not in EXCLUDED_MINERS
+    )
 
 
 def unknown_name(kind: str, name: str, valid: list[str]) -> ValueError:
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ''
+    hint = f'; did you mean {", ".join(repr(c) for c in close)}?' if close else ''
     return ValueError(f'unknown {kind} {name!r}{hint} Valid {kind} names: {", ".join(valid)}')
 
 
@@ -79,8 +86,14 @@ class LossSpec:
         return any(p.requires_grad for p in self.module.parameters())
 
 
-def build_loss(name: str, options: dict[str, Any] | None = None, *, num_classes: int | None = None,
-               embedding_size: int | None = None, self_supervised: bool = False) -> LossSpec:
+def build_loss(
+    name: str,
+    options: dict[str, Any] | None = None,
+    *,
+    num_classes: int | None = None,
+    embedding_size: int | None = None,
+    self_supervised: bool = False,
+) -> LossSpec:
     """The loss ``name`` with ``options``; ``num_classes``/``embedding_size`` go to losses that hold class weights.
 
     ``self_supervised`` wraps the loss in PML's ``SelfSupervisedLoss``: it then takes two views' embeddings, each
@@ -93,8 +106,12 @@ def build_loss(name: str, options: dict[str, Any] | None = None, *, num_classes:
         return LossSpec(name, _construct('loss', nn.CrossEntropyLoss, options))
     cls = getattr(pml_losses, name)
     accepted = _accepted(cls)
-    sizes = {'num_classes': num_classes, 'embedding_size': embedding_size, 'descriptors_dim': embedding_size,
-             'l': embedding_size}
+    sizes = {
+        'num_classes': num_classes,
+        'embedding_size': embedding_size,
+        'descriptors_dim': embedding_size,
+        'l': embedding_size,
+    }
     for key, value in sizes.items():
         if key in accepted and key not in options and value is not None:
             options[key] = value

@@ -1,4 +1,5 @@
 """Optimizers by Finetuner's names, with new heads learning faster than the fine-tuned backbone."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -13,7 +14,9 @@ HEAD_LR_FACTOR = 10.0
 OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW, 'SGD': torch.optim.SGD}
 
 
-def build_optimizer(name: str, params: Any, lr: float | None, options: dict[str, Any], what: str) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, params: Any, lr: float | None, options: dict[str, Any], what: str
+) -> torch.optim.Optimizer:
     options = dict(options)
     if lr is not None:
         options['lr'] = lr

@@ -7,6 +7,7 @@
 
 Plots use matplotlib's object API (a `Figure` rendered by Agg, no pyplot state), so they work headless and in threads.
 """
+
 from __future__ import annotations
 
 import io
@@ -91,8 +92,7 @@ def display_metrics(
     if console is not None:
         console.print(table)
     change = {
-        name: after[name] - before[name]
-        for name in _metric_names(before, after) if name in before and name in after
+        name: after[name] - before[name] for name in _metric_names(before, after) if name in before and name in after
     }
     payload = {'before': _json_ready(before), 'after': _json_ready(after), 'change': _json_ready(change)}
     path = _write_bytes(Path(folder) / METRICS_JSON, (json.dumps(payload, indent=2) + '\n').encode())
@@ -152,10 +152,11 @@ def plot_before_after(
 
     :param metrics: the metrics to show; default: those in both dicts with finite values.
     """
-    names = list(metrics) if metrics is not None else [
-        name for name in _metric_names(before, after)
-        if _finite(before.get(name)) and _finite(after.get(name))
-    ]
+    names = (
+        list(metrics)
+        if metrics is not None
+        else [name for name in _metric_names(before, after) if _finite(before.get(name)) and _finite(after.get(name))]
+    )
     missing = [name for name in names if name not in before or name not in after]
     if missing:
         raise ValueError(f'metrics {missing} are missing from before or after; give metrics present in both')
@@ -166,8 +167,10 @@ def plot_before_after(
     fig = Figure(figsize=(8.0, 1.2 + 0.45 * len(names)), dpi=100, layout='constrained')
     ax = fig.subplots()
     height = 0.4
-    for offset, values, label, color in ((-height / 2, before, 'pre-trained', '#9aa5b1'),
-                                         (height / 2, after, 'fine-tuned', '#1f77b4')):
+    for offset, values, label, color in (
+        (-height / 2, before, 'pre-trained', '#9aa5b1'),
+        (height / 2, after, 'fine-tuned', '#1f77b4'),
+    ):
         bars = ax.barh(y + offset, [values[name] for name in names], height, label=label, color=color)
         ax.bar_label(bars, fmt='%.3f', padding=2, fontsize='x-small')
     ax.set_yticks(y, names)

@@ -3,6 +3,7 @@
 The final evaluation is the task's ``Evaluator`` once more (the one the per-epoch callback runs); its embeddings
 also rank the sprite's matches, so the evaluation data is embedded once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,15 +34,29 @@ def write_reports(trainer: Any) -> None:
     evaluation = evaluator(trainer.embedder(callback.batch_size))
     trainer.metrics_after = evaluation.metrics
     if evaluation.query_embeddings is not None:
-        plot_matches(trainer.model.inputs, evaluator.query, evaluator.index, evaluation.query_embeddings,
-                     evaluation.index_embeddings, folder)
+        plot_matches(
+            trainer.model.inputs,
+            evaluator.query,
+            evaluator.index,
+            evaluation.query_embeddings,
+            evaluation.index_embeddings,
+            folder,
+        )
     report = reports.display_metrics(trainer.metrics_before, trainer.metrics_after, folder)
     reports.plot_before_after(trainer.metrics_before, trainer.metrics_after, folder)
     logger.info('retrieval metrics before/after fine-tuning:\n%s', report.text)
 
 
-def plot_matches(inputs: Any, query_items: Sequence[Item], index_items: Sequence[Item] | None,
-                 q_emb: torch.Tensor, i_emb: torch.Tensor, folder: Path, queries: int = 6, k: int = 5) -> Path | None:
+def plot_matches(
+    inputs: Any,
+    query_items: Sequence[Item],
+    index_items: Sequence[Item] | None,
+    q_emb: torch.Tensor,
+    i_emb: torch.Tensor,
+    folder: Path,
+    queries: int = 6,
+    k: int = 5,
+) -> Path | None:
     """``matches.png``: a few queries (one per label, first seen first) and their top ``k`` by the embeddings
     ``q_emb`` ``(Q, D)`` and ``i_emb`` ``(I, D)`` of the items, relevant matches framed green; a query never
     matches itself when queries and index are the same set. Nothing for inputs that have no preview."""

@@ -3,6 +3,7 @@
 Each is a multiplier of the base learning rate as a function of the optimizer step, wrapped in torch's ``LambdaLR``;
 written here (30 lines) rather than pulling transformers in for them.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,9 @@ def _factor(step: int, *, name: str, warmup: int, total: int, cycles: float, pow
     raise ValueError(f'unknown scheduler {name!r}')
 
 
-def build_scheduler(name: str | None, optimizer: Optimizer, total_steps: int, options: SchedulerOptions) -> LambdaLR | None:
+def build_scheduler(
+    name: str | None, optimizer: Optimizer, total_steps: int, options: SchedulerOptions
+) -> LambdaLR | None:
     """``None`` keeps the learning rate constant; ``num_warmup_steps`` < 1 is a fraction of ``total_steps``."""
     if name is None:
         return None
@@ -42,6 +45,13 @@ def build_scheduler(name: str | None, optimizer: Optimizer, total_steps: int, op
     # cosine_with_restarts counts whole cycles (transformers' num_cycles=1 default); cosine half a cycle
     cycles = options.num_cycles if name == 'cosine' else max(1.0, options.num_cycles)
     base_lr = optimizer.param_groups[0]['lr']
-    fn = partial(_factor, name=name, warmup=warmup, total=total_steps, cycles=cycles, power=options.power,
-                 lr_end=options.lr_end / base_lr if base_lr else 0.0)
+    fn = partial(
+        _factor,
+        name=name,
+        warmup=warmup,
+        total=total_steps,
+        cycles=cycles,
+        power=options.power,
+        lr_end=options.lr_end / base_lr if base_lr else 0.0,
+    )
     return LambdaLR(optimizer, fn)

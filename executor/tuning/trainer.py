@@ -4,6 +4,7 @@
 What is trained, on which batches and how its loss is computed is the run's ``Task`` (``tasks/``); how items become
 batches is the model's ``Inputs`` (``inputs/``). The loop here knows neither images nor objectives.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from executor.tuning import artifact
-from executor.tuning.callbacks import (
-    BestModel,
-    Callback,
-    EarlyStopping,
-    EvaluationCallback,
-    ProgressBar,
-    TensorBoardLogger,
-)
+from executor.tuning import artifact, checkpoint
+from executor.tuning.callbacks import BestModel, Callback, run_callbacks
 from executor.tuning.config import TrainConfig
-from executor.tuning.data import BatchSampler, Collate, ItemDataset, load_items
+from executor.tuning.data import BatchSampler, Collate, ItemDataset
 from executor.tuning.distributed import agree_on_minimum, check_local_world, init_distributed, training_device
 from executor.tuning.evaluation import ModelEmbedder
 from executor.tuning.evaluation.evaluator import to_device
@@ -40,7 +34,7 @@ from executor.tuning.inputs import Batch
 from executor.tuning.models import EmbeddingModel, build_model, save_model
 from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.schedulers import build_scheduler
-from executor.tuning.tasks import training_items
+from executor.tuning.tasks import evaluation_items, training_items
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +95,22 @@ class Trainer:
     def _build_model(self) -> EmbeddingModel:
         config = self.config
         model = build_model(
-            config.model, weights=config.weights, pretrained=config.pretrained, freeze=config.freeze,
-            embedding_layer=config.embedding_layer, output_dim=config.output_dim, pooler=config.pooler,
+            config.model,
+            weights=config.weights,
+            pretrained=config.pretrained,
+            freeze=config.freeze,
+            embedding_layer=config.embedding_layer,
+            output_dim=config.output_dim,
+            pooler=config.pooler,
             class_names=self.class_names if self.task.classifier else None,
         )
         # Small class-balanced batches make poor BatchNorm statistics: measured on digits (efficientnet_lite0, 64 px,
         # 3 epochs) ndcg@10 went 0.785 -> 0.934 with pre-trained statistics kept, 0.785 -> 0.474 with them updated.
-        model.freeze_batchnorm = (config.freeze_batchnorm if config.freeze_batchnorm is not None
-                                  else bool(config.pretrained or config.weights))
+        model.freeze_batchnorm = (
+            config.freeze_batchnorm
+            if config.freeze_batchnorm is not None
+            else bool(config.pretrained or config.weights)
+        )
         model.inputs = model.inputs.with_options(image_size=config.image_size)
         return model
 
@@ -128,33 +130,61 @@ class Trainer:
     def _batch_size(self) -> int:
         batch_size = self._auto_batch_size() if self.config.auto_batch_size else self.config.batch_size
         if batch_size > len(self.items):
-            logger.warning('batch_size=%d is larger than the %d training items; using %d', batch_size, len(self.items),
-                           len(self.items))
+            logger.warning(
+                'batch_size=%d is larger than the %d training items; using %d',
+                batch_size,
+                len(self.items),
+                len(self.items),
+            )
             batch_size = len(self.items)
         if batch_size % self.world:
-            raise ValueError(f'batch_size={batch_size} is the global batch and must divide among {self.world} '
-                             f'processes; use a multiple of {self.world}')
+            raise ValueError(
+                f'batch_size={batch_size} is the global batch and must divide among {self.world} '
+                f'processes; use a multiple of {self.world}'
+            )
         return batch_size
 
     def _build_loader(self) -> None:
         config, task = self.config, self.task
-        self.dataset = ItemDataset(self.items, self.model.inputs, task.train_transform(self.model.inputs),
-                                   self.class_names, views=task.views)
-        self.sampler = BatchSampler(self.dataset.labels, self.batch_size // self.world, task.sampler_mode(),
-                                    config.num_items_per_class, config.seed, num_replicas=self.world, rank=self.rank)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=Collate(self.model.inputs,
-                                 task.views), num_workers=config.num_workers,
-                                 pin_memory=self.device.type == 'cuda', persistent_workers=config.num_workers > 0)
+        self.dataset = ItemDataset(
+            self.items, self.model.inputs, task.train_transform(self.model.inputs), self.class_names, views=task.views
+        )
+        self.sampler = BatchSampler(
+            self.dataset.labels,
+            self.batch_size // self.world,
+            task.sampler_mode(),
+            config.num_items_per_class,
+            config.seed,
+            num_replicas=self.world,
+            rank=self.rank,
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=Collate(self.model.inputs, task.views),
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == 'cuda',
+            persistent_workers=config.num_workers > 0,
+        )
 
     def _build_optimizers(self) -> None:
         config = self.config
         heads = [m for m in (self.model.classifier, *self.task.heads.values()) if m is not None]
         groups = parameter_groups(self.model, heads, config.learning_rate)
-        self.optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config.optimizer_options,
-                                         'optimizer')
-        self.loss_optimizer = (build_optimizer(config.loss_optimizer, self.loss.module.parameters(), None,
-                                               config.loss_optimizer_options, 'loss_optimizer')
-                               if self.loss.has_parameters else None)
+        self.optimizer = build_optimizer(
+            config.optimizer, groups, config.learning_rate, config.optimizer_options, 'optimizer'
+        )
+        self.loss_optimizer = (
+            build_optimizer(
+                config.loss_optimizer,
+                self.loss.module.parameters(),
+                None,
+                config.loss_optimizer_options,
+                'loss_optimizer',
+            )
+            if self.loss.has_parameters
+            else None
+        )
         self.steps_per_epoch = max(1, len(self.sampler) // config.accumulate_grad_batches)
         self.epochs = config.epochs
         self.total_steps = self.steps_per_epoch * self.epochs
@@ -171,35 +201,27 @@ class Trainer:
             labels = torch.arange(per_rank, device=self.device) % classes
             self.model.train()
             try:
-                self.compute_loss(self.to_device(self.model.inputs.random_batch(per_rank * self.task.views)),
-                                  labels).backward()
+                self.compute_loss(
+                    self.to_device(self.model.inputs.random_batch(per_rank * self.task.views)), labels
+                ).backward()
             finally:
                 for module in (self.model, *self.task.modules()):
                     module.zero_grad(set_to_none=True)
 
-        found = find_batch_size(trial, start=self.config.batch_size, maximum=len(self.items),
-                                multiple=self.world * self.task.batch_multiple())
+        found = find_batch_size(
+            trial,
+            start=self.config.batch_size,
+            maximum=len(self.items),
+            multiple=self.world * self.task.batch_multiple(),
+        )
         return agree_on_minimum(found, self.device, self.world)  # every rank takes a batch that fitted everywhere
 
     def _callbacks(self) -> list[Callback]:
         config = self.config
-        callbacks: list[Callback] = []
-        if config.has_evaluation:
-            query = load_items(config.query_data if config.query_data is not None else config.eval_data,
-                               config.data_roots)
-            index = load_items(config.index_data, config.data_roots) if config.index_data is not None else None
-            callbacks.append(EvaluationCallback(self.task.evaluator(query, index, config.limit)))
-        self.monitor = config.monitor or (self.task.monitor if callbacks else 'train_loss')
-        if config.save_best and callbacks:
-            callbacks.append(BestModel(self.monitor))
-        if config.early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(self.monitor, config.early_stopping_patience))
-        callbacks += list(config.callbacks)
-        if config.tensorboard:
-            callbacks.append(TensorBoardLogger(str(self.output_dir / 'tensorboard')))
-        if os.environ.get('FINETUNER_PROGRESS', '1') != '0':
-            callbacks.append(ProgressBar())
-        return callbacks
+        evaluation = evaluation_items(config)
+        evaluator = self.task.evaluator(*evaluation, config.limit) if evaluation is not None else None
+        self.monitor = config.monitor or (self.task.monitor if evaluator is not None else 'train_loss')
+        return run_callbacks(config, evaluator, self.monitor, self.output_dir)
 
     @property
     def loss(self):
@@ -248,8 +270,10 @@ class Trainer:
             with autocast:
                 loss = self.compute_loss(batch, labels)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {self.epoch + 1}, batch {i}: lower '
-                                         'learning_rate or set gradient_clip')
+                raise FloatingPointError(
+                    f'loss is {loss.item()} at epoch {self.epoch + 1}, batch {i}: lower '
+                    'learning_rate or set gradient_clip'
+                )
             self.scaler.scale(loss / accumulate).backward()
             value = loss.item() / self.task.loss_scale
             total, count = total + value, count + 1
@@ -279,8 +303,12 @@ class Trainer:
         started = time.perf_counter()
         train_loss = self.train_epoch()
         self.epoch += 1
-        logs = {'epoch': float(self.epoch), 'train_loss': train_loss, 'lr': self.optimizer.param_groups[0]['lr'],
-                'epoch_seconds': time.perf_counter() - started}
+        logs = {
+            'epoch': float(self.epoch),
+            'train_loss': train_loss,
+            'lr': self.optimizer.param_groups[0]['lr'],
+            'epoch_seconds': time.perf_counter() - started,
+        }
         for callback in self.callbacks:
             callback.on_epoch_end(self, logs)
         if self.world > 1:  # every rank follows rank 0's metrics and stopping decision
@@ -293,8 +321,12 @@ class Trainer:
             self.save_checkpoint(self.output_dir / artifact.CHECKPOINT)
             for callback in self.callbacks:
                 callback.on_checkpoint(self, logs)
-        logger.info('epoch %d/%d: %s', self.epoch, self.epochs,
-                    ', '.join(f'{k}={v:.4g}' for k, v in logs.items() if k != 'epoch'))
+        logger.info(
+            'epoch %d/%d: %s',
+            self.epoch,
+            self.epochs,
+            ', '.join(f'{k}={v:.4g}' for k, v in logs.items() if k != 'epoch'),
+        )
 
     def _finish(self) -> FitResult:
         if self.rank != 0:
@@ -322,49 +354,19 @@ class Trainer:
             from executor.tuning.export import export_onnx
 
             onnx_path = export_onnx(self.model, self.output_dir / artifact.ONNX_FILE).path
-        return FitResult(self.model, self.output_dir, model_file, self.history, onnx_path, self.metrics_before,
-                         self.metrics_after)
+        return FitResult(
+            self.model, self.output_dir, model_file, self.history, onnx_path, self.metrics_before, self.metrics_after
+        )
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, path: Path) -> None:
-        state = {
-            'epoch': self.epoch, 'step': self.step, 'history': self.history,
-            'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'loss': self.loss.module.state_dict(),
-            'loss_optimizer': self.loss_optimizer.state_dict() if self.loss_optimizer else None,
-            'scheduler': self.scheduler.state_dict() if self.scheduler else None,
-            'scaler': self.scaler.state_dict(),
-            'heads': {name: head.state_dict() for name, head in self.task.heads.items()},
-            'rng': torch.get_rng_state(),
-            'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            'callbacks': [c.state_dict() for c in self.callbacks], 'metrics_before': self.metrics_before,
-        }
-        atomic_torch_save(state, path)
+        atomic_torch_save(checkpoint.state_of(self), path)
 
     def load_checkpoint(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f'no checkpoint at {str(path)!r} to resume from; the run never finished an epoch')
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.raw_model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.loss.module.load_state_dict(state['loss'])
-        if self.loss_optimizer is not None:
-            self.loss_optimizer.load_state_dict(state['loss_optimizer'])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state['scheduler'])
-        # checkpoints written before tasks were classes kept the SimCLR head as `ssl_head`
-        heads = state.get('heads') or {'ssl_head': state.get('ssl_head')}
-        for name, head in self.task.heads.items():
-            head.load_state_dict(heads[name])
-        self.scaler.load_state_dict(state['scaler'])
-        for callback, callback_state in zip(self.callbacks, state['callbacks']):
-            callback.load_state_dict(callback_state)
-        self.epoch, self.step, self.history = state['epoch'], state['step'], list(state['history'])
-        self.metrics_before = state['metrics_before']
-        torch.set_rng_state(state['rng'].cpu())
-        if state['cuda_rng'] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
+        checkpoint.restore(self, torch.load(path, map_location=self.device, weights_only=True))
         logger.info('resumed from %s at epoch %d, step %d', path, self.epoch, self.step)
 
     def _write_config(self) -> None:
@@ -375,8 +377,9 @@ class Trainer:
         atomic_write_json(self.output_dir / artifact.CONFIG_FILE, config)
 
     def _write_history(self) -> None:
-        atomic_write_text(self.output_dir / artifact.HISTORY_FILE,
-                          ''.join(json.dumps(row) + '\n' for row in self.history))
+        atomic_write_text(
+            self.output_dir / artifact.HISTORY_FILE, ''.join(json.dumps(row) + '\n' for row in self.history)
+        )
 
 
 def fit(config: TrainConfig | None = None, *, resume: bool = False, **kwargs: Any) -> FitResult:

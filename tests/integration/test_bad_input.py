@@ -4,6 +4,7 @@ Misspelt parameters are checked on the four paths a request can take (a Deployme
 HTTP); every other kind of bad input is sent over gRPC, each followed by a good request that must succeed, and a
 run finished before them must be intact afterwards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,17 +35,26 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def digit_docs(per_class: int, offset: int = 40, labelled: bool = True) -> list[FinetunerDoc]:
     images, labels = digits(per_class=per_class, offset=offset, size=32)
-    return [FinetunerDoc(id=f'd{i}', tensor=img, label=label if labelled else None)
-            for i, (img, label) in enumerate(zip(images, labels))]
+    return [
+        FinetunerDoc(id=f'd{i}', tensor=img, label=label if labelled else None)
+        for i, (img, label) in enumerate(zip(images, labels))
+    ]
 
 
 def server(kind: str, protocol: str, port: int, workspace: Path, data_root: Path) -> Any:
     uses_with = {'data_roots': [str(data_root)], 'runtime': 'torch'}
     if kind == 'deployment':
-        return Deployment(uses=str(CONFIG), uses_with=uses_with, workspace=str(workspace), protocol=protocol,
-                          host='127.0.0.1', port=port)
-    return Flow(protocol=protocol, host='127.0.0.1', port=port).add(uses=str(CONFIG), uses_with=uses_with,
-                                                                     workspace=str(workspace))
+        return Deployment(
+            uses=str(CONFIG),
+            uses_with=uses_with,
+            workspace=str(workspace),
+            protocol=protocol,
+            host='127.0.0.1',
+            port=port,
+        )
+    return Flow(protocol=protocol, host='127.0.0.1', port=port).add(
+        uses=str(CONFIG), uses_with=uses_with, workspace=str(workspace)
+    )
 
 
 def post(protocol: str, port: int, endpoint: str, parameters: dict, docs: list[FinetunerDoc] = ()) -> list:
@@ -58,10 +68,12 @@ def post(protocol: str, port: int, endpoint: str, parameters: dict, docs: list[F
     return reply.json()['data']
 
 
-@pytest.mark.parametrize('kind,protocol', [('deployment', 'grpc'), ('deployment', 'http'), ('flow', 'grpc'),
-                                           ('flow', 'http')])
-def test_a_misspelt_parameter_is_an_error_on_every_path(kind: str, protocol: str, tmp_path: Path,
-                                                        free_port: Callable[[], int]):
+@pytest.mark.parametrize(
+    'kind,protocol', [('deployment', 'grpc'), ('deployment', 'http'), ('flow', 'grpc'), ('flow', 'http')]
+)
+def test_a_misspelt_parameter_is_an_error_on_every_path(
+    kind: str, protocol: str, tmp_path: Path, free_port: Callable[[], int]
+):
     port = free_port()
     with server(kind, protocol, port, tmp_path, tmp_path):
         with pytest.raises(ServiceError, match=r"unknown parameter 'batchsize' \(did you mean 'batch_size'\?\)"):
@@ -77,13 +89,25 @@ def test_a_misspelt_parameter_is_an_error_on_every_path(kind: str, protocol: str
         assert post(protocol, port, '/runs', {}) == []
         if protocol == 'http':  # the OpenAPI page lists every endpoint (parameters show as a free-form object)
             paths = requests.get(f'http://127.0.0.1:{port}/openapi.json', timeout=30).json()['paths']
-            assert {'/train', '/runs', '/runs/status', '/runs/logs', '/runs/cancel', '/encode', '/evaluate',
-                    '/export', '/classify'} <= set(paths)
+            assert {
+                '/train',
+                '/runs',
+                '/runs/status',
+                '/runs/logs',
+                '/runs/cancel',
+                '/encode',
+                '/evaluate',
+                '/export',
+                '/classify',
+            } <= set(paths)
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob('*')) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob('*'))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -109,8 +133,9 @@ def data_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_each_bad_request_is_named_and_the_service_keeps_serving(tmp_path: Path, free_port: Callable[[], int],
-                                                                   data_root: Path):
+def test_each_bad_request_is_named_and_the_service_keeps_serving(
+    tmp_path: Path, free_port: Callable[[], int], data_root: Path
+):
     root = data_root
     image = digit_docs(per_class=1)[0]
     good_png = png_bytes(np.asarray(image.tensor))
@@ -123,12 +148,24 @@ def test_each_bad_request_is_named_and_the_service_keeps_serving(tmp_path: Path,
             ('/encode', [FinetunerDoc(id='noise', blob=b'\x89PNG not really')], {}, r"document 'noise': cannot decode"),
             ('/encode', [FinetunerDoc(id='cut', blob=good_png[:60])], {}, r"document 'cut': cannot decode the image"),
             ('/encode', [FinetunerDoc(id='empty-blob', blob=b'')], {}, r"document 'empty-blob': blob is empty"),
-            ('/encode', [FinetunerDoc(id='gone', uri=str(root / 'missing.png'))], {},
-             r"document '/.*missing.png': file .*missing.png' does not exist"),
-            ('/encode', [FinetunerDoc(id='trunc', uri=str(root / 'broken' / 'corrupt.png'))], {},
-             r"document '/.*broken/corrupt.png': cannot decode"),
-            ('/encode', [FinetunerDoc(id='jpg', uri=str(root / 'broken' / 'noise.jpg'))], {},
-             r"document '/.*broken/noise.jpg': cannot decode"),
+            (
+                '/encode',
+                [FinetunerDoc(id='gone', uri=str(root / 'missing.png'))],
+                {},
+                r"document '/.*missing.png': file .*missing.png' does not exist",
+            ),
+            (
+                '/encode',
+                [FinetunerDoc(id='trunc', uri=str(root / 'broken' / 'corrupt.png'))],
+                {},
+                r"document '/.*broken/corrupt.png': cannot decode",
+            ),
+            (
+                '/encode',
+                [FinetunerDoc(id='jpg', uri=str(root / 'broken' / 'noise.jpg'))],
+                {},
+                r"document '/.*broken/noise.jpg': cannot decode",
+            ),
             ('/encode', [FinetunerDoc(id='flat', tensor=np.zeros(7))], {}, r"document 'flat': tensor of shape \(7,\)"),
             ('/encode', [FinetunerDoc(id='nan', tensor=np.full((8, 8), np.nan))], {}, r"document 'nan': .*NaN"),
             ('/encode', [FinetunerDoc(id='words', text='a cat')], {}, r"document 'words' is text only"),
@@ -136,23 +173,40 @@ def test_each_bad_request_is_named_and_the_service_keeps_serving(tmp_path: Path,
             ('/encode', [FinetunerDoc(id='nothing')], {}, r"document 'nothing': has no content"),
             ('/classify', [image], {}, r'no classifier head: /classify needs'),
             # paths outside the data roots, symlinks resolved
-            ('/encode', [FinetunerDoc(id='etc', uri='/etc/hostname')], {}, r"document '/etc/hostname'.* outside the data roots"),
-            ('/encode', [FinetunerDoc(id='link', uri=str(root / 'link.png'))], {},
-             r"document '/.*link.png'.*resolves to .*secret.png', outside the data roots"),
+            (
+                '/encode',
+                [FinetunerDoc(id='etc', uri='/etc/hostname')],
+                {},
+                r"document '/etc/hostname'.* outside the data roots",
+            ),
+            (
+                '/encode',
+                [FinetunerDoc(id='link', uri=str(root / 'link.png'))],
+                {},
+                r"document '/.*link.png'.*resolves to .*secret.png', outside the data roots",
+            ),
             ('/train', [], {'train_data': '/etc', **TINY}, r"train_data.*'/etc'.* outside the data roots"),
             ('/train', [], {'train_data': '../outside', **TINY}, r'outside the data roots'),
             ('/train', [], {'train_data': 'digits', 'weights': '/etc/passwd'}, r'weights: .* outside the data roots'),
             ('/evaluate', [], {'data': '/tmp'}, r'outside the data roots'),
             # training data that cannot train
-            ('/train', digit_docs(2, labelled=False), TINY,
-             r'20 training items have no label .* the loss is supervised'),
+            (
+                '/train',
+                digit_docs(2, labelled=False),
+                TINY,
+                r'20 training items have no label .* the loss is supervised',
+            ),
             ('/train', digit_docs(1)[:1], TINY, r'training data has 1 item; training needs at least 2'),
             ('/train', digit_docs(1), TINY, r"classes \['0', '1', .*\] have a single item"),
             ('/train', [], {'train_data': 'one-class', **TINY}, r'training data has 1 class'),
             ('/train', [], {'train_data': 'no-such-folder', **TINY}, r"image folder .*no-such-folder' does not exist"),
             ('/train', [], TINY, r'no training data: send labelled documents'),
-            ('/train', [*digit_docs(2)[:19], FinetunerDoc(id='bad', blob=b'junk', label='9')], TINY,
-             r"document 'bad': cannot decode"),
+            (
+                '/train',
+                [*digit_docs(2)[:19], FinetunerDoc(id='bad', blob=b'junk', label='9')],
+                TINY,
+                r"document 'bad': cannot decode",
+            ),
             ('/train', digit_docs(2), {'train_data': 'digits', **TINY}, r'got documents and train_data'),
             # unknown names, bad values
             ('/train', [], {'train_data': 'digits', 'model': 'resnet5'}, r"unknown model 'resnet5'; did you mean"),
@@ -176,8 +230,12 @@ def test_each_bad_request_is_named_and_the_service_keeps_serving(tmp_path: Path,
             ('/encode', [image], {'run_id': 'nope'}, r"unknown run_id 'nope'"),
             ('/export', [], {'run_id': 'nope'}, r"unknown run_id 'nope'"),
             ('/train', [], {'resume': 'nope'}, r"unknown run_id 'nope'"),
-            ('/train', [], {'resume': 'nope', 'epochs': 3, 'learning_rate': 0.1},
-             r"continues that run with its own options; drop \['learning_rate'\]"),
+            (
+                '/train',
+                [],
+                {'resume': 'nope', 'epochs': 3, 'learning_rate': 0.1},
+                r"continues that run with its own options; drop \['learning_rate'\]",
+            ),
             ('/train', [], {'resume': 'nope', 'epochs': 3}, r"unknown run_id 'nope'"),
             ('/runs/status', [], {'run_id': '../nope'}, r"'run_id': String should match pattern"),
         ]
@@ -194,8 +252,9 @@ def test_each_bad_request_is_named_and_the_service_keeps_serving(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_bad_training_data_fails_its_run_and_spares_earlier_runs(tmp_path: Path, free_port: Callable[[], int],
-                                                                  data_root: Path):
+def test_bad_training_data_fails_its_run_and_spares_earlier_runs(
+    tmp_path: Path, free_port: Callable[[], int], data_root: Path
+):
     image = digit_docs(per_class=1)[0]
     port = free_port()
     with server('deployment', 'grpc', port, tmp_path / 'ws', data_root):
@@ -216,8 +275,9 @@ def test_bad_training_data_fails_its_run_and_spares_earlier_runs(tmp_path: Path,
             client.classify([image], run_id='done')
 
         # a corrupt file found while training fails that run only, naming the file
-        failed = client.fit(train_data='with-corrupt', wait=True, loss='CrossEntropyLoss',
-                            **{**TINY, 'batch_size': 31}).info()  # one batch holds every image
-        assert failed.status == 'FAILED' and "zz-truncated.png" in failed.error and 'cannot decode' in failed.error
+        failed = client.fit(
+            train_data='with-corrupt', wait=True, loss='CrossEntropyLoss', **{**TINY, 'batch_size': 31}
+        ).info()  # one batch holds every image
+        assert failed.status == 'FAILED' and 'zz-truncated.png' in failed.error and 'cannot decode' in failed.error
         assert folder_digest(run_folder) == before
         assert np.allclose(np.stack(client.encode([image], run_id='done').embedding), reference, atol=1e-5)

@@ -1,5 +1,6 @@
 """Crash safety: a training process that dies fails its run only; a service killed with SIGKILL while a run trains
 loses nothing: on restart the run reads FAILED (interrupted), earlier runs are intact, and resume finishes it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -57,11 +58,15 @@ def data_root(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_training_process_that_dies_fails_its_run_only(tmp_path: Path, free_port: Callable[[], int],
-                                                          data_root: Path):
+def test_a_training_process_that_dies_fails_its_run_only(tmp_path: Path, free_port: Callable[[], int], data_root: Path):
     port = free_port()
-    with Deployment(uses=str(REPO / 'config.yml'), uses_with={'data_roots': [str(data_root)]},
-                    workspace=str(tmp_path / 'ws'), host='127.0.0.1', port=port):
+    with Deployment(
+        uses=str(REPO / 'config.yml'),
+        uses_with={'data_roots': [str(data_root)]},
+        workspace=str(tmp_path / 'ws'),
+        host='127.0.0.1',
+        port=port,
+    ):
         client = FinetunerClient(f'grpc://127.0.0.1:{port}')
         run = client.fit(train_data='digits', run_name='doomed', **{**TINY, 'epochs': 1000})
         os.kill(training_pid(tmp_path / 'ws', 'doomed'), signal.SIGKILL)  # as the out-of-memory killer would
@@ -73,11 +78,26 @@ def test_a_training_process_that_dies_fails_its_run_only(tmp_path: Path, free_po
 @contextmanager
 def service(workspace: Path, port: int, data_root: Path) -> Iterator[subprocess.Popen]:
     """`jina executor --uses config.yml` from the repository root, in its own process group; killed on exit."""
-    command = [sys.executable, '-m', 'jina', 'executor', '--uses', 'config.yml', '--host', '127.0.0.1', '--port',
-               str(port), '--workspace', str(workspace), '--uses-with', json.dumps({'data_roots': [str(data_root)]})]
+    command = [
+        sys.executable,
+        '-m',
+        'jina',
+        'executor',
+        '--uses',
+        'config.yml',
+        '--host',
+        '127.0.0.1',
+        '--port',
+        str(port),
+        '--workspace',
+        str(workspace),
+        '--uses-with',
+        json.dumps({'data_roots': [str(data_root)]}),
+    ]
     env = {**os.environ, 'JINA_OPTOUT_TELEMETRY': '1', 'PYTHONPATH': str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         client = FinetunerClient(f'grpc://127.0.0.1:{port}')
         deadline = time.monotonic() + 120
@@ -96,8 +116,11 @@ def service(workspace: Path, port: int, data_root: Path) -> Iterator[subprocess.
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob('*')) if p.is_file() and 'tensorboard' not in p.parts}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob('*'))
+        if p.is_file() and 'tensorboard' not in p.parts
+    }
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The flows of flows/ and the Dockerfile: search over a real Flow, misspelt parameters behind its gateway, the
 Kubernetes export and the image's build and start-up, checked without a Docker engine."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -45,8 +46,12 @@ def _repository_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @contextmanager
 def search_flow(workspace: Path, grpc_port: int, http_port: int) -> Iterator[Flow]:
-    overrides = {'host': '127.0.0.1', 'port': [grpc_port, http_port], 'protocol': ['grpc', 'http'],
-                 'workspace': str(workspace)}
+    overrides = {
+        'host': '127.0.0.1',
+        'port': [grpc_port, http_port],
+        'protocol': ['grpc', 'http'],
+        'workspace': str(workspace),
+    }
     with Flow.load_config(str(FLOWS / 'search.yml'), uses_with=overrides) as flow:
         yield flow
 
@@ -65,12 +70,18 @@ def http(port: int, endpoint: str, data: list[dict] | None = None, parameters: d
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name,executors', [('local', ['finetuner']), ('search', ['encoder', 'indexer']),
-                                            ('k8s', ['encoder', 'indexer', 'merger']),
-                                            ('jcloud', ['encoder', 'indexer'])])
-def test_each_flow_loads_and_takes_its_gateway_and_workspace_from_uses_with(name: str, executors: list[str],
-                                                                            monkeypatch: pytest.MonkeyPatch,
-                                                                            tmp_path: Path):
+@pytest.mark.parametrize(
+    'name,executors',
+    [
+        ('local', ['finetuner']),
+        ('search', ['encoder', 'indexer']),
+        ('k8s', ['encoder', 'indexer', 'merger']),
+        ('jcloud', ['encoder', 'indexer']),
+    ],
+)
+def test_each_flow_loads_and_takes_its_gateway_and_workspace_from_uses_with(
+    name: str, executors: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     monkeypatch.setenv('JINA_HUB_NAMESPACE', 'team')
     flow = Flow.load_config(str(FLOWS / f'{name}.yml'))
     assert [p.name for p in flow.protocol] == ['GRPC', 'HTTP']
@@ -85,8 +96,10 @@ def test_each_flow_loads_and_takes_its_gateway_and_workspace_from_uses_with(name
 def test_jcloud_flow_runs_the_hub_images_with_a_gpu_for_the_encoder(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv('JINA_HUB_NAMESPACE', 'team')
     uses = {name: node.args.uses for name, node in Flow.load_config(str(FLOWS / 'jcloud.yml'))}
-    assert uses == {'encoder': 'jinaai+docker://team/FinetunerExecutor:latest',
-                    'indexer': 'jinaai+docker://team/VectorIndexer:latest'}
+    assert uses == {
+        'encoder': 'jinaai+docker://team/FinetunerExecutor:latest',
+        'indexer': 'jinaai+docker://team/VectorIndexer:latest',
+    }
     encoder, indexer = yaml.safe_load((FLOWS / 'jcloud.yml').read_text())['executors']
     assert encoder['jcloud']['resources']['gpu'] == 1 and encoder['uses_with'] == {'device': 'cuda'}
     assert indexer['jcloud']['resources']['storage'] == {'kind': 'ebs', 'size': '10G'}
@@ -95,13 +108,17 @@ def test_jcloud_flow_runs_the_hub_images_with_a_gpu_for_the_encoder(monkeypatch:
 def _digit_docs(root: Path, per_class: int) -> list[dict]:
     """Digits written as PNG files under `root`, as documents that point at them."""
     write_digits_folder(root, per_class=per_class, size=32)
-    return [{'id': f'{png.parent.name}-{png.stem}', 'uri': str(png), 'label': png.parent.name}
-            for png in sorted(root.glob('*/*.png'))]
+    return [
+        {'id': f'{png.parent.name}-{png.stem}', 'uri': str(png), 'label': png.parent.name}
+        for png in sorted(root.glob('*/*.png'))
+    ]
 
 
 def _tensor_docs(prefix: str, images: list[np.ndarray], labels: list[str]) -> list[dict]:
-    return [{'id': f'{prefix}{i}', 'tensor': img.tolist(), 'label': label}
-            for i, (img, label) in enumerate(zip(images, labels))]
+    return [
+        {'id': f'{prefix}{i}', 'tensor': img.tolist(), 'label': label}
+        for i, (img, label) in enumerate(zip(images, labels))
+    ]
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -109,8 +126,9 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_search_flow_finds_the_nearest_digits_and_keeps_its_index_across_restarts(tmp_path: Path,
-                                                                                   free_port: Callable[[], int]):
+def test_search_flow_finds_the_nearest_digits_and_keeps_its_index_across_restarts(
+    tmp_path: Path, free_port: Callable[[], int]
+):
     workspace, limit = tmp_path / 'ws', 5
     copies = digits(per_class=1, offset=0, size=32)  # the first indexed image of each digit, pixel for pixel
     held_out = digits(per_class=2, offset=50, size=32)
@@ -148,8 +166,9 @@ def test_search_flow_finds_the_nearest_digits_and_keeps_its_index_across_restart
         again = http(http_port, '/search', queries, {'limit': limit})
     for before, after in zip(found, again):
         assert [m['id'] for m in after['matches']] == [m['id'] for m in before['matches']]
-        np.testing.assert_allclose([m['score'] for m in after['matches']], [m['score'] for m in before['matches']],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [m['score'] for m in after['matches']], [m['score'] for m in before['matches']], atol=1e-5
+        )
 
 
 def test_a_misspelt_parameter_is_an_error_through_the_search_flow(tmp_path: Path, free_port: Callable[[], int]):
@@ -170,7 +189,7 @@ def test_a_misspelt_parameter_is_an_error_through_the_search_flow(tmp_path: Path
                 post('/search', {'limt': 3})
             with pytest.raises(ServiceError, match=r"/index: unknown parameter 'batchsize' \(did you mean 'batch_si"):
                 post('/index', {'batchsize': 4})
-            allowed = r"allowed: batch_size, drop_image_content, model"
+            allowed = r'allowed: batch_size, drop_image_content, model'
             with pytest.raises(ServiceError, match=r"/index: unknown parameter 'limit'; " + allowed):
                 post('/index', {'limit': 4})
             with pytest.raises(ServiceError, match=r"/delete: unknown parameter 'id' \(did you mean 'ids'\?\)"):
@@ -211,11 +230,22 @@ def _arg(container: dict[str, Any], name: str) -> str:
 
 def test_kubernetes_export_replicates_the_encoder_and_shards_the_index(tmp_path: Path):
     env = {**os.environ, 'JINA_GATEWAY_IMAGE': GATEWAY_IMAGE}
-    subprocess.run([str(JINA), 'export', 'kubernetes', 'flows/k8s.yml', str(tmp_path), '--k8s-namespace', 'finetuner'],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [str(JINA), 'export', 'kubernetes', 'flows/k8s.yml', str(tmp_path), '--k8s-namespace', 'finetuner'],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*.yml')) == [
-        'encoder/encoder.yml', 'gateway/gateway.yml', 'indexer/indexer-0.yml', 'indexer/indexer-1.yml',
-        'indexer/indexer-head.yml', 'merger/merger.yml']
+        'encoder/encoder.yml',
+        'gateway/gateway.yml',
+        'indexer/indexer-0.yml',
+        'indexer/indexer-1.yml',
+        'indexer/indexer-head.yml',
+        'merger/merger.yml',
+    ]
 
     encoder = _manifests(tmp_path / 'encoder' / 'encoder.yml')['Deployment', 'encoder']
     assert encoder['spec']['replicas'] == 2
@@ -235,10 +265,17 @@ def test_kubernetes_export_replicates_the_encoder_and_shards_the_index(tmp_path:
         assert stateful['spec']['volumeClaimTemplates'][0]['spec']['resources']['requests']['storage'] == '10G'
         assert manifests['Service', f'indexer-{shard}']['spec']['ports'][0]['port'] == 8080
     head = _container(_manifests(tmp_path / 'indexer' / 'indexer-head.yml')['StatefulSet', 'indexer-head'])
-    assert json.loads(_arg(head, '--polling')) == {'/index': 'ANY', '/search': 'ALL', '/delete': 'ALL',
-                                                   '/count': 'ALL', '*': 'ANY'}
-    assert json.loads(_arg(head, '--connection-list')) == {'0': 'indexer-0.finetuner.svc:8080',
-                                                           '1': 'indexer-1.finetuner.svc:8080'}
+    assert json.loads(_arg(head, '--polling')) == {
+        '/index': 'ANY',
+        '/search': 'ALL',
+        '/delete': 'ALL',
+        '/count': 'ALL',
+        '*': 'ANY',
+    }
+    assert json.loads(_arg(head, '--connection-list')) == {
+        '0': 'indexer-0.finetuner.svc:8080',
+        '1': 'indexer-1.finetuner.svc:8080',
+    }
     merger = _manifests(tmp_path / 'merger' / 'merger.yml')['Deployment', 'merger']
     assert _container(merger)['image'] == 'finetuner-merger:latest'
 
@@ -246,14 +283,16 @@ def test_kubernetes_export_replicates_the_encoder_and_shards_the_index(tmp_path:
     container = _container(gateway['Deployment', 'gateway'])
     assert container['image'] == GATEWAY_IMAGE
     protocols = container['args'].index('--protocol')
-    assert container['args'][protocols + 1:protocols + 3] == ['GRPC', 'HTTP']
+    assert container['args'][protocols + 1 : protocols + 3] == ['GRPC', 'HTTP']
     # Kubernetes gateways listen on jina's fixed ports, one Service per protocol
     assert [p['containerPort'] for p in container['ports']] == [8080, 8081]
     assert gateway['Service', 'gateway']['spec']['ports'][0]['port'] == 8080
     assert gateway['Service', 'gateway-1-http']['spec']['ports'][0]['port'] == 8081
     assert json.loads(_arg(container, '--deployments-addresses')) == {
-        'encoder': ['grpc://encoder.finetuner.svc:8080'], 'indexer': ['grpc://indexer-head.finetuner.svc:8080'],
-        'merger': ['grpc://merger.finetuner.svc:8080']}
+        'encoder': ['grpc://encoder.finetuner.svc:8080'],
+        'indexer': ['grpc://indexer-head.finetuner.svc:8080'],
+        'merger': ['grpc://merger.finetuner.svc:8080'],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,7 +338,7 @@ def _image(build_args: dict[str, str]) -> dict[str, Any]:
         elif name in ('ENTRYPOINT', 'CMD'):
             image[name.lower()] = json.loads(args)
         elif name == 'HEALTHCHECK':
-            image['healthcheck'] = json.loads(args[args.index('CMD ') + 4:])
+            image['healthcheck'] = json.loads(args[args.index('CMD ') + 4 :])
     return image
 
 
@@ -329,8 +368,11 @@ def _build_files(image: dict[str, Any], root: Path) -> None:
     for sources, target in image['copies']:
         for source in sources:
             assert (ROOT / source).exists(), f'the Dockerfile copies {source}, which does not exist'
-            files = sorted(f for f in (ROOT / source).rglob('*') if f.is_file()) if (ROOT / source).is_dir() else \
-                [ROOT / source]
+            files = (
+                sorted(f for f in (ROOT / source).rglob('*') if f.is_file())
+                if (ROOT / source).is_dir()
+                else [ROOT / source]
+            )
             for file in files:
                 if not _in_build_context(file.relative_to(ROOT).as_posix()):
                     continue
@@ -348,15 +390,23 @@ def test_dockerfile_runs_jina_as_a_non_root_user_and_copies_only_what_exists():
     assert image['user'] not in ('root', '0') and image['env']['PYTHONPATH'] == '/app'
     assert image['cmd'] == ['--port', '8080', '--workspace', '/workspace']
     assert image['healthcheck'] == ['jina', 'ping', 'executor', 'localhost:8080']
-    assert image['copies'] == [(['requirements.txt', 'requirements.lock'], '/tmp/'), (['executor/'], '/app/executor/'),
-                               (['config.yml'], '/app/config.yml')]
+    assert image['copies'] == [
+        (['requirements.txt', 'requirements.lock'], '/tmp/'),
+        (['executor/'], '/app/executor/'),
+        (['config.yml'], '/app/config.yml'),
+    ]
     for executor in ('indexer.yml', 'merger.yml'):
         assert _image({'EXECUTOR': executor})['copies'][-1] == ([executor], '/app/config.yml')
     for sources, _ in image['copies']:
         assert all((ROOT / source).exists() and _in_build_context(source) for source in sources), sources
     assert _in_build_context('executor/tuning/models/registry.py') and _in_build_context('requirements.lock')
-    for excluded in ('.venv/bin/python', 'workspace/runs/x/model.pt', 'tests/conftest.py', '.git/HEAD',
-                     'executor/__pycache__/docs.cpython-311.pyc'):
+    for excluded in (
+        '.venv/bin/python',
+        'workspace/runs/x/model.pt',
+        'tests/conftest.py',
+        '.git/HEAD',
+        'executor/__pycache__/docs.cpython-311.pyc',
+    ):
         assert not _in_build_context(excluded), excluded
     build = _instructions(ROOT / 'Dockerfile')
     assert ('ARG', 'TORCH=cpu') in build and any('download.pytorch.org/whl/${TORCH}' in a for _, a in build)
@@ -375,28 +425,49 @@ def _endpoints(port: int) -> set[str] | None:
     return set(reply.endpoints) - {'_jina_dry_run_'}
 
 
-@pytest.mark.parametrize('executor,endpoints', [
-    ('config.yml', {'/train', '/runs', '/runs/status', '/runs/logs', '/runs/cancel', '/encode', '/index', '/search',
-                    '/evaluate', '/export', '/classify'}),
-    ('indexer.yml', {'/index', '/search', '/delete', '/count', '/default'}),
-    ('merger.yml', {'/search', '/count', '/default'}),
-])
-def test_the_image_entrypoint_starts_each_executor_and_passes_its_healthcheck(executor: str, endpoints: set[str],
-                                                                             tmp_path: Path,
-                                                                             free_port: Callable[[], int]):
+@pytest.mark.parametrize(
+    'executor,endpoints',
+    [
+        (
+            'config.yml',
+            {
+                '/train',
+                '/runs',
+                '/runs/status',
+                '/runs/logs',
+                '/runs/cancel',
+                '/encode',
+                '/index',
+                '/search',
+                '/evaluate',
+                '/export',
+                '/classify',
+            },
+        ),
+        ('indexer.yml', {'/index', '/search', '/delete', '/count', '/default'}),
+        ('merger.yml', {'/search', '/count', '/default'}),
+    ],
+)
+def test_the_image_entrypoint_starts_each_executor_and_passes_its_healthcheck(
+    executor: str, endpoints: set[str], tmp_path: Path, free_port: Callable[[], int]
+):
     """The image's files, laid out from the Dockerfile and .dockerignore, started with its ENTRYPOINT and CMD."""
     image, root, port = _image({'EXECUTOR': executor}), tmp_path / 'image', free_port()
     _build_files(image, root)
     app = root / image['workdir'].lstrip('/')
     # the image's CMD, with a free port and a temporary workspace; its ENV, with its paths under `root`
     cmd = [str(JINA), *image['entrypoint'][1:], '--port', str(port), '--workspace', str(tmp_path / 'workspace')]
-    env = {**os.environ, **{k: v for k, v in image['env'].items() if k != 'PATH'},
-           'PYTHONPATH': str(root / image['env']['PYTHONPATH'].lstrip('/'))}
+    env = {
+        **os.environ,
+        **{k: v for k, v in image['env'].items() if k != 'PATH'},
+        'PYTHONPATH': str(root / image['env']['PYTHONPATH'].lstrip('/')),
+    }
     ping = [str(JINA), *image['healthcheck'][1:-1], f'localhost:{port}']
     log = tmp_path / 'executor.log'
     with log.open('wb') as output:
-        server = subprocess.Popen(cmd, cwd=app, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            cmd, cwd=app, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 180
         while (served := _endpoints(port)) is None:

@@ -1,5 +1,6 @@
 """VectorIndexer served by a real jina Deployment on 127.0.0.1, called over gRPC (jina Client) and HTTP (plain JSON),
 and sharded in a Flow whose ShardMerger merges the shards' replies."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -173,8 +174,9 @@ def test_bad_requests_are_reported_and_the_service_keeps_serving(
         encoder_params = {'model': 'efficientnet_lite0', 'runtime': 'torch', 'batch_size': 4}
         call('/index', corpus[4:5], encoder_params)
         assert len(call('/search', _queries(centers)[:1], {'limit': 2, **encoder_params})[0].matches) == 2
-        with pytest.raises(ServiceError,
-                           match=r"/index: unknown parameter 'limit'; allowed: batch_size, drop_image_content, model"):
+        with pytest.raises(
+            ServiceError, match=r"/index: unknown parameter 'limit'; allowed: batch_size, drop_image_content, model"
+        ):
             call('/index', corpus[5:6], {'limit': 2})
 
 
@@ -228,16 +230,24 @@ def _match(doc_id: str, score: float) -> MatchDoc:
 def test_shard_merger_keeps_the_best_matches_of_every_shard():
     merger = ShardMerger()
     # a head's reduce: one document per query, the shards' matches one after the other
-    reduced = DocList[FinetunerDoc]([FinetunerDoc(id='q', matches=DocList[MatchDoc](
-        [_match('a', 0.9), _match('b', 0.5), _match('c', 0.95), _match('d', 0.1)]))])
+    reduced = DocList[FinetunerDoc](
+        [
+            FinetunerDoc(
+                id='q',
+                matches=DocList[MatchDoc]([_match('a', 0.9), _match('b', 0.5), _match('c', 0.95), _match('d', 0.1)]),
+            )
+        ]
+    )
     (merged,) = merger.search(docs=reduced, parameters={'limit': 3})
     assert [(m.id, m.score) for m in merged.matches] == [('c', 0.95), ('a', 0.9), ('b', 0.5)]
     # a head with this as its uses_after: each shard's copy of each query
-    copies = DocList[FinetunerDoc]([
-        FinetunerDoc(id='q1', matches=DocList[MatchDoc]([_match('a', 0.2)])),
-        FinetunerDoc(id='q2', matches=DocList[MatchDoc]([_match('b', 0.4)])),
-        FinetunerDoc(id='q1', matches=DocList[MatchDoc]([_match('c', 0.3)])),
-    ])
+    copies = DocList[FinetunerDoc](
+        [
+            FinetunerDoc(id='q1', matches=DocList[MatchDoc]([_match('a', 0.2)])),
+            FinetunerDoc(id='q2', matches=DocList[MatchDoc]([_match('b', 0.4)])),
+            FinetunerDoc(id='q1', matches=DocList[MatchDoc]([_match('c', 0.3)])),
+        ]
+    )
     merged = merger.search(docs=copies, parameters={'limit': 10})
     assert [(d.id, [m.id for m in d.matches]) for d in merged] == [('q1', ['c', 'a']), ('q2', ['b'])]
 
@@ -247,18 +257,21 @@ def test_shard_merger_keeps_the_best_matches_of_every_shard():
         merger.search(docs=reduced, parameters={'limt': 3})
 
 
-def test_a_sharded_index_searches_every_shard(tmp_path: Path, free_port: Callable[[], int],
-                                              corpus: list[FinetunerDoc], centers: np.ndarray):
+def test_a_sharded_index_searches_every_shard(
+    tmp_path: Path, free_port: Callable[[], int], corpus: list[FinetunerDoc], centers: np.ndarray
+):
     """The topology of flows/k8s.yml: one shard stores each document, every shard answers each query."""
     port = free_port()
     polling = {'/index': 'ANY', '/search': 'ALL', '/delete': 'ALL', '/count': 'ALL', '*': 'ANY'}
-    flow = (Flow(host='127.0.0.1', port=port)
-            .add(name='indexer', uses=VectorIndexer, shards=2, polling=polling, workspace=str(tmp_path))
-            .add(name='merger', uses=ShardMerger))
+    flow = (
+        Flow(host='127.0.0.1', port=port)
+        .add(name='indexer', uses=VectorIndexer, shards=2, polling=polling, workspace=str(tmp_path))
+        .add(name='merger', uses=ShardMerger)
+    )
     with flow:
         call = Caller('grpc', port)
         for start in range(0, len(corpus), 8):  # several requests, so that both shards get documents
-            call('/index', corpus[start:start + 8])
+            call('/index', corpus[start : start + 8])
         shard_counts = [len(list((tmp_path / 'VectorIndexer' / str(shard)).glob('hnsw/*.bin'))) for shard in (0, 1)]
         assert shard_counts == [1, 1]
         assert (call.count().count, call.count().dim) == (len(corpus), DIM)

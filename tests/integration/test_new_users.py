@@ -1,6 +1,7 @@
 """What a Jina or docarray user sends first, through a real Deployment of config.yml on 127.0.0.1 (gRPC and HTTP):
 docarray's own ImageDoc/TextDoc, plain JSON without ids, Finetuner's tags['finetuner_label'], a corrupt file named by
 its uri, the default registry model on onnxruntime with no run, and resume with other epochs."""
+
 from __future__ import annotations
 
 import re
@@ -40,14 +41,21 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def deployment(workspace: Path, ports: list[int], data_root: Path, **uses_with: Any) -> Iterator[None]:
     """config.yml behind a gRPC and an HTTP port."""
-    with Deployment(uses=str(CONFIG), workspace=str(workspace), protocol=['grpc', 'http'], host='127.0.0.1',
-                    port=ports, uses_with={'data_roots': [str(data_root)], **uses_with}):
+    with Deployment(
+        uses=str(CONFIG),
+        workspace=str(workspace),
+        protocol=['grpc', 'http'],
+        host='127.0.0.1',
+        port=ports,
+        uses_with={'data_roots': [str(data_root)], **uses_with},
+    ):
         yield
 
 
 @pytest.fixture(scope='module')
-def served(data_root: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: str,
-           free_port: Callable[[], int]) -> Iterator[tuple[int, int]]:
+def served(
+    data_root: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: str, free_port: Callable[[], int]
+) -> Iterator[tuple[int, int]]:
     """One Deployment for the tests that only send requests (runtime 'torch'): its gRPC and HTTP ports."""
     ports = [free_port(), free_port()]
     with deployment(tmp_path_factory.mktemp('ws'), ports, data_root, runtime='torch', model_cache=model_cache):
@@ -55,8 +63,9 @@ def served(data_root: Path, tmp_path_factory: pytest.TempPathFactory, model_cach
 
 
 def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = None) -> list[dict]:
-    reply = requests.post(f'http://127.0.0.1:{port}{endpoint}', json={'data': data, 'parameters': parameters or {}},
-                          timeout=300)
+    reply = requests.post(
+        f'http://127.0.0.1:{port}{endpoint}', json={'data': data, 'parameters': parameters or {}}, timeout=300
+    )
     if reply.status_code != 200:
         raise ServiceError(f'{reply.status_code}: {reply.json()["detail"]}')
     return reply.json()['data']
@@ -77,14 +86,19 @@ def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tup
 
     # docarray's ImageDoc over gRPC, answered in the client's own type: url, bytes_ and tensor are read
     client = Client(host=f'grpc://127.0.0.1:{grpc_port}')
-    sent = DocList[ImageDoc]([ImageDoc(url=str(paths[0])), ImageDoc(bytes_=paths[1].read_bytes()),
-                              ImageDoc(tensor=array)])
+    sent = DocList[ImageDoc](
+        [ImageDoc(url=str(paths[0])), ImageDoc(bytes_=paths[1].read_bytes()), ImageDoc(tensor=array)]
+    )
     got = client.post('/encode', sent, parameters=torch_only, return_type=DocList[ImageDoc])
     assert got.id == sent.id and str(got[0].url) == str(paths[0])
     np.testing.assert_allclose(unit(np.stack(got.embedding)), reference, atol=1e-5)
     with pytest.raises(Exception, match=r'is text only \(1 such\), but this model embeds images'):
-        client.post('/encode', DocList[TextDoc]([TextDoc(text='a handwritten seven')]), parameters=torch_only,
-                    return_type=DocList[TextDoc])
+        client.post(
+            '/encode',
+            DocList[TextDoc]([TextDoc(text='a handwritten seven')]),
+            parameters=torch_only,
+            return_type=DocList[TextDoc],
+        )
 
     # the same as docarray's JSON over HTTP, with no ids: each document gets one, kept in the reply
     as_json = [{'url': str(paths[0])}, {'tensor': array.tolist()}, {'uri': str(paths[1])}]
@@ -92,7 +106,7 @@ def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tup
     ids = [doc['id'] for doc in replied]
     assert all(isinstance(i, str) and len(i) == 32 for i in ids) and len(set(ids)) == 3
     np.testing.assert_allclose(unit([d['embedding'] for d in replied]), reference[[0, 2, 1]], atol=1e-5)
-    with pytest.raises(ServiceError, match=r"is text only"):
+    with pytest.raises(ServiceError, match=r'is text only'):
         http(http_port, '/encode', [{'text': 'a handwritten seven'}], torch_only)
 
     # Finetuner's label field: /evaluate needs a label on every document, and tags carry it
@@ -121,7 +135,8 @@ def test_errors_name_the_document_by_its_uri(served: tuple[int, int], data_root:
 
 
 def test_the_default_model_with_no_run_is_served_by_onnxruntime_from_a_cached_export(
-        tmp_path: Path, data_root: Path, free_port: Callable[[], int]):
+    tmp_path: Path, data_root: Path, free_port: Callable[[], int]
+):
     cache = tmp_path / 'models'
     docs = [FinetunerDoc(uri=str(p)) for p in sorted((data_root / 'digits').rglob('*.png'))[:6]]
     with deployment(tmp_path / 'ws', [free_port(), http_port := free_port()], data_root, model_cache=str(cache)):
@@ -187,8 +202,12 @@ def test_the_search_flow_with_someone_elses_executor_over_http_and_grpc(tmp_path
     executor reach it alone, a misspelt key is still an error (422 over HTTP), and the OpenAPI page is typed."""
     (tmp_path / 'stranger.py').write_text(STRANGER)
     grpc_port, http_port = free_port(), free_port()
-    overrides = {'host': '127.0.0.1', 'port': [grpc_port, http_port], 'protocol': ['grpc', 'http'],
-                 'workspace': str(tmp_path / 'ws')}
+    overrides = {
+        'host': '127.0.0.1',
+        'port': [grpc_port, http_port],
+        'protocol': ['grpc', 'http'],
+        'workspace': str(tmp_path / 'ws'),
+    }
     images, labels = digits(per_class=1, size=32)
     as_json = [{'tensor': image.tolist(), 'label': label} for image, label in zip(images, labels)]  # no ids
     torch_only = {'runtime': 'torch', 'batch_size': 4}
@@ -200,37 +219,52 @@ def test_the_search_flow_with_someone_elses_executor_over_http_and_grpc(tmp_path
         (stats,) = http(http_port, '/count', [])
         assert stats['count'] == 10
 
-        for parameters, expected in (({'indexer': {'limit': 3}}, 3), ({'indexer__limit': 2}, 2), ({}, 10),
-                                     ({'indexer': {'limit': 4}, 'tagger': {'mode': 'loud'}, 'limit': 6}, 4)):
+        for parameters, expected in (
+            ({'indexer': {'limit': 3}}, 3),
+            ({'indexer__limit': 2}, 2),
+            ({}, 10),
+            ({'indexer': {'limit': 4}, 'tagger': {'mode': 'loud'}, 'limit': 6}, 4),
+        ):
             (by_http,) = http(http_port, '/search', as_json[:1], {**torch_only, **parameters})
             assert len(by_http['matches']) == expected, parameters
             assert by_http['matches'][0]['id'] == ids[0] and by_http['matches'][0]['label'] == '0'
         client = Client(host=f'grpc://127.0.0.1:{grpc_port}')
-        (by_grpc,) = client.post('/search', DocList[FinetunerDoc]([FinetunerDoc(tensor=images[0])]),
-                                 parameters={**torch_only, 'indexer': {'limit': 3}, 'tagger': {'mode': 'x'}},
-                                 return_type=DocList[FinetunerDoc])
+        (by_grpc,) = client.post(
+            '/search',
+            DocList[FinetunerDoc]([FinetunerDoc(tensor=images[0])]),
+            parameters={**torch_only, 'indexer': {'limit': 3}, 'tagger': {'mode': 'x'}},
+            return_type=DocList[FinetunerDoc],
+        )
         assert [m.id for m in by_grpc.matches] == [m['id'] for m in by_http['matches']][:3]
         (tagged,) = http(http_port, '/tag', [{'text': 'hello'}], {'tagger': {'mode': 'loud'}})
         assert tagged['text'] == 'hello (loud)'
 
         # misspelt: at the top level, or inside the object addressed to the executor it is meant for
-        for parameters, error in (({'limt': 3}, r"unknown parameter 'limt' \(did you mean 'limit'\?\)"),
-                                  ({'indexer': {'limt': 3}}, r"unknown parameter 'limt'"),
-                                  ({'encoder': {'batchsize': 3}}, r"unknown parameter 'batchsize'")):
-            reply = requests.post(f'http://127.0.0.1:{http_port}/search', timeout=60,
-                                  json={'data': as_json[:1], 'parameters': {**torch_only, **parameters}})
+        for parameters, error in (
+            ({'limt': 3}, r"unknown parameter 'limt' \(did you mean 'limit'\?\)"),
+            ({'indexer': {'limt': 3}}, r"unknown parameter 'limt'"),
+            ({'encoder': {'batchsize': 3}}, r"unknown parameter 'batchsize'"),
+        ):
+            reply = requests.post(
+                f'http://127.0.0.1:{http_port}/search',
+                timeout=60,
+                json={'data': as_json[:1], 'parameters': {**torch_only, **parameters}},
+            )
             assert reply.status_code == 422, (parameters, reply.status_code, reply.text)
             assert re.search(error, reply.json()['detail']), reply.text
             with pytest.raises(ServiceError, match=error):
-                FinetunerClient(f'grpc://127.0.0.1:{grpc_port}').post('/search', [FinetunerDoc(tensor=images[0])],
-                                                                      {**torch_only, **parameters})
+                FinetunerClient(f'grpc://127.0.0.1:{grpc_port}').post(
+                    '/search', [FinetunerDoc(tensor=images[0])], {**torch_only, **parameters}
+                )
 
         # other bad input is a 4xx too, and each endpoint's parameters are typed on the OpenAPI page
-        reply = requests.post(f'http://127.0.0.1:{http_port}/runs/status',
-                              json={'data': [], 'parameters': {'run_id': 'nope'}}, timeout=60)
+        reply = requests.post(
+            f'http://127.0.0.1:{http_port}/runs/status', json={'data': [], 'parameters': {'run_id': 'nope'}}, timeout=60
+        )
         assert reply.status_code == 404 and 'unknown run_id' in reply.json()['detail']
-        reply = requests.post(f'http://127.0.0.1:{http_port}/encode', json={'data': [{'uri': '/etc/hostname'}]},
-                              timeout=60)
+        reply = requests.post(
+            f'http://127.0.0.1:{http_port}/encode', json={'data': [{'uri': '/etc/hostname'}]}, timeout=60
+        )
         assert reply.status_code == 400 and 'outside the data roots' in reply.json()['detail']
         assert_typed_openapi(requests.get(f'http://127.0.0.1:{http_port}/openapi.json', timeout=60).json())
 
@@ -258,15 +292,23 @@ def assert_typed_openapi(schema: dict) -> None:
 def test_a_deployment_answers_bad_input_4xx_and_types_its_parameters(served: tuple[int, int], data_root: Path):
     grpc_port, http_port = served
     base = f'http://127.0.0.1:{http_port}'
-    cases = [('/encode', {'batchsize': 4}, [], 422), ('/train', {'train_data': 'digits', 'epoch': 2}, [], 422),
-             ('/encode', {}, [{'uri': str(data_root / 'broken' / 'cut.png')}], 400),
-             ('/runs/logs', {'run_id': 'nope'}, [], 404), ('/train', {'resume': 'nope', 'epochs': 2}, [], 404)]
+    cases = [
+        ('/encode', {'batchsize': 4}, [], 422),
+        ('/train', {'train_data': 'digits', 'epoch': 2}, [], 422),
+        ('/encode', {}, [{'uri': str(data_root / 'broken' / 'cut.png')}], 400),
+        ('/runs/logs', {'run_id': 'nope'}, [], 404),
+        ('/train', {'resume': 'nope', 'epochs': 2}, [], 404),
+    ]
     for endpoint, parameters, data, status in cases:
         reply = requests.post(base + endpoint, json={'data': data, 'parameters': parameters}, timeout=60)
         assert reply.status_code == status, (endpoint, parameters, reply.status_code, reply.text)
     # the executor's own name in a Deployment is 'executor': addressed keys are its own
-    (doc,) = http(http_port, '/encode', [{'uri': str(data_root / 'digits' / '1' / '0003.png')}],
-                  {'executor': {'batch_size': 2}, 'someone_else': {'x': 1}})
+    (doc,) = http(
+        http_port,
+        '/encode',
+        [{'uri': str(data_root / 'digits' / '1' / '0003.png')}],
+        {'executor': {'batch_size': 2}, 'someone_else': {'x': 1}},
+    )
     assert len(doc['embedding']) == 1280
     reply = requests.post(f'{base}/encode', timeout=60, json={'data': [], 'parameters': {'executor': {'batchsize': 2}}})
     assert reply.status_code == 422 and "unknown parameter 'batchsize'" in reply.json()['detail']  # its own key

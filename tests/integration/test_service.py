@@ -1,5 +1,6 @@
 """FinetunerExecutor served by a real Deployment of config.yml on 127.0.0.1: the whole run lifecycle over gRPC (the
 Python client) and over HTTP (plain JSON), concurrent requests for different models, and fine-tuning that helps."""
+
 from __future__ import annotations
 
 import base64
@@ -48,8 +49,14 @@ def serve(model_cache: str) -> Callable[..., Any]:
 
     @contextmanager
     def start(protocol: str, workspace: Path, port: int, data_root: Path, **uses_with: Any) -> Iterator[int]:
-        with Deployment(uses=str(CONFIG), workspace=str(workspace), protocol=protocol, host='127.0.0.1', port=port,
-                        uses_with={'data_roots': [str(data_root)], 'model_cache': model_cache, **uses_with}):
+        with Deployment(
+            uses=str(CONFIG),
+            workspace=str(workspace),
+            protocol=protocol,
+            host='127.0.0.1',
+            port=port,
+            uses_with={'data_roots': [str(data_root)], 'model_cache': model_cache, **uses_with},
+        ):
             yield port
 
     return start
@@ -97,8 +104,9 @@ def test_lifecycle_grpc(tmp_path: Path, free_port: Callable[[], int], data_root:
         assert sum(k.startswith('accuracy/') for k in after) == 10
         classified = client.classify(queries, run_id='tiny')
         assert {d.label for d in classified} <= {str(d) for d in range(10)}
-        assert all(abs(sum(d.scores.values()) - 1) < 1e-4 and d.label == max(d.scores, key=d.scores.get)
-                   for d in classified)
+        assert all(
+            abs(sum(d.scores.values()) - 1) < 1e-4 and d.label == max(d.scores, key=d.scores.get) for d in classified
+        )
 
         exported = run.export()
         assert exported.endswith('tiny/model.onnx') and Path(exported).is_file()
@@ -109,8 +117,12 @@ def test_lifecycle_grpc(tmp_path: Path, free_port: Callable[[], int], data_root:
         # concurrent requests for different models: each gets its own model's embeddings
         reference = np.stack(client.encode(queries[:4], model='efficientnet_lite0').embedding)
         with ThreadPoolExecutor(6) as pool:
-            jobs = [pool.submit(client.encode, queries[:4], **({'run_id': 'tiny'} if i % 2 else
-                                                               {'model': 'efficientnet_lite0'})) for i in range(6)]
+            jobs = [
+                pool.submit(
+                    client.encode, queries[:4], **({'run_id': 'tiny'} if i % 2 else {'model': 'efficientnet_lite0'})
+                )
+                for i in range(6)
+            ]
             results = [np.stack(job.result().embedding) for job in jobs]
         for i, emb in enumerate(results):
             expected = onnx_emb[:4] if i % 2 else reference
@@ -152,8 +164,12 @@ def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root:
     train_docs = [as_json(d) for d in held_out(per_class=4, offset=60)]
     with serve('http', tmp_path, free_port(), data_root) as port:
         # training documents sent with the request, and wait=true
-        (run,) = http(port, '/train', {**TINY, 'loss': 'CrossEntropyLoss', 'to_onnx': True, 'wait': True,
-                                       'run_name': 'sent'}, train_docs)
+        (run,) = http(
+            port,
+            '/train',
+            {**TINY, 'loss': 'CrossEntropyLoss', 'to_onnx': True, 'wait': True, 'run_name': 'sent'},
+            train_docs,
+        )
         assert (run['run_id'], run['status'], run['epoch'], run['error']) == ('sent', 'FINISHED', 1, None)
         assert len(list(tmp_path.rglob('runs/sent/train_docs/*.png'))) == len(train_docs)
 
@@ -194,14 +210,23 @@ def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root:
 
 
 @pytest.mark.slow
-def test_fine_tuning_the_default_model_improves_retrieval(tmp_path: Path, free_port: Callable[[], int],
-                                                          data_root: Path, serve: Callable[..., Any]):
+def test_fine_tuning_the_default_model_improves_retrieval(
+    tmp_path: Path, free_port: Callable[[], int], data_root: Path, serve: Callable[..., Any]
+):
     queries = held_out(per_class=4, size=64)
     with serve('grpc', tmp_path, free_port(), data_root) as port:
         client = FinetunerClient(f'grpc://127.0.0.1:{port}')
         before = client.evaluate(queries)  # the served default: pre-trained efficientnet_lite0
-        run = client.fit(train_data='digits', image_size=64, epochs=3, batch_size=30, loss='TripletMarginLoss',
-                         miner='MultiSimilarityMiner', to_onnx=True, wait=True)
+        run = client.fit(
+            train_data='digits',
+            image_size=64,
+            epochs=3,
+            batch_size=30,
+            loss='TripletMarginLoss',
+            miner='MultiSimilarityMiner',
+            to_onnx=True,
+            wait=True,
+        )
         assert run.status()['status'] == 'FINISHED', run.logs()
         after = client.evaluate(queries, run_id=run.name)
         assert after['ndcg@10'] > before['ndcg@10'] + 0.05, (before, after)

@@ -1,5 +1,6 @@
 """The code's shape, checked: the core and the service machinery import no jina and no module imports itself back
 in a circle; files and functions stay short enough to read in one sitting (issue 17)."""
+
 from __future__ import annotations
 
 import ast
@@ -45,10 +46,12 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
 
 def test_the_core_and_the_service_machinery_import_no_jina():
     names = [m for m in modules() if m.startswith(CORE)]
-    code = ('import importlib, sys\n'
-            f'for name in {names!r}:\n'
-            '    importlib.import_module(name)\n'
-            "print(len(sys.modules), 'jina' in sys.modules, sorted(m for m in sys.modules if m.startswith('jina')))")
+    code = (
+        'import importlib, sys\n'
+        f'for name in {names!r}:\n'
+        '    importlib.import_module(name)\n'
+        "print(len(sys.modules), 'jina' in sys.modules, sorted(m for m in sys.modules if m.startswith('jina')))"
+    )
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
     assert len(names) > 40 and out[1] == 'False', out
 
@@ -64,7 +67,7 @@ def test_no_module_imports_itself_back_in_a_circle():
         state[node] = 'open'
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 'open':
-                cycles.append(' -> '.join(trail[trail.index(nxt):] + [nxt]))
+                cycles.append(' -> '.join(trail[trail.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, trail + [nxt])
         state[node] = 'done'

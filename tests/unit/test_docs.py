@@ -1,4 +1,5 @@
 """The document types over protobuf, as jina sends them between client, gateway and executors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,15 +21,21 @@ def over_the_wire(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:
 
 
 def test_documents_survive_protobuf():
-    docs = DocList[FinetunerDoc]([
-        FinetunerDoc(id='a/1', blob=b'\xff\xd8jpeg', label='cat'),
-        FinetunerDoc(uri='images/2.png', embedding=np.arange(4, dtype=np.float32), scores={'cat': 0.25}),
-        FinetunerDoc(text='a query', matches=DocList[MatchDoc]([MatchDoc(uri='x.png', score=0.5)])),
-    ])
+    docs = DocList[FinetunerDoc](
+        [
+            FinetunerDoc(id='a/1', blob=b'\xff\xd8jpeg', label='cat'),
+            FinetunerDoc(uri='images/2.png', embedding=np.arange(4, dtype=np.float32), scores={'cat': 0.25}),
+            FinetunerDoc(text='a query', matches=DocList[MatchDoc]([MatchDoc(uri='x.png', score=0.5)])),
+        ]
+    )
     back = over_the_wire(docs)
     assert back.id == docs.id and all(type(i) is ID for i in back.id)
-    assert (back[0].blob, back[0].label, back[1].uri, back[1].scores) == (b'\xff\xd8jpeg', 'cat', 'images/2.png',
-                                                                           {'cat': 0.25})
+    assert (back[0].blob, back[0].label, back[1].uri, back[1].scores) == (
+        b'\xff\xd8jpeg',
+        'cat',
+        'images/2.png',
+        {'cat': 0.25},
+    )
     assert np.array_equal(back[1].embedding, docs[1].embedding)
     assert back[2].matches[0].uri == 'x.png' and back[2].matches[0].score == 0.5
 

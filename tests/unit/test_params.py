@@ -1,4 +1,5 @@
 """Which parameters are an executor's own in a Flow: jina's per-executor rule, and typos still errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,9 +30,12 @@ def test_a_key_prefixed_with_another_name_reaches_no_executor_but_this_one_and_i
     # jina's gateway strips every `<name>__<key>` but the addressed executor's own; with no gateway in between (an
     # HTTP Deployment) such a key is a typo such as `batch__size`, not another executor's
     for key in ('reranker__top_k', 'batch__size'):
-        with pytest.raises(ParameterError, match=rf"invalid parameters for /search: parameter '{key}' is addressed "
-                                                   rf"to an executor named '{key.split('__')[0]}', but this one is "
-                                                   r"called 'encoder' or 'FinetunerExecutor'"):
+        with pytest.raises(
+            ParameterError,
+            match=rf"invalid parameters for /search: parameter '{key}' is addressed "
+            rf"to an executor named '{key.split('__')[0]}', but this one is "
+            r"called 'encoder' or 'FinetunerExecutor'",
+        ):
             parse(SearchParams, {key: 2}, '/search', ENCODER)
 
 

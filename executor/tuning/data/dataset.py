@@ -1,4 +1,5 @@
 """A map-style dataset over items, fed through the model's ``Inputs``, and the collate function of its batches."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,8 +18,14 @@ class ItemDataset(Dataset):
     """``__getitem__(i) -> (sample, label index or -1)``, decoded lazily; ``views=2`` gives a tuple of two samples
     (each its own draw of ``transform``), the positive pair of self-supervised training."""
 
-    def __init__(self, items: Sequence[Item], inputs: Inputs, transform: Transform,
-                 class_names: Sequence[str] | None = None, views: int = 1) -> None:
+    def __init__(
+        self,
+        items: Sequence[Item],
+        inputs: Inputs,
+        transform: Transform,
+        class_names: Sequence[str] | None = None,
+        views: int = 1,
+    ) -> None:
         inputs.check_items(items, 'training items')
         self.items = list(items)
         self.inputs = inputs

@@ -1,4 +1,5 @@
 """Decoding images: paths, bytes or arrays to RGB PIL images, each failure an error naming the item."""
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@ Written here rather than taken from pytorch-metric-learning's ``MPerClassSampler
 process-global numpy RNG and knows nothing of ranks: resuming a run exactly and splitting one global batch across
 DDP ranks both need a sampler whose order is a pure function of (seed, epoch).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,13 @@ def adjust_items_per_class(batch_size: int, num_items_per_class: int, num_classe
         raise ValueError(f'batch_size={batch_size} cannot be split into classes')
     best = min(divisors, key=lambda d: (abs(d - num_items_per_class), -d))
     if best != num_items_per_class:
-        logger.warning('num_items_per_class=%d does not fit batch_size=%d with %d classes; using %d',
-                       num_items_per_class, batch_size, num_classes, best)
+        logger.warning(
+            'num_items_per_class=%d does not fit batch_size=%d with %d classes; using %d',
+            num_items_per_class,
+            batch_size,
+            num_classes,
+            best,
+        )
     return best
 
 
@@ -40,8 +46,16 @@ class BatchSampler(Sampler[list[int]]):
     One epoch has ``len(labels) // global_batch`` batches (the remainder is dropped so every batch is full).
     """
 
-    def __init__(self, labels: Sequence[int], batch_size: int, mode: Literal['class', 'random'] = 'class',
-                 num_items_per_class: int = 4, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int],
+        batch_size: int,
+        mode: Literal['class', 'random'] = 'class',
+        num_items_per_class: int = 4,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         self.labels = torch.as_tensor(list(labels))
         self.batch_size = batch_size
         self.num_replicas = num_replicas
@@ -51,13 +65,17 @@ class BatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.epoch = 0
         if len(self.labels) < self.global_batch:
-            raise ValueError(f'{len(self.labels)} training items are fewer than one batch of {self.global_batch}; '
-                             'lower batch_size or add data')
+            raise ValueError(
+                f'{len(self.labels)} training items are fewer than one batch of {self.global_batch}; '
+                'lower batch_size or add data'
+            )
         if mode == 'class':
             classes = torch.unique(self.labels[self.labels >= 0])
             if len(classes) < 2:
-                raise ValueError('class-balanced batches need at least 2 labelled classes; label the data or use '
-                                 "sampler='random' with a self-supervised loss")
+                raise ValueError(
+                    'class-balanced batches need at least 2 labelled classes; label the data or use '
+                    "sampler='random' with a self-supervised loss"
+                )
             self.by_class = [torch.nonzero(self.labels == c).flatten() for c in classes]
             self.m = adjust_items_per_class(self.global_batch, num_items_per_class, len(classes))
             if batch_size % self.m:

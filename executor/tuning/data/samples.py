@@ -1,4 +1,5 @@
 """Real data that ships inside installed packages (scikit-learn's handwritten digits), for the demo and the tests."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,10 @@ def digits(per_class: int | None = None, offset: int = 0, size: int = 32) -> tup
 
 def digits_items(per_class: int | None = None, offset: int = 0, size: int = 32) -> list[Item]:
     images, labels = digits(per_class, offset, size)
-    return [Item(id=f'digit-{label}-{offset + i}', tensor=img, label=label)
-            for i, (img, label) in enumerate(zip(images, labels))]
+    return [
+        Item(id=f'digit-{label}-{offset + i}', tensor=img, label=label)
+        for i, (img, label) in enumerate(zip(images, labels))
+    ]
 
 
 def write_digits_folder(root: str | Path, per_class: int | None = None, offset: int = 0, size: int = 32) -> Path:

@@ -1,4 +1,5 @@
 """Data sources: a CSV file, an image folder, or in-memory items, all read as a list of ``Item``."""
+
 from __future__ import annotations
 
 import csv
@@ -72,8 +73,10 @@ def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None 
         reader = csv.DictReader(fh)
         columns = set(reader.fieldnames or [])
         if not columns & {'uri', 'text'}:
-            raise DataError(f'{str(path)!r}: the header must name a "uri" or a "text" column (and optionally "label"); '
-                            f'found {sorted(columns)}')
+            raise DataError(
+                f'{str(path)!r}: the header must name a "uri" or a "text" column (and optionally "label"); '
+                f'found {sorted(columns)}'
+            )
         items = []
         for line, row in enumerate(reader, start=2):
             name = f'{path.name} line {line}'
@@ -100,13 +103,21 @@ def from_folder(root: str | os.PathLike, roots: Sequence[str | os.PathLike] | No
     root = check_under_roots(root, roots, 'train/eval data')
     if not root.is_dir():
         raise DataError(f'image folder {str(root)!r} does not exist')
-    items = [Item(id=str(p.relative_to(root)), uri=str(p)) for p in sorted(root.iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    items = [
+        Item(id=str(p.relative_to(root)), uri=str(p))
+        for p in sorted(root.iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        items += [Item(id=str(p.relative_to(root)), uri=str(p), label=class_dir.name)
-                  for p in sorted(class_dir.rglob('*')) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        items += [
+            Item(id=str(p.relative_to(root)), uri=str(p), label=class_dir.name)
+            for p in sorted(class_dir.rglob('*'))
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        ]
     if not items:
-        raise DataError(f'{str(root)!r} holds no images ({", ".join(sorted(IMAGE_SUFFIXES))}) directly or in class folders')
+        raise DataError(
+            f'{str(root)!r} holds no images ({", ".join(sorted(IMAGE_SUFFIXES))}) directly or in class folders'
+        )
     return items
 
 
@@ -126,8 +137,17 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
         if all(v is None for v in (uri, blob, tensor, text)):
             raise DataError(f'{name}: has no content; set one of uri, blob, tensor or text')
         label = get('label')
-        items.append(Item(id=ident, uri=uri, blob=blob, tensor=None if tensor is None else np.asarray(tensor),
-                          text=text, label=None if label in (None, '') else str(label), name=name))
+        items.append(
+            Item(
+                id=ident,
+                uri=uri,
+                blob=blob,
+                tensor=None if tensor is None else np.asarray(tensor),
+                text=text,
+                label=None if label in (None, '') else str(label),
+                name=name,
+            )
+        )
     return items
 
 

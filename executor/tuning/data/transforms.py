@@ -1,4 +1,5 @@
 """Preprocessing and augmentation (torchvision v2), built from a model's ``data_config``."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.functional import pil_modes_mapping
 
-INTERPOLATION = {'bilinear': InterpolationMode.BILINEAR, 'bicubic': InterpolationMode.BICUBIC,
-                 'nearest': InterpolationMode.NEAREST}
+INTERPOLATION = {
+    'bilinear': InterpolationMode.BILINEAR,
+    'bicubic': InterpolationMode.BICUBIC,
+    'nearest': InterpolationMode.NEAREST,
+}
 
 
 def _size(data_config: dict[str, Any]) -> tuple[int, int]:
@@ -50,7 +54,9 @@ class ResizeCenterCrop(torch.nn.Module):
     def __init__(self, resize: int, size: tuple[int, int], interpolation: InterpolationMode) -> None:
         super().__init__()
         self.resize, self.size, self.interpolation = resize, size, interpolation
-        self.fallback = v2.Compose([v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size)])
+        self.fallback = v2.Compose(
+            [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+        )
 
     def forward(self, image: Any) -> Any:
         if not isinstance(image, Image.Image):
@@ -95,21 +101,32 @@ def train_transform(data_config: dict[str, Any], augmentation: Augmentation = 'n
     h, w = _size(data_config)
     interp = INTERPOLATION.get(data_config.get('interpolation', 'bilinear'), InterpolationMode.BILINEAR)
     if augmentation == 'light':
-        return v2.Compose([v2.RandomResizedCrop((h, w), scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=interp,
-                                              antialias=True), *_finish(data_config)])
-    return v2.Compose([v2.RandomResizedCrop((h, w), scale=(0.5, 1.0), interpolation=interp, antialias=True),
-                      v2.RandomHorizontalFlip(), *_finish(data_config)])
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop((h, w), scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=interp, antialias=True),
+                *_finish(data_config),
+            ]
+        )
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop((h, w), scale=(0.5, 1.0), interpolation=interp, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_finish(data_config),
+        ]
+    )
 
 
 def simclr_transform(data_config: dict[str, Any]) -> v2.Compose:
     """SimCLR's view pipeline (Chen et al., 2020): crop, flip, colour jitter, grayscale, blur."""
     h, w = _size(data_config)
     kernel = max(3, (int(0.1 * min(h, w)) // 2) * 2 + 1)
-    return v2.Compose([
-        v2.RandomResizedCrop((h, w), scale=(0.08, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-        *_finish(data_config),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop((h, w), scale=(0.08, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            *_finish(data_config),
+        ]
+    )

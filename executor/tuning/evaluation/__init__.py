@@ -1,5 +1,6 @@
 """Evaluation: the exact kNN search (``knn``), the metric formulas (``metrics``), and the one ``Evaluator`` that the
 per-epoch callback, the before/after report and ``/evaluate`` all use (``evaluator``)."""
+
 from executor.tuning.evaluation.evaluator import Evaluation, Evaluator, ModelEmbedder
 from executor.tuning.evaluation.knn import knn
 from executor.tuning.evaluation.metrics import (
@@ -14,6 +15,18 @@ from executor.tuning.evaluation.metrics import (
     retrieval_metrics,
 )
 
-__all__ = ['ALIASES', 'DEFAULT_MONITOR', 'METRIC_MODES', 'RETRIEVAL_METRICS', 'Evaluation', 'Evaluator',
-           'ModelEmbedder', 'classification_metrics', 'knn', 'knn_accuracy', 'metric_mode', 'ranking_metrics',
-           'retrieval_metrics']
+__all__ = [
+    'ALIASES',
+    'DEFAULT_MONITOR',
+    'METRIC_MODES',
+    'RETRIEVAL_METRICS',
+    'Evaluation',
+    'Evaluator',
+    'ModelEmbedder',
+    'classification_metrics',
+    'knn',
+    'knn_accuracy',
+    'metric_mode',
+    'ranking_metrics',
+    'retrieval_metrics',
+]

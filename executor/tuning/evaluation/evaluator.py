@@ -5,6 +5,7 @@ The per-epoch callback, the before/after report of a run and the service's ``/ev
 What it evaluates is an ``Embedder``: the model being trained (``ModelEmbedder``) or a serving encoder (torch or
 onnxruntime), each of which embeds items, and classifies them when the model has a classifier head.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,12 +52,19 @@ class Evaluator:
     class) of its predictions on the queries whose labels it was trained on.
     """
 
-    def __init__(self, query: Sequence[Item], index: Sequence[Item] | None = None, limit: int = 20,
-                 retrieval: bool = True, accuracy: bool = True) -> None:
+    def __init__(
+        self,
+        query: Sequence[Item],
+        index: Sequence[Item] | None = None,
+        limit: int = 20,
+        retrieval: bool = True,
+        accuracy: bool = True,
+    ) -> None:
         for item in [*query, *(index or [])]:
             if item.label is None:
-                raise DataError(f'{item.name} has no label: evaluation needs a label on every item (relevant means '
-                                'same label)')
+                raise DataError(
+                    f'{item.name} has no label: evaluation needs a label on every item (relevant means same label)'
+                )
         self.query, self.index = list(query), None if index is None else list(index)
         self.limit, self.retrieval, self.accuracy = limit, retrieval, accuracy
 
@@ -67,12 +75,15 @@ class Evaluator:
         if self.accuracy and self.index is None and embedder.class_names:
             known = [it for it in self.query if it.label in embedder.class_names]
             if len(known) < len(self.query):
-                logger.warning('%d evaluation items have labels the classifier was not trained on; skipped',
-                               len(self.query) - len(known))
+                logger.warning(
+                    '%d evaluation items have labels the classifier was not trained on; skipped',
+                    len(self.query) - len(known),
+                )
             if known:
                 logits = embedder.classify_items(known)  # (N, C)
-                metrics, result.confusion = classification_metrics(logits, [it.label for it in known],
-                                                                   embedder.class_names)
+                metrics, result.confusion = classification_metrics(
+                    logits, [it.label for it in known], embedder.class_names
+                )
                 result.metrics.update(metrics)
         return result
 
@@ -89,8 +100,9 @@ class Evaluator:
 class ModelEmbedder:
     """Embeds items with a model in training, in eval mode and without gradients, then gives the mode back."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int = 64,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, batch_size: int = 64, channels_last: bool = False
+    ) -> None:
         self.model, self.device, self.batch_size, self.channels_last = model, device, batch_size, channels_last
         self.class_names = model.class_names
 
@@ -109,7 +121,7 @@ class ModelEmbedder:
         try:
             out = []
             for start in range(0, len(items), self.batch_size):
-                chunk = items[start:start + self.batch_size]
+                chunk = items[start : start + self.batch_size]
                 batch = inputs.collate([inputs.preprocess(it.content, it.name) for it in chunk])
                 out.append(forward(to_device(batch, self.device, self.channels_last)).float().cpu())
             return torch.cat(out)
@@ -122,6 +134,7 @@ def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -
     moved = {}
     for name, tensor in batch.items():
         tensor = tensor.to(device, non_blocking=True)
-        moved[name] = tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.ndim == 4 \
-            else tensor
+        moved[name] = (
+            tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.ndim == 4 else tensor
+        )
     return moved

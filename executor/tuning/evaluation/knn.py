@@ -1,4 +1,5 @@
 """Exact k-nearest-neighbour search over embeddings, chunked so that memory stays bounded, ties broken by index."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -63,11 +64,11 @@ def knn(
     best_idx = torch.full((n_queries, k), -1, dtype=torch.int64, device=dev)
     block_buf = torch.empty(min(query_chunk, n_queries) * min(index_chunk, n_index), device=dev)
     for i_start in range(0, n_index, index_chunk):
-        chunk = x[i_start:i_start + index_chunk].to(dev, torch.float32)  # (ic, D)
+        chunk = x[i_start : i_start + index_chunk].to(dev, torch.float32)  # (ic, D)
         column_term = _column_term(chunk, metric, i_start)  # (ic,)
         for q_start in range(0, n_queries, query_chunk):
-            q_rows = q_dev[q_start:q_start + query_chunk]  # (qc, D)
-            block = block_buf[:len(q_rows) * len(chunk)].view(len(q_rows), len(chunk))
+            q_rows = q_dev[q_start : q_start + query_chunk]  # (qc, D)
+            block = block_buf[: len(q_rows) * len(chunk)].view(len(q_rows), len(chunk))
             if metric == 'cosine':
                 torch.mm(q_rows, chunk.T, out=block).mul_(column_term)
             else:
@@ -82,6 +83,7 @@ def knn(
         scores = best_scores / q_norm.clamp_min(1e-12)[:, None]
         return scores.cpu(), best_idx.cpu()
     return _exact_euclidean(q, x, best_idx.cpu())
+
 
 def _as_2d_tensor(data: ArrayLike, name: str) -> torch.Tensor:
     tensor = data if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
@@ -126,6 +128,7 @@ def _check_chunk(value: int, name: str) -> int:
         raise ValueError(f'{name} must be a positive integer, got {value!r}')
     return value
 
+
 def _check_finite(norms: torch.Tensor, name: str, offset: int = 0) -> None:
     bad = ~torch.isfinite(norms)
     if bad.any():
@@ -152,7 +155,7 @@ def _merge(
     merged_scores = torch.cat([best_scores, scores], dim=1)
     merged_idx = torch.cat([best_idx, idx], dim=1)
     # The running results hold lower indices, so a stable sort keeps "lower index first" on ties.
-    order = merged_scores.argsort(dim=1, descending=True, stable=True)[:, :best_scores.shape[1]]
+    order = merged_scores.argsort(dim=1, descending=True, stable=True)[:, : best_scores.shape[1]]
     return merged_scores.gather(1, order), merged_idx.gather(1, order)
 
 
@@ -197,10 +200,10 @@ def _exact_euclidean(
     rows_per_step = max(1, _RECOMPUTE_BUDGET // (k * dim))
     distances = torch.empty(idx.shape, dtype=torch.float32)
     for start in range(0, len(idx), rows_per_step):
-        sel = idx[start:start + rows_per_step]  # (r, k)
+        sel = idx[start : start + rows_per_step]  # (r, k)
         neighbours = index.index_select(0, sel.reshape(-1).to(index.device)).cpu().float()  # (r*k, D)
-        q = queries[start:start + rows_per_step].cpu().float()  # (r, D)
+        q = queries[start : start + rows_per_step].cpu().float()  # (r, D)
         diff = neighbours.view(len(sel), k, dim) - q[:, None, :]
-        distances[start:start + rows_per_step] = torch.linalg.vector_norm(diff, dim=2)
+        distances[start : start + rows_per_step] = torch.linalg.vector_norm(diff, dim=2)
     neg, idx = _order(-distances, idx)
     return -neg, idx

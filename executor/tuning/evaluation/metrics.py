@@ -10,6 +10,7 @@ Example::
     metrics = retrieval_metrics(query_emb, query_labels, index_emb, index_labels, limit=20)
     metrics['ndcg@10']
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,6 +59,8 @@ METRIC_MODES: dict[str, Mode] = {
     'train_loss': 'min',
     'val_loss': 'min',
 }
+
+
 def metric_mode(name: str) -> Mode:
     """Whether a smaller ('min') or larger ('max') value of the metric `name` is better.
 
@@ -74,6 +77,7 @@ def metric_mode(name: str) -> Mode:
         f'unknown metric {name!r}: cannot tell whether higher is better; known metrics: {sorted(METRIC_MODES)}, '
         "'accuracy/<class>', or any name containing 'loss' (lower is better)"
     )
+
 
 def ranking_metrics(
     relevance: ArrayLike,
@@ -148,8 +152,9 @@ def ranking_metrics(
     return out
 
 
-def _queries_with_relevant_items(relevance: ArrayLike, num_relevant: ArrayLike, limit: int,
-                                 num_candidates: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _queries_with_relevant_items(
+    relevance: ArrayLike, num_relevant: ArrayLike, limit: int, num_candidates: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """``ranking_metrics``'s arguments checked, without the queries that have no relevant item (with a warning)."""
     rel = _to_numpy(relevance).astype(bool)
     n_rel = _to_numpy(num_relevant).astype(np.int64)
@@ -183,7 +188,8 @@ def _queries_with_relevant_items(relevance: ArrayLike, num_relevant: ArrayLike, 
     if not keep.all():
         logger.warning(
             '%d of %d queries have no relevant item in the index and are left out of the metrics',
-            n_queries - int(keep.sum()), n_queries,
+            n_queries - int(keep.sum()),
+            n_queries,
         )
     return rel[keep], n_rel[keep]
 
@@ -297,9 +303,11 @@ def knn_accuracy(
     predicted = votes[np.arange(len(votes)), key.argmax(axis=1)]
     return float((predicted == codes).mean())
 
+
 def _check_limit(limit: int) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f'limit must be a positive integer, got {limit!r}')
+
 
 def _to_numpy(data: Sequence | ArrayLike) -> np.ndarray:
     if isinstance(data, torch.Tensor):
@@ -327,7 +335,7 @@ def _encode_labels(
     except TypeError as err:
         raise ValueError(f'labels must be all strings or all numbers, not a mix ({err})') from None
     codes = codes.reshape(-1)
-    return codes[:len(q)], codes[len(q):]
+    return codes[: len(q)], codes[len(q) :]
 
 
 def _class_indices(labels: Sequence | ArrayLike, names: list[str]) -> np.ndarray:

@@ -5,8 +5,17 @@
 exporter and service go through it and never test for a modality themselves. A new modality is one new file here
 that defines an ``Inputs`` subclass decorated with ``@register_inputs``, and one line below.
 """
+
 from executor.tuning.inputs.base import Batch, Inputs, inputs_class, inputs_from_config, register_inputs
 from executor.tuning.inputs.image import ImageInputs, calibration_photos, sample_photos
 
-__all__ = ['Batch', 'ImageInputs', 'Inputs', 'calibration_photos', 'inputs_class', 'inputs_from_config', 'register_inputs',
-           'sample_photos']
+__all__ = [
+    'Batch',
+    'ImageInputs',
+    'Inputs',
+    'calibration_photos',
+    'inputs_class',
+    'inputs_from_config',
+    'register_inputs',
+    'sample_photos',
+]

@@ -1,4 +1,5 @@
 """The ``Inputs`` interface, and the registry that rebuilds an ``Inputs`` from the config saved with a model."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -57,7 +58,9 @@ class Inputs(ABC):
         An option this kind of input has no use for is an error."""
         given = sorted(k for k, v in options.items() if v is not None)
         if given:
-            raise ValueError(f'{", ".join(given)} does not apply to a model that takes {self.kind} inputs; leave it out')
+            raise ValueError(
+                f'{", ".join(given)} does not apply to a model that takes {self.kind} inputs; leave it out'
+            )
         return self
 
     @classmethod
@@ -73,8 +76,10 @@ class Inputs(ABC):
             raise DataError(f'{refused[0]} {cls.refusal.format(count=len(refused), what=what)}')
 
     @classmethod
-    def check_content(cls, item: Any) -> None:  # noqa: B027 (optional: a kind that decodes nothing keeps it)
-        """Decode ``item`` once, so that a corrupt one is refused before a run starts (a ``DataError`` naming it)."""
+    def check_content(cls, item: Any) -> None:
+        """Decode ``item`` once, so that a corrupt one is refused before a run starts (a ``DataError`` naming it);
+        here, only its kind is checked."""
+        cls.check_items([item])
 
     #: why an item is refused and how to fix it, after the item's name (``{count}`` such among the ``{what}``)
     refusal: ClassVar[str] = 'has no content this model takes ({count} such among the {what})'
@@ -109,8 +114,10 @@ class Inputs(ABC):
     def as_batch(self, data: Batch | torch.Tensor) -> Batch:
         """An already preprocessed batch, checked."""
         if not isinstance(data, dict) or set(data) != set(self.onnx_inputs):
-            raise ValueError(f'a preprocessed batch is a dict with the keys {list(self.onnx_inputs)}; send the '
-                             'items instead to have them preprocessed')
+            raise ValueError(
+                f'a preprocessed batch is a dict with the keys {list(self.onnx_inputs)}; send the '
+                'items instead to have them preprocessed'
+            )
         return data
 
     def concat(self, batches: Sequence[Batch]) -> Batch:
@@ -125,7 +132,7 @@ class Inputs(ABC):
 
     def split(self, batch: Batch, size: int) -> Iterator[Batch]:
         for start in range(0, self.rows(batch), size):
-            yield {name: tensor[start:start + size] for name, tensor in batch.items()}
+            yield {name: tensor[start : start + size] for name, tensor in batch.items()}
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Per ONNX input, its axes that vary between calls (the batch, always)."""

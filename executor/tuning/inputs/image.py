@@ -1,4 +1,5 @@
 """Image inputs: decoding, the model's resize/crop/normalise preprocessing (timm's ``data_config``), augmentation."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -51,8 +52,9 @@ class ImageInputs(Inputs):
         super().with_options(**options)
         if image_size is None:
             return self
-        return ImageInputs({**self.data_config, 'input_size': (self.data_config['input_size'][0], image_size,
-                                                                image_size)})
+        return ImageInputs(
+            {**self.data_config, 'input_size': (self.data_config['input_size'][0], image_size, image_size)}
+        )
 
     @classmethod
     def accepts(cls, item: Any) -> bool:
@@ -90,7 +92,7 @@ class ImageInputs(Inputs):
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tuple(tensor.shape[1:]) != size:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(data).__name__
             raise ValueError(
-                f'a preprocessed batch must have shape (N, {", ".join(map(str, size))}) as the model\'s data_config '
+                f"a preprocessed batch must have shape (N, {', '.join(map(str, size))}) as the model's data_config "
                 f'says, got {shape}; send images instead to have them preprocessed'
             )
         return {self.name: tensor.float()}
@@ -125,10 +127,16 @@ def calibration_photos() -> list[np.ndarray]:
     from skimage import data
 
     gray = [np.stack([img] * 3, axis=-1) for img in (data.camera(), data.coins(), data.brick())]
-    photos = [data.hubble_deep_field(), data.immunohistochemistry(), data.retina(), data.colorwheel(),
-              np.ascontiguousarray(data.logo()[..., :3]), *gray]
+    photos = [
+        data.hubble_deep_field(),
+        data.immunohistochemistry(),
+        data.retina(),
+        data.colorwheel(),
+        np.ascontiguousarray(data.logo()[..., :3]),
+        *gray,
+    ]
     out = []
     for img in photos:
         h, w = img.shape[:2]
-        out += [img, np.ascontiguousarray(img[:, ::-1]), img[: h // 2, : w // 2], img[h // 2:, w // 2:]]
+        out += [img, np.ascontiguousarray(img[:, ::-1]), img[: h // 2, : w // 2], img[h // 2 :, w // 2 :]]
     return out

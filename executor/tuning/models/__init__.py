@@ -1,4 +1,5 @@
 """Embedding models: the registry over backbone families (one file each in ``families/``), offline weights, heads."""
+
 from executor.tuning.models.embedding import EmbeddingModel
 from executor.tuning.models.family import Backbone, BackboneFamily
 from executor.tuning.models.freezing import backbone_stages, freeze_layers
@@ -15,7 +16,19 @@ from executor.tuning.models.registry import (
 from executor.tuning.models.weights import WeightsNotFoundError
 
 __all__ = [
-    'DEFAULT_MODEL', 'Backbone', 'BackboneFamily', 'EmbeddingModel', 'GeM', 'ProjectionHead', 'WeightsNotFoundError',
-    'backbone_stages', 'build_model', 'freeze_layers', 'list_models', 'load_model', 'register_family', 'save_model',
+    'DEFAULT_MODEL',
+    'Backbone',
+    'BackboneFamily',
+    'EmbeddingModel',
+    'GeM',
+    'ProjectionHead',
+    'WeightsNotFoundError',
+    'backbone_stages',
+    'build_model',
+    'freeze_layers',
+    'list_models',
+    'load_model',
+    'register_family',
+    'save_model',
     'unknown_model',
 ]

@@ -2,6 +2,7 @@
 
 It takes a ``Batch`` (``dict[str, Tensor]``, as its ``inputs`` collate one) and knows nothing of the modality.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 A family is one file in ``models/families/`` that defines a ``BackboneFamily`` subclass and registers an instance
 with ``@register_family``; ``build_model(name)`` finds the family that owns the name. See docs/code-map.md.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -52,8 +53,9 @@ class BackboneFamily(ABC):
         return name in self._owned
 
     @abstractmethod
-    def build(self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None,
-              pooler: Pooler) -> Backbone:
+    def build(
+        self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None, pooler: Pooler
+    ) -> Backbone:
         """The backbone ``name``, with ``weights`` (a local file) or its pretrained weights (local only: raise
         ``WeightsNotFoundError`` saying how to provide them), or random ones with ``pretrained=False``."""
 

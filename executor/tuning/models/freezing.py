@@ -1,4 +1,5 @@
 """Freezing backbone layers: all of them, leading stages (stem first), or layers by name or prefix."""
+
 from __future__ import annotations
 
 import difflib
@@ -31,7 +32,9 @@ def _prefixes(model: EmbeddingModel, freeze: Freeze, modules: dict) -> list[str]
     if isinstance(freeze, int) and not isinstance(freeze, bool):
         stages = backbone_stages(model)
         if not 0 <= freeze <= len(stages):
-            raise ValueError(f'freeze={freeze} stages, but the backbone has {len(stages)} (stem first); use 0..{len(stages)}')
+            raise ValueError(
+                f'freeze={freeze} stages, but the backbone has {len(stages)} (stem first); use 0..{len(stages)}'
+            )
         return [m for stage in stages[:freeze] for m in stage]
     if isinstance(freeze, (list, tuple)):
         for p in freeze:

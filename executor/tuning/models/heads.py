@@ -1,4 +1,5 @@
 """Small modules put on top of a backbone: GeM pooling and the projection head."""
+
 from __future__ import annotations
 
 import torch

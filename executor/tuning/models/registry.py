@@ -3,6 +3,7 @@
 Families are the modules of ``models/families/`` (timm, torchvision, ...), imported on first use; each registers
 itself with ``@register_family``. Models are saved and loaded here too, as one file each.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -64,10 +65,11 @@ def family_of(name: str) -> BackboneFamily:
 
 def unknown_model(name: str) -> ValueError:
     close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ''
+    hint = f'; did you mean {", ".join(repr(c) for c in close)}?' if close else ''
     described = ', '.join(family.hint for family in families() if family.hint)
-    return ValueError(f'unknown model {name!r}{hint} Call list_models() for all {len(list_models())} names: '
-                      f'{described}')
+    return ValueError(
+        f'unknown model {name!r}{hint} Call list_models() for all {len(list_models())} names: {described}'
+    )
 
 
 def build_model(
@@ -95,16 +97,25 @@ def build_model(
     if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
         return _apply_options(load_model(name), freeze, output_dim, class_names)
     family = family_of(name)
-    config = dict(name=name, weights=str(weights) if weights else None, pretrained=pretrained,
-                  embedding_layer=embedding_layer, output_dim=None, pooler=pooler, freeze=False)
-    backbone = family.build(name, weights=weights, pretrained=pretrained, embedding_layer=embedding_layer,
-                            pooler=pooler)
+    config = dict(
+        name=name,
+        weights=str(weights) if weights else None,
+        pretrained=pretrained,
+        embedding_layer=embedding_layer,
+        output_dim=None,
+        pooler=pooler,
+        freeze=False,
+    )
+    backbone = family.build(
+        name, weights=weights, pretrained=pretrained, embedding_layer=embedding_layer, pooler=pooler
+    )
     model = EmbeddingModel(backbone, family.feature_dim(backbone), pooler, None, config)
     return _apply_options(model, freeze, output_dim, class_names)
 
 
-def _apply_options(model: EmbeddingModel, freeze: Freeze, output_dim: int | None,
-                   class_names: Sequence[str] | None) -> EmbeddingModel:
+def _apply_options(
+    model: EmbeddingModel, freeze: Freeze, output_dim: int | None, class_names: Sequence[str] | None
+) -> EmbeddingModel:
     if output_dim is not None and output_dim != model.embed_dim:
         model.projection = ProjectionHead(model.embed_dim, output_dim)
         model.embed_dim = output_dim
@@ -136,12 +147,18 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu'
         raise FileNotFoundError(f'model file {str(path)!r} does not exist')
     blob = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(blob, dict) or blob.get('format') not in (ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1):
-        raise ValueError(f'{str(path)!r} is not a model artifact of this project (expected format {ARTIFACT_FORMAT!r}); '
-                         'to start from a timm/torchvision checkpoint pass it as weights=')
+        raise ValueError(
+            f'{str(path)!r} is not a model artifact of this project (expected format {ARTIFACT_FORMAT!r}); '
+            'to start from a timm/torchvision checkpoint pass it as weights='
+        )
     cfg = dict(blob['config'])
     model = build_model(
-        cfg['name'], pretrained=False, embedding_layer=cfg.get('embedding_layer'), output_dim=cfg.get('output_dim'),
-        pooler=cfg.get('pooler', 'avg'), class_names=blob.get('class_names'),
+        cfg['name'],
+        pretrained=False,
+        embedding_layer=cfg.get('embedding_layer'),
+        output_dim=cfg.get('output_dim'),
+        pooler=cfg.get('pooler', 'avg'),
+        class_names=blob.get('class_names'),
     )
     if cfg.get('freeze'):
         freeze_layers(model, cfg['freeze'])

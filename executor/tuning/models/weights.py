@@ -3,6 +3,7 @@
 Nothing here reaches the network: a model asked for as pretrained whose weights are in none of these places is an
 error that says how to provide them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,7 +62,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a checkpoint file (timm, torchvision, or a ``{'state_dict': ...}`` / ``{'model': ...}`` wrapper)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsNotFoundError(f'weights file {str(path)!r} does not exist; pass the path of a .pth/.pt/.safetensors file')
+        raise WeightsNotFoundError(
+            f'weights file {str(path)!r} does not exist; pass the path of a .pth/.pt/.safetensors file'
+        )
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
 

@@ -1,5 +1,6 @@
 """Training objectives as classes; ``decide_task``, the one place that decides which a run is; and the checks of a
 run's data that need no model, which the service runs before it creates a run."""
+
 from __future__ import annotations
 
 from executor.tuning.config import TrainConfig
@@ -13,8 +14,16 @@ from executor.tuning.tasks.classification import Classification, LinearProbe
 from executor.tuning.tasks.metric import MetricLearning
 from executor.tuning.tasks.self_supervised import SELF_SUPERVISED_LOSSES, SelfSupervised
 
-__all__ = ['Classification', 'LinearProbe', 'MetricLearning', 'SelfSupervised', 'Task', 'check_training_data',
-           'decide_task', 'training_items']
+__all__ = [
+    'Classification',
+    'LinearProbe',
+    'MetricLearning',
+    'SelfSupervised',
+    'Task',
+    'check_training_data',
+    'decide_task',
+    'training_items',
+]
 
 
 def decide_task(config: TrainConfig, labelled: bool) -> Task:
@@ -41,21 +50,34 @@ def check_training_data(config: TrainConfig, decode: bool = False) -> tuple[list
         for item in items:
             inputs.check_content(item)
     task.check_data(items)
-    if config.has_evaluation:
-        query = load_items(config.query_data if config.query_data is not None else config.eval_data, config.data_roots)
-        index = load_items(config.index_data, config.data_roots) if config.index_data is not None else None
-        task.evaluator(query, index, config.limit)
+    evaluation = evaluation_items(config)
+    if evaluation is not None:
+        task.evaluator(*evaluation, config.limit)  # checks that every evaluation item is labelled
     return items, task
+
+
+def evaluation_items(config: TrainConfig) -> tuple[list[Item], list[Item] | None] | None:
+    """The queries and the index (``None``: the queries search each other) evaluated each epoch; ``None`` without
+    evaluation data."""
+    if not config.has_evaluation:
+        return None
+    query = load_items(config.query_data if config.query_data is not None else config.eval_data, config.data_roots)
+    index = load_items(config.index_data, config.data_roots) if config.index_data is not None else None
+    return query, index
 
 
 def training_items(config: TrainConfig) -> tuple[list[Item], Task]:
     """The training items and the run's task (decided by the loss and whether the items have labels)."""
     if config.train_data is None:
-        raise DataError('no training data: send labelled documents with the request, or set train_data to a CSV '
-                        'file or an image folder under the data roots')
+        raise DataError(
+            'no training data: send labelled documents with the request, or set train_data to a CSV '
+            'file or an image folder under the data roots'
+        )
     items = load_items(config.train_data, config.data_roots)
     if len(items) < 2:
-        raise DataError(f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
-                        'metric learning at least 2 per class')
+        raise DataError(
+            f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
+            'metric learning at least 2 per class'
+        )
     task = decide_task(config, labelled=any(it.label is not None for it in items))
     return items, task

@@ -3,6 +3,7 @@
 The trainer asks its ``Task`` for each of these and holds no ``if task == ...`` of its own. The tasks are
 ``MetricLearning``, ``Classification`` (and ``LinearProbe``) and ``SelfSupervised``; ``decide_task`` picks one.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -51,8 +52,10 @@ class Task(ABC):
         """The sorted class names of the training items, after checking what the task needs of their labels."""
         missing = [it.name for it in items if it.label is None]
         if missing:
-            raise DataError(f'{len(missing)} training items have no label ({missing[:3]}...), but the loss is '
-                            'supervised; label every item or use loss="NTXentLoss" on unlabelled data')
+            raise DataError(
+                f'{len(missing)} training items have no label ({missing[:3]}...), but the loss is '
+                'supervised; label every item or use loss="NTXentLoss" on unlabelled data'
+            )
         classes = sorted({it.label for it in items})
         if len(classes) < 2:
             raise DataError(f'training data has {len(classes)} class ({classes}); supervised training needs at least 2')

@@ -1,5 +1,6 @@
 """Classification fine-tuning with a linear head over the embedding (cross-entropy); the linear probe freezes the
 backbone and trains the head alone."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ class Classification(Task):
     classifier = True
 
     def build_loss(self, model: nn.Module, class_names: list[str] | None, world: int) -> LossSpec:
-        return build_loss(self.config.loss, self.config.loss_options, num_classes=len(class_names),
-                          embedding_size=model.embed_dim)
+        return build_loss(
+            self.config.loss, self.config.loss_options, num_classes=len(class_names), embedding_size=model.embed_dim
+        )
 
     def compute_loss(self, net: nn.Module, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
         return self.loss.module(model.classifier(net(batch)), labels)  # logits (B, C)

@@ -1,4 +1,5 @@
 """Metric learning on labels: class-balanced batches, any PML loss and miner, gathered over DDP ranks."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,10 @@ class MetricLearning(Task):
             counts[it.label] += 1
         single = [c for c, n in counts.items() if n < 2]
         if single:
-            raise DataError(f'classes {single[:5]} have a single item: metric learning needs at least 2 items per '
-                            'class (a positive pair); add items or drop those classes')
+            raise DataError(
+                f'classes {single[:5]} have a single item: metric learning needs at least 2 items per '
+                'class (a positive pair); add items or drop those classes'
+            )
         return classes
 
     def sampler_mode(self) -> Literal['class', 'random']:
@@ -39,8 +42,9 @@ class MetricLearning(Task):
 
     def build_loss(self, model: nn.Module, class_names: list[str] | None, world: int) -> LossSpec:
         config = self.config
-        spec = build_loss(config.loss, config.loss_options, num_classes=len(class_names or []) or None,
-                          embedding_size=model.embed_dim)
+        spec = build_loss(
+            config.loss, config.loss_options, num_classes=len(class_names or []) or None, embedding_size=model.embed_dim
+        )
         self.miner = build_miner(config.miner, config.miner_options)
         # Under DDP, metric losses and miners see the embeddings of every rank, so negatives come from the global
         # batch; PML's wrapper scales the loss by the world size to undo DDP's gradient averaging.

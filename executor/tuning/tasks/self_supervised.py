@@ -1,5 +1,6 @@
 """Self-supervised SimCLR (Chen et al., 2020) on unlabelled items: two augmented views of each, a projection head,
 NT-Xent (or another PML loss) between the views."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,8 +34,9 @@ class SelfSupervised(Task):
         return {'ssl_head': ProjectionHead(model.embed_dim, PROJECTION_DIM, self.config.projection_layers)}
 
     def build_loss(self, model: nn.Module, class_names: list[str] | None, world: int) -> LossSpec:
-        return build_loss(self.config.loss, self.config.loss_options, embedding_size=model.embed_dim,
-                          self_supervised=True)
+        return build_loss(
+            self.config.loss, self.config.loss_options, embedding_size=model.embed_dim, self_supervised=True
+        )
 
     def compute_loss(self, net: nn.Module, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
         projected = self.heads['ssl_head'](net(batch))  # (2B, P): every first view, then every second one

@@ -1,4 +1,5 @@
 """Artifact lookup for serving: a run id, an artifact folder, a zip of one, and the model a folder serves."""
+
 from __future__ import annotations
 
 import zipfile

@@ -1,4 +1,5 @@
 """The request batcher: same-key requests share a pass, keys stay apart, errors stay with their batch."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +27,7 @@ def test_batcher_merges_same_key_keeps_keys_apart_and_isolates_errors():
             if (x < 0).any():
                 raise ValueError(f'{name} got a negative input')
             return (x.flatten(1).sum(1, keepdim=True) * scale).numpy()
+
         return run
 
     async def main():

@@ -1,4 +1,5 @@
 """The encoder cache: least recently used dropped first, one build per key however many ask at once."""
+
 from __future__ import annotations
 
 import threading
@@ -16,6 +17,7 @@ def test_encoder_cache_is_lru_and_builds_once():
         def make():
             builds.append(name)
             return f'encoder {name}'
+
         return make
 
     assert cache.get(('a',), build('a')) == 'encoder a'

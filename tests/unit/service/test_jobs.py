@@ -1,4 +1,5 @@
 """Training jobs with num_devices > 1: torchrun's ranks train one run, rank 0 reports, cancel stops every process."""
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,26 @@ from executor.tuning.data.samples import write_digits_folder
 from executor.tuning.tasks import decide_task
 
 # 40 digits in 2 global batches of 20 (10 per rank): an epoch takes about a second, start-up dominates.
-TINY = dict(model='resnet18', pretrained=False, image_size=32, batch_size=20, num_items_per_class=2, epochs=2,
-            optimizer='SGD', learning_rate=0.01, device='cpu', tensorboard=False, num_devices=2)
+TINY = dict(
+    model='resnet18',
+    pretrained=False,
+    image_size=32,
+    batch_size=20,
+    num_items_per_class=2,
+    epochs=2,
+    optimizer='SGD',
+    learning_rate=0.01,
+    device='cpu',
+    tensorboard=False,
+    num_devices=2,
+)
 START_TIMEOUT = 180.0  # seconds for torchrun and two workers to import torch on a busy 2-core machine
 REPO = Path(__file__).resolve().parents[3]
 # A service in a process of its own: its queue takes the CREATED runs of the store, and it waits to be killed.
-SERVICE = ('import sys, time; from executor.service.jobs import JobQueue; from executor.service.store import RunStore; '
-           'JobQueue(RunStore(sys.argv[1])).start(); time.sleep(600)')
+SERVICE = (
+    'import sys, time; from executor.service.jobs import JobQueue; from executor.service.store import RunStore; '
+    'JobQueue(RunStore(sys.argv[1])).start(); time.sleep(600)'
+)
 
 
 @pytest.fixture
@@ -84,14 +98,24 @@ def run_processes(folder: Path) -> dict[int, str]:
 
 def test_one_device_keeps_the_plain_child_and_two_go_through_torchrun(tmp_path: Path):
     assert child_command(tmp_path, 1)[1:] == ['-m', 'executor.service.worker', str(tmp_path)]
-    assert child_command(tmp_path, 2)[1:] == ['-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2',
-                                              '-m', 'executor.service.worker', str(tmp_path)]
+    assert child_command(tmp_path, 2)[1:] == [
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        '--nproc-per-node=2',
+        '-m',
+        'executor.service.worker',
+        str(tmp_path),
+    ]
 
 
 def test_num_devices_is_checked_against_the_gpus_and_the_batch():
     if torch.cuda.device_count() == 0:
-        with pytest.raises(ValueError, match=r"num_devices=2 with device='cuda' needs 2 GPUs, but no CUDA device is "
-                                             r"visible.*set device='cpu' to train with 2 CPU processes"):
+        with pytest.raises(
+            ValueError,
+            match=r"num_devices=2 with device='cuda' needs 2 GPUs, but no CUDA device is "
+            r"visible.*set device='cpu' to train with 2 CPU processes",
+        ):
             TrainConfig(device='cuda', num_devices=2)
         assert TrainConfig(device='auto', num_devices=2).num_devices == 2  # no GPU: two CPU processes
     too_many = max(2, torch.cuda.device_count() + 1)
@@ -144,7 +168,8 @@ def test_the_first_rank_to_fail_gives_the_reason(tmp_path: Path):
     # rank 0 failed last: its error only says that its peer went away
     for rank, when, error in ((0, 2.5, 'RuntimeError: Connection closed by peer'), (1, 1.5, 'MemoryError: ...')):
         (tmp_path / FAILURES_DIR / f'rank-{rank}.json').write_text(
-            json.dumps({'rank': rank, 'world': 2, 'time': when, 'error': error}))
+            json.dumps({'rank': rank, 'world': 2, 'time': when, 'error': error})
+        )
     assert first_failure(tmp_path) == 'rank 1 of 2: MemoryError: ...'
 
 
@@ -186,16 +211,21 @@ def test_resume_with_epochs_cuts_a_run_short_or_extends_a_finished_one(store: Ru
     submit(store, jobs, 'cut', train_data=digits, epochs=1000, num_devices=1)
     wait_for(lambda: store.get('cut').epoch >= 1, START_TIMEOUT, 'the first epoch')
     done = jobs.cancel('cut').epoch
-    with pytest.raises(ValueError, match=rf"run 'cut' has done {done} epochs already, so it cannot end after "
-                                         rf"{done - 1}: give epochs >= {done}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"run 'cut' has done {done} epochs already, so it cannot end after "
+        rf'{done - 1}: give epochs >= {done}',
+    ):
         jobs.resume('cut', epochs=done - 1)
     assert jobs.resume('cut', epochs=done + 1).epochs == done + 1
     state = ended('cut')
     assert (state.status, state.epoch, state.epochs) == ('FINISHED', done + 1, done + 1)
     assert [row['epoch'] for row in store.history('cut')] == list(range(1, done + 2))
     assert store.request('cut')['epochs'] == done + 1
-    assert f'resumed from {store.folder("cut") / "checkpoints" / "last.pt"} at epoch {done}' in (
-        store.folder('cut') / 'train.log').read_text()
+    assert (
+        f'resumed from {store.folder("cut") / "checkpoints" / "last.pt"} at epoch {done}'
+        in (store.folder('cut') / 'train.log').read_text()
+    )
     (store.folder('cut') / 'checkpoints' / 'last.pt').unlink()
     with pytest.raises(ValueError, match=r"run 'cut' has no checkpoint to continue from \(checkpoints/last.pt\)"):
         jobs.resume('cut', epochs=done + 2)
@@ -203,8 +233,11 @@ def test_resume_with_epochs_cuts_a_run_short_or_extends_a_finished_one(store: Ru
     # extended: a FINISHED run trains two more epochs from its checkpoint
     submit(store, jobs, 'short', train_data=digits, epochs=1, num_devices=1)
     assert ended('short').status == 'FINISHED'
-    with pytest.raises(ValueError, match=r"'short' is FINISHED and cannot be resumed: it finished; resume it with "
-                                         r"epochs=N \(more than its 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'short' is FINISHED and cannot be resumed: it finished; resume it with "
+        r'epochs=N \(more than its 1\)',
+    ):
         jobs.resume('short')
     with pytest.raises(ValueError, match=r"run 'short' finished its 1 epochs: give epochs > 1"):
         jobs.resume('short', epochs=1)

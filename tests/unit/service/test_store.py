@@ -1,4 +1,5 @@
 """The run store: folders, status, requests, logs, documents sent with /train, recovery after a restart."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,20 @@ def test_create_get_update_list(store: RunStore):
     assert store.get('first') == updated
     assert json.loads((store.root / 'first' / 'status.json').read_text())['epoch'] == 1
     assert [s.run_id for s in store.list()] == ['first', second.run_id]
-    assert set(updated.info()) == {'run_id', 'status', 'created_at', 'started_at', 'finished_at', 'epoch', 'epochs',
-                                   'step', 'total_steps', 'metrics', 'error', 'artifact'}
+    assert set(updated.info()) == {
+        'run_id',
+        'status',
+        'created_at',
+        'started_at',
+        'finished_at',
+        'epoch',
+        'epochs',
+        'step',
+        'total_steps',
+        'metrics',
+        'error',
+        'artifact',
+    }
     assert not [p for p in (store.root / 'first').iterdir() if p.name.endswith('.tmp')]
 
 
@@ -88,8 +101,11 @@ def test_documents_round_trip_as_files(store: RunStore, tmp_path: Path):
     Image.fromarray(tensor[::-1].copy()).save(png)
     uri = tmp_path / 'on-disk.png'
     Image.fromarray(tensor[:, ::-1].copy()).save(uri)
-    items = [Item('t', tensor=tensor, label='a'), Item('b', blob=png.read_bytes(), label='b'),
-             Item('u', uri=str(uri), label=None)]
+    items = [
+        Item('t', tensor=tensor, label='a'),
+        Item('b', blob=png.read_bytes(), label='b'),
+        Item('u', uri=str(uri), label=None),
+    ]
     store.create({}, run_id='docs', docs=items)
 
     back = store.train_docs('docs')
@@ -115,5 +131,7 @@ def test_model_file_of_unfinished_runs_says_why(store: RunStore):
 
 
 def test_finite_metrics_drops_what_json_cannot_carry():
-    assert finite_metrics({'a': 1, 'b': float('nan'), 'c': float('inf'), 'd': 0.5, 'e': 'x', 'f': True}) == \
-        {'a': 1.0, 'd': 0.5}
+    assert finite_metrics({'a': 1, 'b': float('nan'), 'c': float('inf'), 'd': 0.5, 'e': 'x', 'f': True}) == {
+        'a': 1.0,
+        'd': 0.5,
+    }

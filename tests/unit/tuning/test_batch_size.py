@@ -1,4 +1,5 @@
 """Automatic batch size against a simulated memory limit."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,11 +13,13 @@ def fake_step(limit: int, calls: list[int]):
         calls.append(batch)
         if batch > limit:
             raise torch.cuda.OutOfMemoryError(f'CUDA out of memory (simulated: {batch} > {limit})')
+
     return trial
 
 
-@pytest.mark.parametrize('limit, multiple, expected', [(100, 1, 100), (100, 4, 100), (77, 4, 76), (5000, 1, 4096),
-                                                       (7, 4, 4)])
+@pytest.mark.parametrize(
+    'limit, multiple, expected', [(100, 1, 100), (100, 4, 100), (77, 4, 76), (5000, 1, 4096), (7, 4, 4)]
+)
 def test_finds_the_largest_batch_below_the_limit(limit, multiple, expected):
     calls: list[int] = []
     assert find_batch_size(fake_step(limit, calls), start=16, maximum=4096, multiple=multiple) == expected
@@ -26,6 +29,7 @@ def test_finds_the_largest_batch_below_the_limit(limit, multiple, expected):
 def test_other_errors_are_not_taken_for_out_of_memory():
     def broken(batch: int) -> None:
         raise ValueError('shape mismatch')
+
     with pytest.raises(ValueError, match='shape mismatch'):
         find_batch_size(broken)
 
@@ -49,9 +53,20 @@ def test_trainer_keeps_the_found_batch(tmp_path, monkeypatch):
         return real(self, batch, labels)
 
     monkeypatch.setattr(TrainerClass, 'compute_loss', limited)
-    trainer = Trainer(TrainConfig(model='resnet18', pretrained=False, image_size=32, train_data=digits_items(8),
-                                  auto_batch_size=True, batch_size=8, num_items_per_class=4, epochs=1,
-                                  tensorboard=False, output_dir=tmp_path))
+    trainer = Trainer(
+        TrainConfig(
+            model='resnet18',
+            pretrained=False,
+            image_size=32,
+            train_data=digits_items(8),
+            auto_batch_size=True,
+            batch_size=8,
+            num_items_per_class=4,
+            epochs=1,
+            tensorboard=False,
+            output_dir=tmp_path,
+        )
+    )
     assert trainer.batch_size == 24 and trainer.sampler.batch_size == 24
     assert all(p.grad is None for p in trainer.model.parameters())  # the trials left no gradients behind
     trainer.fit()

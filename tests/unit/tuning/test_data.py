@@ -1,4 +1,5 @@
 """Data sources, decoding errors, transforms and the class-balanced sampler."""
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,13 @@ from executor.tuning.data import (
 from executor.tuning.data.samples import write_digits_folder
 from executor.tuning.inputs import ImageInputs
 
-CONFIG = {'input_size': (3, 32, 32), 'mean': (0.5,) * 3, 'std': (0.5,) * 3, 'interpolation': 'bilinear',
-          'crop_pct': 1.0}
+CONFIG = {
+    'input_size': (3, 32, 32),
+    'mean': (0.5,) * 3,
+    'std': (0.5,) * 3,
+    'interpolation': 'bilinear',
+    'crop_pct': 1.0,
+}
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -162,17 +168,31 @@ def test_eval_transform_matches_torchvision_resize_crop_normalize(interpolation)
     from executor.tuning.data.transforms import INTERPOLATION
     from executor.tuning.inputs import sample_photos
 
-    config = {'input_size': (3, 224, 224), 'interpolation': interpolation, 'mean': (0.485, 0.456, 0.406),
-              'std': (0.229, 0.224, 0.225), 'crop_pct': 0.875}
+    config = {
+        'input_size': (3, 224, 224),
+        'interpolation': interpolation,
+        'mean': (0.485, 0.456, 0.406),
+        'std': (0.229, 0.224, 0.225),
+        'crop_pct': 0.875,
+    }
     mode = INTERPOLATION[interpolation]
-    reference = v2.Compose([v2.Resize(int(math.floor(224 / 0.875)), interpolation=mode, antialias=True),
-                           v2.CenterCrop(224), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(list(config['mean']), list(config['std']))])
+    reference = v2.Compose(
+        [
+            v2.Resize(int(math.floor(224 / 0.875)), interpolation=mode, antialias=True),
+            v2.CenterCrop(224),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(config['mean']), list(config['std'])),
+        ]
+    )
     fused = eval_transform(config)
     grey_level = 1 / (255 * 0.224)  # one grey level in normalised units (mid std)
     for photo in sample_photos():
-        for image in (Image.fromarray(photo), Image.fromarray(photo).transpose(Image.ROTATE_90),
-                      Image.fromarray(photo).resize((100, 30))):
+        for image in (
+            Image.fromarray(photo),
+            Image.fromarray(photo).transpose(Image.ROTATE_90),
+            Image.fromarray(photo).resize((100, 30)),
+        ):
             expected, got = reference(image), fused(image)
             assert got.shape == expected.shape == (3, 224, 224) and got.dtype == torch.float32
             diff = (got - expected).abs()

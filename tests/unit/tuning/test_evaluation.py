@@ -1,4 +1,5 @@
 """Retrieval/classification metrics against values worked out by hand, and kNN against a numpy brute force."""
+
 from __future__ import annotations
 
 import logging
@@ -29,13 +30,17 @@ def assert_metrics(got: dict[str, float], expected: dict[str, float]) -> None:
 
 # --- ranking metrics from relevance flags -----------------------------------------------------------------------
 
+
 def test_ranking_metrics_by_hand():
     # 12 candidates, top 10 retrieved, limit (k) = 3.
-    relevance = np.array([
-        [1, 0, 1, 0, 0, 0, 0, 0, 0, 1],  # q0: R = 4, one relevant item is not in the top 10
-        [0, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # q1: R = 1
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q2: R = 0 -> left out of every average
-    ], dtype=bool)
+    relevance = np.array(
+        [
+            [1, 0, 1, 0, 0, 0, 0, 0, 0, 1],  # q0: R = 4, one relevant item is not in the top 10
+            [0, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # q1: R = 1
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q2: R = 0 -> left out of every average
+        ],
+        dtype=bool,
+    )
     got = ranking_metrics(relevance, [4, 1, 0], limit=3, num_candidates=12)
     # q0 @3: hits 2 (ranks 1, 3)          q1 @3: hits 1 (rank 2)
     # precision   2/3                     1/3
@@ -53,24 +58,27 @@ def test_ranking_metrics_by_hand():
     # ndcg@10: q0 DCG = 1 + 1/2 + 1/log2(11), IDCG (4 ideal) = 1 + 1/log2(3) + 1/2 + 1/log2(5); q1 as @3.
     # map@10: q0 (1 + 2/3 + 3/10) / min(10, 4); q1 (1/2) / 1.
     ndcg10_q0 = (1 + 1 / 2 + 1 / log2(11)) / (1 + 1 / log2(3) + 1 / 2 + 1 / log2(5))
-    assert_metrics(got, {
-        'precision_at_k': (2 / 3 + 1 / 3) / 2,
-        'recall_at_k': (2 / 4 + 1) / 2,
-        'f1_score_at_k': (4 / 7 + 1 / 2) / 2,
-        'hit_at_k': 1.0,
-        'average_precision': ((1 + 2 / 3) / 3 + 1 / 2) / 2,
-        'reciprocal_rank': (1 + 1 / 2) / 2,
-        'dcg_at_k': (dcg0 + dcg1) / 2,
-        'ndcg_at_k': (dcg0 / (1 + 1 / log2(3) + 1 / 2) + dcg1 / 1) / 2,
-        'r_precision': (2 / 3 + 0) / 2,
-        'hit@1': (1 + 0) / 2,
-        'hit@5': 1.0,
-        'hit@10': 1.0,
-        'recall@10': (3 / 4 + 1) / 2,
-        'mrr@10': (1 + 1 / 2) / 2,
-        'ndcg@10': (ndcg10_q0 + dcg1) / 2,
-        'map@10': ((1 + 2 / 3 + 3 / 10) / 4 + 1 / 2) / 2,
-    })
+    assert_metrics(
+        got,
+        {
+            'precision_at_k': (2 / 3 + 1 / 3) / 2,
+            'recall_at_k': (2 / 4 + 1) / 2,
+            'f1_score_at_k': (4 / 7 + 1 / 2) / 2,
+            'hit_at_k': 1.0,
+            'average_precision': ((1 + 2 / 3) / 3 + 1 / 2) / 2,
+            'reciprocal_rank': (1 + 1 / 2) / 2,
+            'dcg_at_k': (dcg0 + dcg1) / 2,
+            'ndcg_at_k': (dcg0 / (1 + 1 / log2(3) + 1 / 2) + dcg1 / 1) / 2,
+            'r_precision': (2 / 3 + 0) / 2,
+            'hit@1': (1 + 0) / 2,
+            'hit@5': 1.0,
+            'hit@10': 1.0,
+            'recall@10': (3 / 4 + 1) / 2,
+            'mrr@10': (1 + 1 / 2) / 2,
+            'ndcg@10': (ndcg10_q0 + dcg1) / 2,
+            'map@10': ((1 + 2 / 3 + 3 / 10) / 4 + 1 / 2) / 2,
+        },
+    )
 
 
 def test_ranking_metrics_k_larger_than_index():
@@ -82,13 +90,27 @@ def test_ranking_metrics_k_larger_than_index():
     # r_precision: r = min(R=2, limit=5) = 2 -> 1 of the top 2 -> 1/2
     dcg = 1 / log2(3) + 1 / 2
     ndcg = dcg / (1 + 1 / log2(3))
-    assert_metrics(got, {
-        'precision_at_k': 2 / 3, 'recall_at_k': 1.0, 'f1_score_at_k': 4 / 5, 'hit_at_k': 1.0,
-        'average_precision': 7 / 12, 'reciprocal_rank': 1 / 2, 'dcg_at_k': dcg, 'ndcg_at_k': ndcg,
-        'r_precision': 1 / 2,
-        'hit@1': 0.0, 'hit@5': 1.0, 'hit@10': 1.0, 'recall@10': 1.0, 'mrr@10': 1 / 2, 'ndcg@10': ndcg,
-        'map@10': 7 / 12,
-    })
+    assert_metrics(
+        got,
+        {
+            'precision_at_k': 2 / 3,
+            'recall_at_k': 1.0,
+            'f1_score_at_k': 4 / 5,
+            'hit_at_k': 1.0,
+            'average_precision': 7 / 12,
+            'reciprocal_rank': 1 / 2,
+            'dcg_at_k': dcg,
+            'ndcg_at_k': ndcg,
+            'r_precision': 1 / 2,
+            'hit@1': 0.0,
+            'hit@5': 1.0,
+            'hit@10': 1.0,
+            'recall@10': 1.0,
+            'mrr@10': 1 / 2,
+            'ndcg@10': ndcg,
+            'map@10': 7 / 12,
+        },
+    )
 
 
 def test_ranking_metrics_rejects_inconsistent_input():
@@ -104,6 +126,7 @@ def test_ranking_metrics_rejects_inconsistent_input():
 
 # --- retrieval metrics end to end -------------------------------------------------------------------------------
 
+
 def test_retrieval_metrics_self_search_by_hand(caplog):
     # Points on a line, euclidean, searched among themselves (a query never matches itself), limit = 2.
     emb = np.array([[0.0], [1.0], [3.0], [10.0]], dtype=np.float32)
@@ -114,18 +137,31 @@ def test_retrieval_metrics_self_search_by_hand(caplog):
     # Both kept queries: precision@2 1/2, recall 1, f1 2*(1/2)(1)/(3/2) = 2/3, hit 1, AP (1/2)/min(2,1) = 1/2,
     # RR 1/2, DCG 1/log2(3), IDCG 1, r_precision: top 1 -> 0, hit@1 0.
     expected = {
-        'precision_at_k': 1 / 2, 'recall_at_k': 1.0, 'f1_score_at_k': 2 / 3, 'hit_at_k': 1.0,
-        'average_precision': 1 / 2, 'reciprocal_rank': 1 / 2, 'dcg_at_k': 1 / log2(3), 'ndcg_at_k': 1 / log2(3),
-        'r_precision': 0.0, 'hit@1': 0.0, 'hit@5': 1.0, 'hit@10': 1.0, 'recall@10': 1.0, 'mrr@10': 1 / 2,
-        'ndcg@10': 1 / log2(3), 'map@10': 1 / 2,
+        'precision_at_k': 1 / 2,
+        'recall_at_k': 1.0,
+        'f1_score_at_k': 2 / 3,
+        'hit_at_k': 1.0,
+        'average_precision': 1 / 2,
+        'reciprocal_rank': 1 / 2,
+        'dcg_at_k': 1 / log2(3),
+        'ndcg_at_k': 1 / log2(3),
+        'r_precision': 0.0,
+        'hit@1': 0.0,
+        'hit@5': 1.0,
+        'hit@10': 1.0,
+        'recall@10': 1.0,
+        'mrr@10': 1 / 2,
+        'ndcg@10': 1 / log2(3),
+        'map@10': 1 / 2,
     }
     with caplog.at_level(logging.WARNING, logger='executor.tuning.evaluation'):
         assert_metrics(retrieval_metrics(emb, labels, limit=2, metric='euclidean'), expected)
     assert '2 of 4 queries have no relevant item' in caplog.text
     assert_metrics(retrieval_metrics(emb, labels, emb, labels, limit=2, metric='euclidean'), expected)
     copy = emb.copy()
-    assert_metrics(retrieval_metrics(emb, labels, copy, labels, limit=2, metric='euclidean', exclude_self=True),
-                   expected)
+    assert_metrics(
+        retrieval_metrics(emb, labels, copy, labels, limit=2, metric='euclidean', exclude_self=True), expected
+    )
     # Without exclude_self on a copy, each query finds itself first: hit@1 = 1 for every kept query.
     assert retrieval_metrics(emb, labels, copy, labels, limit=2, metric='euclidean')['hit@1'] == 1.0
 
@@ -134,8 +170,7 @@ def test_retrieval_metrics_ties_go_to_the_lower_index():
     # Query at 0 (label a). Index: 0 x=2 (a), 1 x=1 (b), 2 x=-1 (a), 3 x=3 (a), 4 x=1 (a).
     # Distances 2, 1, 1, 3, 1: the tie at 1 is ranked 1, 2, 4 -> order [1, 2, 4, 0, 3] -> rel [0, 1, 1, 1, 1].
     index = np.array([[2.0], [1.0], [-1.0], [3.0], [1.0]], dtype=np.float32)
-    got = retrieval_metrics(np.zeros((1, 1), np.float32), ['a'], index, list('abaaa'), limit=2,
-                            metric='euclidean')
+    got = retrieval_metrics(np.zeros((1, 1), np.float32), ['a'], index, list('abaaa'), limit=2, metric='euclidean')
     # limit 2: hits 1 of 2; R = 4 -> recall 1/4; AP (1/2) / min(2, 4); hit@1 = 0; mrr 1/2
     # ndcg@2: DCG 1/log2(3), IDCG 1 + 1/log2(3)
     assert got['precision_at_k'] == pytest.approx(1 / 2)
@@ -162,6 +197,7 @@ def test_retrieval_metrics_input_errors():
 
 # --- kNN ---------------------------------------------------------------------------------------------------------
 
+
 def brute_force(queries: np.ndarray, index: np.ndarray, k: int, metric: str, exclude_self: bool):
     q, x = queries.astype(np.float64), index.astype(np.float64)
     if metric == 'cosine':
@@ -183,8 +219,9 @@ def test_knn_matches_brute_force(metric, exclude_self):
     queries = index if exclude_self else rng.standard_normal((37, 16)).astype(np.float32)
     want_scores, want_idx = brute_force(queries, index, 7, metric, exclude_self)
     for q_chunk, i_chunk in [(8, 16), (5, 3), (100, 100)]:
-        scores, idx = knn(queries, index, 7, metric, exclude_self=exclude_self, query_chunk=q_chunk,
-                          index_chunk=i_chunk, device='cpu')
+        scores, idx = knn(
+            queries, index, 7, metric, exclude_self=exclude_self, query_chunk=q_chunk, index_chunk=i_chunk, device='cpu'
+        )
         np.testing.assert_array_equal(idx.numpy(), want_idx)
         np.testing.assert_allclose(scores.numpy(), want_scores, atol=1e-5)
 
@@ -249,6 +286,7 @@ def test_knn_on_cuda_matches_cpu():
 
 # --- classification ----------------------------------------------------------------------------------------------
 
+
 def test_classification_metrics_by_hand():
     names = ['cat', 'dog', 'fox', 'owl']
     labels = [0, 0, 1, 1, 2]
@@ -307,11 +345,15 @@ def test_ranking_metrics_match_a_plain_loop_reference():
         dcg = sum(1 / log2(i + 2) for i in range(k) if top[i])
         ranks = [i + 1 for i in range(k) if top[i]]
         return {
-            'precision_at_k': p, 'recall_at_k': r, 'f1_score_at_k': 2 * p * r / (p + r) if hits else 0.0,
+            'precision_at_k': p,
+            'recall_at_k': r,
+            'f1_score_at_k': 2 * p * r / (p + r) if hits else 0.0,
             'hit_at_k': float(hits > 0),
             'average_precision': sum(rel[:i].sum() / i for i in ranks) / min(k, big_r),
-            'reciprocal_rank': 1 / ranks[0] if ranks else 0.0, 'dcg_at_k': dcg, 'ndcg_at_k': dcg / ideal,
-            'r_precision': rel[:min(big_r, limit)].sum() / min(big_r, limit),
+            'reciprocal_rank': 1 / ranks[0] if ranks else 0.0,
+            'dcg_at_k': dcg,
+            'ndcg_at_k': dcg / ideal,
+            'r_precision': rel[: min(big_r, limit)].sum() / min(big_r, limit),
         }
 
     rows = [one(rel, big_r, limit) for rel, big_r in zip(relevance, num_relevant)]

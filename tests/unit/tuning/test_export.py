@@ -1,4 +1,5 @@
 """ONNX export: graph contract, preprocessing beside the file, parity checks per variant, loud failures."""
+
 from __future__ import annotations
 
 import json
@@ -129,16 +130,22 @@ def test_dynamo_failure_falls_back_to_legacy_and_says_why(tmp_path, monkeypatch,
 
 def test_both_exporters_failing_names_both_reasons_and_leaves_no_file(tmp_path, monkeypatch):
     failing_exporter(monkeypatch, legacy_too=True)
-    with pytest.raises(ExportError, match=r'dynamo exporter failed with RuntimeError: unsupported op for this test, '
-                                          r'then the legacy exporter with ValueError: no legacy export in this test'):
+    with pytest.raises(
+        ExportError,
+        match=r'dynamo exporter failed with RuntimeError: unsupported op for this test, '
+        r'then the legacy exporter with ValueError: no legacy export in this test',
+    ):
         export_onnx(small_model(), tmp_path / 'none.onnx')
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_is_said_and_not_retried_with_the_legacy_exporter(tmp_path, monkeypatch):
     calls = failing_exporter(monkeypatch, OSError(28, 'No space left on device'))
-    with pytest.raises(ExportError, match=r'could not write the ONNX graph under .*No space left on device; free '
-                                          r'space there or export to another folder'):
+    with pytest.raises(
+        ExportError,
+        match=r'could not write the ONNX graph under .*No space left on device; free '
+        r'space there or export to another folder',
+    ):
         export_onnx(small_model(), tmp_path / 'full.onnx')
     assert calls == [True] and list(tmp_path.iterdir()) == []
 

@@ -1,4 +1,5 @@
 """The torch and onnxruntime encoders: the same embeddings from the same images, clear errors, device fallback."""
+
 from __future__ import annotations
 
 import io
@@ -96,8 +97,7 @@ def test_preprocessed_batch_gives_the_same_embeddings(encoder, images):
 
 
 def test_batch_size_does_not_change_the_result(encoder, images):
-    np.testing.assert_allclose(encoder.encode(images, batch_size=2), encoder.encode(images, batch_size=32),
-                               atol=1e-4)
+    np.testing.assert_allclose(encoder.encode(images, batch_size=2), encoder.encode(images, batch_size=32), atol=1e-4)
 
 
 def test_no_images_give_an_empty_array(encoder):
@@ -160,8 +160,13 @@ def test_fresh_process_reloads_the_onnx_file(onnx_path, encoders, tmp_path):
     )
     out = tmp_path / 'out.npy'
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'JINA_OPTOUT_TELEMETRY': '1'}
-    subprocess.run([sys.executable, '-c', script, str(onnx_path), str(out), json.dumps(paths)], env=env, cwd=tmp_path,
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, '-c', script, str(onnx_path), str(out), json.dumps(paths)],
+        env=env,
+        cwd=tmp_path,
+        check=True,
+        timeout=300,
+    )
     np.testing.assert_allclose(np.load(out), encoders['onnx'].encode(paths), atol=1e-5)
     assert cosine(np.load(out), encoders['torch'].encode(paths)).min() >= 0.9999
 
@@ -202,7 +207,10 @@ def test_providers_are_explicit():
     assert onnx_providers('cpu') == ['CPUExecutionProvider']
     assert onnx_providers('cuda:1') == [('CUDAExecutionProvider', {'device_id': 1}), 'CPUExecutionProvider']
     assert [p[0] if isinstance(p, tuple) else p for p in onnx_providers('cuda', tensorrt=True)] == [
-        'TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider']
+        'TensorrtExecutionProvider',
+        'CUDAExecutionProvider',
+        'CPUExecutionProvider',
+    ]
     assert resolve_device('cpu') == 'cpu' and resolve_device('cuda:0') == 'cuda:0'
     with pytest.raises(ValueError, match="use 'auto', 'cpu', 'cuda'"):
         resolve_device('gpu')

@@ -1,4 +1,5 @@
 """Every registered loss and miner runs a forward/backward step; names and options are checked."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The model registry: offline ImageNet weights, options, errors, save/load."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -89,11 +90,14 @@ def test_projection_pooler_and_embedding_layer():
         build_model('resnet18', pretrained=False, embedding_layer='layer9')
 
 
-@pytest.mark.parametrize('freeze, frozen_prefix, trainable_prefix', [
-    (True, 'layer4', None),
-    (2, 'layer1.', 'layer2.'),
-    (['conv1', 'layer1'], 'layer1.', 'layer2.'),
-])
+@pytest.mark.parametrize(
+    'freeze, frozen_prefix, trainable_prefix',
+    [
+        (True, 'layer4', None),
+        (2, 'layer1.', 'layer2.'),
+        (['conv1', 'layer1'], 'layer1.', 'layer2.'),
+    ],
+)
 def test_freeze(freeze, frozen_prefix, trainable_prefix):
     model = build_model('resnet18', pretrained=False, freeze=freeze, output_dim=8)
     params = dict(model.backbone.module.named_parameters())

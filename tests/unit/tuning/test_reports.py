@@ -1,4 +1,5 @@
 """Reports: the before/after table and JSON, and the PNG plots rendered from small synthetic inputs."""
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,9 @@ def test_display_metrics_table_text_and_json(tmp_path):
     saved = json.loads(report.path.read_text())
     assert saved['before'] == BEFORE
     assert saved['after']['hit@1'] is None  # NaN is not JSON
-    assert saved['change'] == pytest.approx({'precision_at_k': 0.25, 'ndcg@10': -0.1, 'dcg_at_k': 0.5,
-                                             'val_loss': -0.2})
+    assert saved['change'] == pytest.approx(
+        {'precision_at_k': 0.25, 'ndcg@10': -0.1, 'dcg_at_k': 0.5, 'val_loss': -0.2}
+    )
 
 
 def test_plot_curves(tmp_path):

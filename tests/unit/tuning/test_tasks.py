@@ -1,4 +1,5 @@
 """Classification (linear probe, full fine-tune) and SimCLR self-supervised training on real digits."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,25 @@ COMMON = dict(model='efficientnet_lite0', image_size=64, tensorboard=False, seed
 
 def test_linear_probe_and_full_fine_tune(tmp_path):
     train, held_out = digits_items(per_class=20, size=32), digits_items(per_class=10, offset=100, size=32)
-    probe = fit(train_data=train, eval_data=held_out, loss='CrossEntropyLoss', freeze=True, epochs=10,
-                output_dir=tmp_path / 'probe', **COMMON)
-    full = fit(train_data=train, eval_data=held_out, loss='CrossEntropyLoss', freeze=2, epochs=5, learning_rate=1e-4,
-               output_dir=tmp_path / 'full', **COMMON)
+    probe = fit(
+        train_data=train,
+        eval_data=held_out,
+        loss='CrossEntropyLoss',
+        freeze=True,
+        epochs=10,
+        output_dir=tmp_path / 'probe',
+        **COMMON,
+    )
+    full = fit(
+        train_data=train,
+        eval_data=held_out,
+        loss='CrossEntropyLoss',
+        freeze=2,
+        epochs=5,
+        learning_rate=1e-4,
+        output_dir=tmp_path / 'full',
+        **COMMON,
+    )
     probe_acc, full_acc = probe.metrics_after['accuracy'], full.metrics_after['accuracy']
     # Measured: probe 0.64, full fine-tune 0.72 on 100 held-out digits (chance 0.10).
     assert probe_acc >= 0.6, probe_acc
@@ -33,8 +49,7 @@ def test_linear_probe_and_full_fine_tune(tmp_path):
 def test_simclr_on_unlabelled_images_then_supervised_from_its_weights(tmp_path):
     unlabelled = [Item(id=it.id, tensor=it.tensor) for it in digits_items(per_class=8, size=32)]
     before = fit.__globals__['build_model']('efficientnet_lite0').eval()
-    ssl = fit(train_data=unlabelled, loss='NTXentLoss', epochs=1, batch_size=40, output_dir=tmp_path / 'ssl',
-              **COMMON)
+    ssl = fit(train_data=unlabelled, loss='NTXentLoss', epochs=1, batch_size=40, output_dir=tmp_path / 'ssl', **COMMON)
     state = torch.load(ssl.artifact, weights_only=True)['state_dict']
     assert not any('ssl_head' in k or 'projection' in k for k in state)  # the projection head is dropped
     assert ssl.model.embed_dim == 1280
@@ -43,8 +58,14 @@ def test_simclr_on_unlabelled_images_then_supervised_from_its_weights(tmp_path):
         assert not torch.allclose(before(x), ssl.model.eval()(x), atol=1e-4)  # the embedding changed
     # stage two: supervised fine-tuning that starts from the SimCLR weights
     labelled = digits_items(per_class=4, size=32)
-    second = fit(train_data=labelled, model=str(ssl.artifact), epochs=1, batch_size=20,
-                 output_dir=tmp_path / 'stage2', **{k: v for k, v in COMMON.items() if k != 'model'})
+    second = fit(
+        train_data=labelled,
+        model=str(ssl.artifact),
+        epochs=1,
+        batch_size=20,
+        output_dir=tmp_path / 'stage2',
+        **{k: v for k, v in COMMON.items() if k != 'model'},
+    )
     assert second.model.config['name'] == 'efficientnet_lite0' and second.artifact.is_file()
 
 

@@ -1,4 +1,5 @@
 """The trainer on real handwritten digits (scikit-learn): learning, exact resume, freezing, checkpoints."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,16 @@ from executor.tuning.data.samples import digits_items
 from executor.tuning.evaluation import Evaluator
 from executor.tuning.inference import TorchEncoder
 
-SMALL = dict(model='resnet18', pretrained=False, image_size=32, batch_size=20, num_items_per_class=4,
-             tensorboard=False, learning_rate=1e-3, seed=7)
+SMALL = dict(
+    model='resnet18',
+    pretrained=False,
+    image_size=32,
+    batch_size=20,
+    num_items_per_class=4,
+    tensorboard=False,
+    learning_rate=1e-3,
+    seed=7,
+)
 
 
 @pytest.fixture(scope='module')
@@ -39,8 +48,14 @@ def train_loss(trainer: Trainer) -> float:
 
 def test_one_epoch_lowers_the_training_loss(tmp_path, train_items):
     # The real pretrained default model: its BatchNorm statistics make eval-mode losses meaningful.
-    options = {**SMALL, 'model': 'efficientnet_lite0', 'pretrained': True, 'image_size': 64, 'learning_rate': 1e-4,
-               'loss_options': {'margin': 0.2}}
+    options = {
+        **SMALL,
+        'model': 'efficientnet_lite0',
+        'pretrained': True,
+        'image_size': 64,
+        'learning_rate': 1e-4,
+        'loss_options': {'margin': 0.2},
+    }
     trainer = Trainer(TrainConfig(train_data=train_items, epochs=1, output_dir=tmp_path, **options))
     before = train_loss(trainer)
     trainer.fit()
@@ -90,8 +105,16 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, train_items):
 
 def test_evaluation_best_model_and_early_stopping(tmp_path, train_items):
     eval_items = digits_items(per_class=4, offset=50, size=32)
-    result = fit(train_data=train_items, eval_data=eval_items, epochs=4, limit=5, early_stopping_patience=1,
-                 monitor='hit@1', output_dir=tmp_path, **SMALL)
+    result = fit(
+        train_data=train_items,
+        eval_data=eval_items,
+        epochs=4,
+        limit=5,
+        early_stopping_patience=1,
+        monitor='hit@1',
+        output_dir=tmp_path,
+        **SMALL,
+    )
     assert all('ndcg@10' in h and 'hit@1' in h for h in result.history)
     assert 1 <= len(result.history) <= 4
     best = max(h['hit@1'] for h in result.history)

@@ -1,4 +1,5 @@
 """What the image families share: calling a vision network so that it returns features."""
+
 from __future__ import annotations
 
 import difflib

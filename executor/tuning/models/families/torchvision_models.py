@@ -1,4 +1,5 @@
 """torchvision's classification models as ``torchvision/<name>``, cut before their global pool."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,8 +25,9 @@ class TorchvisionFamily(BackboneFamily):
     def names(self) -> list[str]:
         return sorted(PREFIX + n for n in torchvision.models.list_models(module=torchvision.models))
 
-    def build(self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None,
-              pooler: Pooler) -> Backbone:
+    def build(
+        self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None, pooler: Pooler
+    ) -> Backbone:
         arch = name.removeprefix(PREFIX)
         net = torchvision.models.get_model(arch, weights=None)
         if weights:
