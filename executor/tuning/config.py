@@ -176,6 +176,11 @@ class TrainConfig(BaseModel):
                 f"{fewer}set device='cpu' to train with {n} CPU processes"
             )
 
+    def input_options(self) -> dict[str, Any]:
+        """The options that shape a model's inputs, for ``Inputs.with_options`` (which refuses those that do not
+        apply to its kind)."""
+        return {'image_size': self.image_size}
+
     @property
     def has_evaluation(self) -> bool:
         return self.eval_data is not None or self.query_data is not None

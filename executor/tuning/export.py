@@ -57,7 +57,7 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What ``export_onnx`` wrote and how closely it matches torch on the parity images."""
+    """What ``export_onnx`` wrote and how closely it matches torch on the parity items."""
 
     path: Path
     variant: Variant
@@ -343,7 +343,7 @@ def _quantize_int8(
             return onnx.load(str(out)), keep
     raise ExportError(
         f'int8 quantization does not reach cosine {min_cosine} against torch (leading float nodes -> min cosine: '
-        f"{', '.join(tried)}); the file was not written. Pass calibration images from the model's domain, lower "
+        f"{', '.join(tried)}); the file was not written. Pass calibration items from the model's domain, lower "
         f'min_cosine, or use the fp32 or fp16 export'
     )
 

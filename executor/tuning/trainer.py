@@ -111,7 +111,7 @@ class Trainer:
             if config.freeze_batchnorm is not None
             else bool(config.pretrained or config.weights)
         )
-        model.inputs = model.inputs.with_options(image_size=config.image_size)
+        model.inputs = model.inputs.with_options(**config.input_options())
         return model
 
     def _place_on_device(self) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,6 +96,20 @@ def load_into(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) 
             f'architecture'
         )
     logger.info('loaded weights from %s', source)
+
+
+def load_weights(
+    net: nn.Module, name: str, weights: Any, pretrained: bool, find_cached: Callable[[], Path | None]
+) -> None:
+    """``weights`` (a local file) into ``net``; else, with ``pretrained``, the file ``find_cached()`` finds on this
+    machine, or ``not_found(name)`` saying how to provide one; else nothing (random initialisation)."""
+    if weights:
+        load_into(net, read_state_dict(weights), str(weights))
+    elif pretrained:
+        path = find_cached()
+        if path is None:
+            raise not_found(name)
+        load_into(net, read_state_dict(path), str(path))
 
 
 def cached_timm_file(model_name: str) -> Path | None:

@@ -31,17 +31,8 @@ class TimmFamily(BackboneFamily):
         self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None, pooler: Pooler
     ) -> Backbone:
         net = _create(EMBEDDED.get(name, name))
-        if weights:
-            offline.load_into(net, offline.read_state_dict(weights), str(weights))
-        elif pretrained:
-            path = (
-                offline.efficientnet_lite0_file()
-                if name in EMBEDDED
-                else offline.cached_timm_file(EMBEDDED.get(name, name))
-            )
-            if path is None:
-                raise offline.not_found(name)
-            offline.load_into(net, offline.read_state_dict(path), str(path))
+        cached = offline.efficientnet_lite0_file if name in EMBEDDED else lambda: offline.cached_timm_file(name)
+        offline.load_weights(net, name, weights, pretrained, cached)
         data_config = timm.data.resolve_model_data_config(net)
         inputs = ImageInputs({k: data_config[k] for k in IMAGENET_CONFIG})
         if embedding_layer is None:

@@ -30,13 +30,8 @@ class TorchvisionFamily(BackboneFamily):
     ) -> Backbone:
         arch = name.removeprefix(PREFIX)
         net = torchvision.models.get_model(arch, weights=None)
-        if weights:
-            offline.load_into(net, offline.read_state_dict(weights), str(weights))
-        elif pretrained:
-            path = offline.cached_torchvision_file(torchvision.models.get_model_weights(arch).DEFAULT.url)
-            if path is None:
-                raise offline.not_found(name)
-            offline.load_into(net, offline.read_state_dict(path), str(path))
+        default_url = torchvision.models.get_model_weights(arch).DEFAULT.url if pretrained and not weights else None
+        offline.load_weights(net, name, weights, pretrained, lambda: offline.cached_torchvision_file(default_url))
         if embedding_layer is None:
             embedding_layer = next((n for n in FEATURE_LAYERS if hasattr(net, n)), None)
             if embedding_layer is None:
