@@ -23,7 +23,6 @@ import logging
 import os
 import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -150,11 +149,7 @@ def parse(model: type[P], parameters: dict[str, Any] | None, endpoint: str, exec
 def resolve_path(value: str, roots: Sequence[str | os.PathLike], what: str) -> str:
     """A path parameter, resolved: relative paths are taken under the first data root where they exist; the result
     must lie under a data root (symlinks resolved)."""
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        candidates = [Path(root) / path for root in roots]
-        path = next((c for c in candidates if c.exists()), candidates[0])
-    return str(check_under_roots(path, roots, what))
+    return str(check_under_roots(value, roots, what))
 
 
 def _int_if_integral(value: Any) -> Any:

@@ -1,6 +1,8 @@
 """Artifacts for serving: the model file to serve for a run id, an artifact folder, a ``.zip`` of one, or a model file.
 
-A zip is unpacked once, into a folder named by its name and a digest of its bytes, and served from there.
+A zip is unpacked once, into a folder named by its name and a digest of its bytes, and served from there; one that
+would unpack to more than ``MAX_UNPACKED_BYTES``, or whose members compress like a zip bomb, is refused before a byte
+is written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from executor.tuning.artifact import MODEL_FILE, ONNX_FILE
 logger = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
+MAX_UNPACKED_BYTES = 8 * 2**30  # a resnet50 artifact with its three ONNX exports is ~0.5 GB
+# Model weights, ONNX graphs and PNG reports compress 1-2x; a member over 1 MB that shrank more than this is a bomb.
+MAX_RATIO = 100
+RATIO_CHECKED_FROM = 2**20
 
 
 def open_artifact(
@@ -67,6 +73,7 @@ def _unpack(archive: Path, unpack_dir: Path) -> Path:
     if not target.is_dir():
         tmp = unpack_dir / f'.{target.name}.{os.getpid()}.tmp'
         with zipfile.ZipFile(archive) as zf:
+            check_sizes(archive, zf.infolist())
             zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
         os.replace(tmp, target)
     # a zip of a folder holds the folder: serve the one that has the model
@@ -74,3 +81,25 @@ def _unpack(archive: Path, unpack_dir: Path) -> Path:
     if not any(target.glob('model.*')) and len(inner) == 1:
         return inner[0]
     return target
+
+
+def check_sizes(archive: Path, members: list[zipfile.ZipInfo], limit: int = MAX_UNPACKED_BYTES) -> None:
+    """Refuse a zip that would unpack to more than ``limit`` bytes, or holds a member compressed like a bomb."""
+    total = sum(member.file_size for member in members)
+    if total > limit:
+        raise ValueError(
+            f'artifact {archive.name!r} would unpack to {_size(total)}, more than the {_size(limit)} allowed; serve '
+            'the artifact folder itself instead of a zip of it'
+        )
+    for member in members:
+        ratio = member.file_size / max(1, member.compress_size)
+        if member.file_size > RATIO_CHECKED_FROM and ratio > MAX_RATIO:
+            raise ValueError(
+                f'artifact {archive.name!r}: member {member.filename!r} unpacks to {member.file_size / 2**20:.0f} MiB '
+                f'from {member.compress_size / 2**10:.0f} KiB ({ratio:.0f}x; model files compress at most a few '
+                'times): it is not an artifact of this project; zip the artifact folder again'
+            )
+
+
+def _size(count: int) -> str:
+    return f'{count / 2**30:.1f} GiB' if count >= 2**30 else f'{count / 2**20:.0f} MiB'

@@ -144,6 +144,7 @@ class RunStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._creating: set[str] = set()  # run ids being written by create()
 
     # --- runs ------------------------------------------------------------------------------------------------------
 
@@ -173,17 +174,24 @@ class RunStore:
                 run_id = time.strftime('run-%Y%m%d-%H%M%S-', time.gmtime()) + secrets.token_hex(3)
             check_run_id(run_id)
             folder = self.root / run_id
-            if (folder / STATUS_FILE).exists():
+            # a name is taken from the moment a request claims it: concurrent requests for one run_name must not
+            # all be told CREATED while only the first one's run exists
+            if (folder / STATUS_FILE).exists() or run_id in self._creating:
                 raise ValueError(
                     f'a run named {run_id!r} exists already; choose another run_name, or resume it with '
                     f'resume={run_id!r}'
                 )
+            self._creating.add(run_id)
             folder.mkdir(parents=True, exist_ok=True)
-        if docs:
-            self._write_docs(folder / DOCS_DIR, docs)
-        atomic_write_text(folder / REQUEST_FILE, json.dumps(request, indent=2))
-        state = RunState(run_id)
-        self._write(state)
+        try:
+            if docs:
+                self._write_docs(folder / DOCS_DIR, docs)
+            atomic_write_text(folder / REQUEST_FILE, json.dumps(request, indent=2))
+            state = RunState(run_id)
+            self._write(state)
+        finally:
+            with self._lock:
+                self._creating.discard(run_id)
         logger.info('created run %s', run_id)
         return state
 

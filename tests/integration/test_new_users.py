@@ -76,6 +76,21 @@ def unit(rows: Any) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
+def test_a_relative_uri_is_found_under_the_data_roots_not_the_servers_folder(served: tuple[int, int], data_root: Path):
+    """Issue 21: `{"uri": "digits/3/0009.png"}`, as the README writes it, was looked up in the server's working
+    folder and failed."""
+    grpc_port, http_port = served
+    relative = 'digits/3/0009.png'
+    assert (data_root / relative).is_file() and not Path(relative).exists()
+    (row,) = http(http_port, '/encode', [{'uri': relative}])
+    absolute = http(http_port, '/encode', [{'uri': str(data_root / relative)}])[0]
+    assert row['uri'] == relative and np.allclose(row['embedding'], absolute['embedding'], atol=1e-5)
+    with pytest.raises(ServiceError, match=r"400: .*document 'digits/3/none.png'.* does not exist"):
+        http(http_port, '/encode', [{'uri': 'digits/3/none.png'}])
+    with pytest.raises(ServiceError, match=r'400: .*outside the data roots'):
+        http(http_port, '/encode', [{'uri': '../../../etc/hostname'}])
+
+
 def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tuple[int, int], data_root: Path):
     paths = [data_root / 'digits' / d / f'{int(d) * 3:04d}.png' for d in '012']
     array = np.asarray(Image.open(paths[2]))

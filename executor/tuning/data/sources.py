@@ -51,10 +51,18 @@ class Item:
 
 
 def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None, what: str) -> Path:
-    """Resolve ``path`` (symlinks included) and check that it lies under one of ``roots`` (``None``: anywhere)."""
-    resolved = Path(path).expanduser().resolve()
+    """Resolve ``path`` (symlinks included) and check that it lies under one of ``roots`` (``None``: anywhere).
+
+    With roots, a relative path is looked up under each root in turn (the first where it exists, else the first
+    root), never under the server's working folder.
+    """
+    given = Path(path).expanduser()
     if roots is None:
-        return resolved
+        return given.resolve()
+    if not given.is_absolute() and roots:
+        candidates = [Path(root).expanduser() / given for root in roots]
+        given = next((c for c in candidates if c.exists()), candidates[0])
+    resolved = given.resolve()
     allowed = [Path(r).expanduser().resolve() for r in roots]
     if not any(resolved == r or r in resolved.parents for r in allowed):
         raise DataError(
@@ -103,14 +111,18 @@ def from_folder(root: str | os.PathLike, roots: Sequence[str | os.PathLike] | No
     root = check_under_roots(root, roots, 'train/eval data')
     if not root.is_dir():
         raise DataError(f'image folder {str(root)!r} does not exist')
-    items = [
-        Item(id=str(p.relative_to(root)), uri=str(p))
-        for p in sorted(root.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    ]
+
+    def item(path: Path, label: str | None) -> Item:
+        # every file, not only the folder: a class folder or an image may be a link to anywhere
+        name = f'{root.name}/{path.relative_to(root)}'
+        return Item(
+            id=str(path.relative_to(root)), uri=str(check_under_roots(path, roots, name)), label=label, name=name
+        )
+
+    items = [item(p, None) for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         items += [
-            Item(id=str(p.relative_to(root)), uri=str(p), label=class_dir.name)
+            item(p, class_dir.name)
             for p in sorted(class_dir.rglob('*'))
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         ]

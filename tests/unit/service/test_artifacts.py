@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from executor.service.artifacts import open_artifact
+from executor.service.artifacts import check_sizes, open_artifact
 from executor.service.store import RunStore
 
 
@@ -45,3 +45,23 @@ def test_open_artifact_folder_zip_run_and_selection(store: RunStore, tmp_path: P
     assert open_artifact('run1', store, unpack, 'onnx') == store.root / 'run1' / 'model.pt'
     with pytest.raises(FileNotFoundError, match='neither a run id of this workspace nor an existing path'):
         open_artifact('no-such-run', store, unpack, 'onnx')
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(store: RunStore, tmp_path: Path):
+    """Issue 21: a 1 MB artifact zip unpacked to 1 GiB at start-up, and stayed there."""
+    import zipfile
+
+    archive = tmp_path / 'bomb.zip'
+    with zipfile.ZipFile(archive, 'w', compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr('model.pt', b'\0' * (64 * 2**20))  # 64 MiB of zeros: ~64 KB deflated
+    assert archive.stat().st_size < 2**20
+    unpack = tmp_path / 'unpacked'
+    unpack.mkdir()
+    with pytest.raises(ValueError, match=r"member 'model.pt' unpacks to 64 MiB from \d+ KiB .*not an artifact"):
+        open_artifact(archive, store, unpack, 'torch')
+    assert list(unpack.iterdir()) == []
+    with pytest.raises(
+        ValueError, match=r'would unpack to 64 MiB, more than the 1 MiB allowed; serve the artifact folder'
+    ):
+        with zipfile.ZipFile(archive) as zf:
+            check_sizes(archive, zf.infolist(), limit=2**20)

@@ -135,3 +135,36 @@ def test_finite_metrics_drops_what_json_cannot_carry():
         'a': 1.0,
         'd': 0.5,
     }
+
+
+def test_concurrent_creates_of_one_run_name_make_one_run_and_refuse_the_others(store: RunStore, monkeypatch):
+    """Issue 21: three requests for one run_name at once were all answered CREATED, and one run existed."""
+    import threading
+    import time
+
+    written = RunStore._write_docs
+
+    def slow(folder, docs):  # writing a request's documents takes a while: the others arrive meanwhile
+        time.sleep(0.3)
+        written(folder, docs)
+
+    monkeypatch.setattr(RunStore, '_write_docs', staticmethod(slow))
+    docs = [Item(id='a', tensor=np.zeros((4, 4, 3), np.uint8), label='x')]
+    outcomes: dict[int, object] = {}
+
+    def create(epochs: int) -> None:
+        try:
+            outcomes[epochs] = store.create({'epochs': epochs}, run_id='race', docs=docs).status
+        except ValueError as err:
+            outcomes[epochs] = err
+
+    threads = [threading.Thread(target=create, args=(epochs,)) for epochs in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    created = [epochs for epochs, outcome in outcomes.items() if outcome == 'CREATED']
+    refused = [outcome for outcome in outcomes.values() if isinstance(outcome, ValueError)]
+    assert len(created) == 1 and len(refused) == 2
+    assert all("a run named 'race' exists already" in str(err) for err in refused)
+    assert store.request('race') == {'epochs': created[0]}  # the run holds the request that was told CREATED

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +41,25 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format='PNG')
     return buf.getvalue()
+
+
+def test_a_folder_data_set_is_checked_file_by_file_against_the_data_roots(tmp_path):
+    """Issue 21: a class folder linked to a folder outside the data roots trained on its images, and an image linked
+    to /etc/passwd was opened."""
+    root, outside = tmp_path / 'root', tmp_path / 'outside'
+    folder = write_digits_folder(root / 'imgs', per_class=2, size=8)
+    write_digits_folder(outside, per_class=2, size=8)
+    (folder / 'linked').symlink_to(outside / '3', target_is_directory=True)
+    with pytest.raises(DataError, match=r'imgs/linked/\d+\.png: .* resolves to .*outside.*, outside the data roots'):
+        load_items(str(folder), roots=[root])
+    (folder / 'linked').unlink()
+    (folder / '3' / 'passwd.png').symlink_to('/etc/passwd')
+    with pytest.raises(DataError, match=r"imgs/3/passwd\.png: .* resolves to '/etc/passwd', outside the data roots"):
+        load_items(str(folder), roots=[root])
+    (folder / '3' / 'passwd.png').unlink()
+    (folder / '3' / 'inside.png').symlink_to(folder / '4' / sorted(os.listdir(folder / '4'))[0])  # inside: fine
+    items = load_items(str(folder), roots=[root])
+    assert len(items) == 21 and all(Path(it.uri).resolve().is_relative_to(root.resolve()) for it in items)
 
 
 def test_folder_and_csv_sources(tmp_path):
