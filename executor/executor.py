@@ -69,6 +69,7 @@ class FinetunerExecutor(Executor):
         model: str = 'efficientnet_lite0',
         artifact: Optional[str] = None,
         batch_size: int = 32,
+        max_batch_size: int = 128,
         select_model: Optional[str] = None,
         device: str = 'auto',
         runtime: str = 'onnx',
@@ -81,6 +82,7 @@ class FinetunerExecutor(Executor):
         :param model: registry model served when a request names none (pre-trained weights must be local).
         :param artifact: serve this instead: a run id of this workspace, an artifact folder or a .zip of one.
         :param batch_size: images per forward pass of /encode, /classify and /evaluate.
+        :param max_batch_size: the most a request's `batch_size` may ask for (a larger one is refused, naming it).
         :param select_model: the model file inside `artifact` (default: model.onnx with runtime 'onnx', else model.pt).
         :param device: 'auto', 'cpu', 'cuda' or 'cuda:N', for serving and (by default) for training.
         :param runtime: 'onnx' serves a model's ONNX export where it has one; 'torch' always serves the .pt model.
@@ -95,6 +97,7 @@ class FinetunerExecutor(Executor):
             model=model,
             artifact=artifact,
             batch_size=batch_size,
+            max_batch_size=max_batch_size,
             select_model=select_model,
             device=device,
             runtime=runtime,
@@ -320,7 +323,7 @@ class FinetunerExecutor(Executor):
 
     async def _run_model(self, docs: DocList[FinetunerDoc], params: ModelParams, task: str) -> tuple:
         """Embeddings (or logits) of the documents and the encoder; small requests go through the batcher."""
-        batch_size = params.batch_size or self.settings.batch_size
+        batch_size = self._batch_size(params)
         with self.batcher.expecting():
             encoder, contents, names, batch = await asyncio.to_thread(self._prepare, docs, params, task, batch_size)
         run = encoder.encode if task == 'encode' else encoder.classify
@@ -330,6 +333,17 @@ class FinetunerExecutor(Executor):
             (task, id(encoder), batch_size), batch, lambda rows: run(rows, batch_size), encoder.inputs
         )
         return out, encoder
+
+    def _batch_size(self, params: ModelParams) -> int:
+        """The request's ``batch_size`` (else the service's), within the service's bound."""
+        asked, bound = params.batch_size or self.settings.batch_size, self.settings.max_batch_size
+        if asked > bound:
+            raise ParameterError(
+                f'batch_size={asked} is more than this service runs in one forward pass (max_batch_size={bound}, '
+                f'set in uses_with); send batch_size <= {bound}, or leave it out for the default '
+                f'{self.settings.batch_size}'
+            )
+        return asked
 
     def _prepare(self, docs: DocList[FinetunerDoc], params: ModelParams, task: str, batch_size: int) -> tuple:
         """The encoder, the documents' contents and names, and their batch, preprocessed when the request is small
@@ -355,7 +369,7 @@ class FinetunerExecutor(Executor):
             query, index = self._items(docs), None
         evaluator = Evaluator(query, index, params.limit)  # checks every item's label first
         encoder = self._encoder(params)
-        evaluation = evaluator(encoder.embedder(params.batch_size or self.settings.batch_size))
+        evaluation = evaluator(encoder.embedder(self._batch_size(params)))
         result = EvaluationResult(
             run_id=params.run_id,
             model=None if params.run_id else params.model or str(self.served or self.settings.model),

@@ -353,6 +353,15 @@ class ServiceConfig(BaseModel):
         None, description='serve this instead of `model`: a run id, an artifact folder or a .zip of one'
     )
     batch_size: int = Field(32, ge=1, le=4096, description='images per forward pass')
+    max_batch_size: int = Field(
+        128,
+        ge=1,
+        le=4096,
+        description=(
+            "the most items a request's batch_size may ask for in one forward pass: one request of 2000 images at "
+            'batch_size=4096 took 22.8 GB and the worker with it'
+        ),
+    )
     select_model: Optional[str] = Field(None, description="the model file inside `artifact`, e.g. 'model-int8.onnx'")
     device: str = Field('auto', description="'auto', 'cpu', 'cuda' or 'cuda:N'; for serving and training")
     runtime: Runtime = Field('onnx', description="'onnx' where an ONNX export exists, else torch")
@@ -364,6 +373,15 @@ class ServiceConfig(BaseModel):
         None,
         description="folder of the registry models' ONNX exports, by name and weights (default: <workspace>/models)",
     )
+
+    @model_validator(mode='after')
+    def _batch_within_bound(self) -> ServiceConfig:
+        if self.batch_size > self.max_batch_size:
+            raise ValueError(
+                f'batch_size={self.batch_size} is more than max_batch_size={self.max_batch_size}; raise '
+                'max_batch_size or lower batch_size'
+            )
+        return self
 
     @field_validator('device')
     @classmethod

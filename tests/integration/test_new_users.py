@@ -91,6 +91,20 @@ def test_a_relative_uri_is_found_under_the_data_roots_not_the_servers_folder(ser
         http(http_port, '/encode', [{'uri': '../../../etc/hostname'}])
 
 
+def test_a_batch_size_above_the_services_bound_is_refused_naming_it(served: tuple[int, int], data_root: Path):
+    """Issue 21: 2000 tiny tensors with batch_size=4096 went through as one forward pass at 224 px and the kernel
+    killed the worker; now the service's max_batch_size (uses_with, default 128) bounds a request's batch_size."""
+    grpc_port, http_port = served
+    docs = [{'tensor': [[1, 2, 3], [4, 5, 6], [7, 8, 9]]} for _ in range(3)]
+    with pytest.raises(ServiceError, match=r'422: .*batch_size=4096 is more than .*max_batch_size=128'):
+        http(http_port, '/encode', docs, {'batch_size': 4096})
+    with pytest.raises(ServiceError, match=r'max_batch_size=128'):
+        FinetunerClient(f'grpc://127.0.0.1:{grpc_port}').evaluate(
+            [FinetunerDoc(tensor=np.zeros((8, 8, 3), np.uint8), label=str(i % 2)) for i in range(4)], batch_size=129
+        )
+    assert len(http(http_port, '/encode', docs, {'batch_size': 128})) == 3  # at the bound, and still serving
+
+
 def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tuple[int, int], data_root: Path):
     paths = [data_root / 'digits' / d / f'{int(d) * 3:04d}.png' for d in '012']
     array = np.asarray(Image.open(paths[2]))
