@@ -126,6 +126,16 @@ class TrainConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device(value)
 
+    @field_validator('optimizer_options')
+    @classmethod
+    def _no_rate_in_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if 'lr' in value:
+            raise ValueError(
+                f'optimizer_options holds lr={value["lr"]!r}, which learning_rate would override; set learning_rate '
+                'instead'
+            )
+        return value
+
     @model_validator(mode='after')
     def _consistent(self) -> TrainConfig:
         if (

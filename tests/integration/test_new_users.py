@@ -105,6 +105,26 @@ def test_a_batch_size_above_the_services_bound_is_refused_naming_it(served: tupl
     assert len(http(http_port, '/encode', docs, {'batch_size': 128})) == 3  # at the bound, and still serving
 
 
+def test_train_requests_that_would_fail_are_refused_before_a_run_exists(served: tuple[int, int], data_root: Path):
+    """Issue 21: these answered CREATED, then the run FAILED in its training process."""
+    grpc_port, http_port = served
+    (data_root / 'junk.pt').write_bytes(b'\x80\x04junk')
+    (data_root / 'remote.csv').write_text('uri,label\nhttps://example.com/a.jpg,a\nhttps://example.com/b.jpg,b\n')
+    before = len(http(http_port, '/runs', []))
+    refused = {
+        'a junk model file': ({'train_data': 'digits', 'model': 'junk.pt'}, r"400: .*'junk.pt' cannot be read"),
+        'junk weights': ({'train_data': 'digits', 'weights': 'junk.pt'}, r"400: .*weights file 'junk.pt' cannot be"),
+        'a CSV of URLs': ({'train_data': 'remote.csv'}, r"400: .*remote.csv line 2: uri 'https://.* is a URL"),
+        'a misspelt loss option': ({'train_data': 'digits', 'loss_options': {'margn': 1}}, r'400: .*no option'),
+        'lr in optimizer_options': ({'train_data': 'digits', 'optimizer_options': {'lr': 1}}, r'422: .*learning_rate'),
+    }
+    for parameters, error in refused.values():  # keyed by what each request gets wrong
+        with pytest.raises(ServiceError, match=error):
+            http(http_port, '/train', [], {**TINY, 'epochs': 1, **parameters})
+    assert len(http(http_port, '/runs', [])) == before  # no run was created for any of them
+    assert len(http(http_port, '/encode', [{'uri': 'digits/3/0009.png'}])) == 1  # and the service still serves
+
+
 def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tuple[int, int], data_root: Path):
     paths = [data_root / 'digits' / d / f'{int(d) * 3:04d}.png' for d in '012']
     array = np.asarray(Image.open(paths[2]))

@@ -50,6 +50,13 @@ class Item:
         return 'text' if self.tensor is None and self.blob is None and self.uri is None else 'image'
 
 
+def url_refusal(uri: str) -> str:
+    return (
+        f'uri {uri!r} is a URL, but this service reads local files only (it never downloads); save the file under '
+        'a data root and give its path, or send its bytes as blob'
+    )
+
+
 def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None, what: str) -> Path:
     """Resolve ``path`` (symlinks included) and check that it lies under one of ``roots`` (``None``: anywhere).
 
@@ -93,8 +100,9 @@ def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None 
                 uri = (row.get('uri') or '').strip()
                 if not uri:
                     raise DataError(f'{name}: empty uri')
-                if '://' not in uri:
-                    uri = str(check_under_roots(path.parent / uri, roots, name))
+                if '://' in uri:
+                    raise DataError(f'{name}: {url_refusal(uri)}')
+                uri = str(check_under_roots(path.parent / uri, roots, name))
                 items.append(Item(id=name, uri=uri, label=label, name=name))
             else:
                 text = (row.get('text') or '').strip()
@@ -142,6 +150,8 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
         uri, blob, tensor, text = get('uri'), get('blob'), get('tensor'), get('text')
         shown = str(uri) if uri and str(uri).strip() and not str(uri).startswith('data:') else ident  # as sent
         name = f'document {shown!r}'
+        if uri is not None and '://' in str(uri) and blob is None and tensor is None:
+            raise DataError(f'{name}: {url_refusal(str(uri))}')
         if uri is not None and '://' not in str(uri) and not str(uri).startswith('data:'):
             uri = str(check_under_roots(uri, roots, name))
         if isinstance(text, str) and not text.strip() and uri is None and blob is None and tensor is None:

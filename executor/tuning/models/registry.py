@@ -130,9 +130,29 @@ def _apply_options(
 def inputs_kind(name: str | os.PathLike) -> str:
     """The kind of inputs the model ``name`` (a registry name or a model file) takes, without building it."""
     if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
-        blob = torch.load(name, map_location='cpu', weights_only=True, mmap=True)
-        return blob['inputs']['kind'] if isinstance(blob, dict) and 'inputs' in blob else 'image'
+        blob = read_artifact(name, mmap=True)
+        return blob['inputs']['kind'] if 'inputs' in blob else 'image'
     return family_of(str(name)).inputs_kind
+
+
+def read_artifact(path: str | os.PathLike, map_location: str | torch.device = 'cpu', mmap: bool = False) -> dict:
+    """The contents of a model file written by ``save_model`` (read with ``weights_only=True``), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'model file {path.name!r} does not exist')
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises pickle, zip and runtime errors for files it cannot read
+        raise ValueError(
+            f'{path.name!r} cannot be read as a model artifact ({type(err).__name__}): it is not a model.pt written '
+            'by a run of this project; pass a run id, or the model.pt of a finished run'
+        ) from None
+    if not isinstance(blob, dict) or blob.get('format') not in (ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1):
+        raise ValueError(
+            f'{path.name!r} is not a model artifact of this project (expected format {ARTIFACT_FORMAT!r}); '
+            'to start from a timm/torchvision checkpoint pass it as weights='
+        )
+    return blob
 
 
 def save_model(model: EmbeddingModel, path: str | os.PathLike) -> Path:
@@ -142,15 +162,7 @@ def save_model(model: EmbeddingModel, path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> EmbeddingModel:
     """Rebuild a model written by ``save_model``; the file is read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'model file {str(path)!r} does not exist')
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(blob, dict) or blob.get('format') not in (ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1):
-        raise ValueError(
-            f'{str(path)!r} is not a model artifact of this project (expected format {ARTIFACT_FORMAT!r}); '
-            'to start from a timm/torchvision checkpoint pass it as weights='
-        )
+    blob = read_artifact(path, map_location)
     cfg = dict(blob['config'])
     model = build_model(
         cfg['name'],

@@ -67,12 +67,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsNotFoundError(
             f'weights file {str(path)!r} does not exist; pass the path of a .pth/.pt/.safetensors file'
         )
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # pickle, zip, safetensors and runtime errors of a file that is no checkpoint
+        raise ValueError(
+            f'weights file {path.name!r} cannot be read ({type(err).__name__}): pass a timm or torchvision checkpoint '
+            '(.pth/.pt with tensors only, or .safetensors)'
+        ) from None
     for wrapper in ('state_dict', 'model', 'model_state_dict'):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -7,8 +7,10 @@ from executor.tuning.config import TrainConfig
 from executor.tuning.data.sources import Item, load_items
 from executor.tuning.errors import DataError
 from executor.tuning.inputs import inputs_class
-from executor.tuning.losses import CROSS_ENTROPY
+from executor.tuning.losses import CROSS_ENTROPY, build_loss, build_miner
 from executor.tuning.models.registry import inputs_kind
+from executor.tuning.models.weights import read_state_dict
+from executor.tuning.optim import build_optimizer
 from executor.tuning.tasks.base import Task
 from executor.tuning.tasks.classification import Classification, LinearProbe
 from executor.tuning.tasks.metric import MetricLearning
@@ -37,11 +39,11 @@ def decide_task(config: TrainConfig, labelled: bool) -> Task:
 
 
 def check_training_data(config: TrainConfig, decode: bool = False) -> tuple[list[Item], Task]:
-    """The training items and the run's task, after every check of the data that needs no model: enough items,
-    labels as the task needs them, content the model takes (each item decoded once with ``decode``), evaluation data
-    readable and labelled.
+    """The training items and the run's task, after every check that needs no model built: enough items, labels as
+    the task needs them, content the model takes (each item decoded once with ``decode``), evaluation data readable
+    and labelled, a model file and a weights file that load, a loss, miner and optimizer that take their options.
 
-    The service calls it before it creates a run, so that bad data is an error of the request, not a FAILED run.
+    The service calls it before it creates a run, so that bad input is an error of the request, not a FAILED run.
     """
     items, task = training_items(config)
     inputs = inputs_class(inputs_kind(config.model))
@@ -49,7 +51,10 @@ def check_training_data(config: TrainConfig, decode: bool = False) -> tuple[list
     if decode:
         for item in items:
             inputs.check_content(item)
-    task.check_data(items)
+    classes = task.check_data(items)
+    check_objective(task.config, task, classes)
+    if config.weights is not None:
+        read_state_dict(config.weights)
     evaluation = evaluation_items(config)
     if evaluation is not None:
         task.evaluator(*evaluation, config.limit)  # checks that every evaluation item is labelled
@@ -81,3 +86,25 @@ def training_items(config: TrainConfig) -> tuple[list[Item], Task]:
         )
     task = decide_task(config, labelled=any(it.label is not None for it in items))
     return items, task
+
+
+def check_objective(config: TrainConfig, task: Task, classes: list[str] | None) -> None:
+    """The loss, the miner and the optimizer built once with their options (on a stand-in embedding size), so that a
+    misspelt or invalid option is refused now."""
+    import torch
+
+    build_loss(
+        config.loss,
+        config.loss_options,
+        num_classes=len(classes or []) or 2,
+        embedding_size=config.output_dim or 8,
+        self_supervised=task.views > 1,
+    )
+    build_miner(config.miner, config.miner_options)
+    build_optimizer(
+        config.optimizer,
+        [torch.nn.Parameter(torch.zeros(1))],
+        config.learning_rate,
+        config.optimizer_options,
+        'optimizer',
+    )

@@ -90,3 +90,38 @@ def test_one_function_decides_the_task_and_each_task_fills_its_defaults():
     with pytest.raises(DataError, match='have no label.*NTXentLoss'):
         metric.check_data(unlabelled)
     assert metric.monitor == 'ndcg@10' and probe.monitor == 'accuracy'
+
+
+def test_what_can_be_checked_before_a_run_is_checked_there(tmp_path):
+    """Issue 21: a junk .pt model, unreadable weights, a CSV row with a URL and invalid loss options were CREATED
+    and then FAILED in the training process (`KeyError: 101`, `EOFError`); optimizer_options' lr was overridden."""
+    from executor.tuning.config import TrainConfig
+    from executor.tuning.data import DataError
+    from executor.tuning.data.samples import write_digits_folder
+    from executor.tuning.tasks import check_training_data
+
+    folder = write_digits_folder(tmp_path / 'digits', per_class=2, size=8)
+    junk = tmp_path / 'junk.pt'
+    junk.write_bytes(b'\x80\x04not a pickle at all')
+    good = dict(train_data=str(folder), data_roots=[str(tmp_path)])
+    assert len(check_training_data(TrainConfig(**good))[0]) == 20
+    with pytest.raises(ValueError, match=r"'junk.pt' cannot be read as a model artifact \(\w+\)"):
+        check_training_data(TrainConfig(**good, model=str(junk)))
+    with pytest.raises(ValueError, match=r"weights file 'junk.pt' cannot be read"):
+        check_training_data(TrainConfig(**good, weights=str(junk)))
+    with pytest.raises(ValueError, match=r'TripletMarginLoss has no option \[.margn.\]'):
+        check_training_data(TrainConfig(**good, loss_options={'margn': 0.1}))
+    with pytest.raises(ValueError, match=r'optimizer Adam rejected its options'):
+        check_training_data(TrainConfig(**good, optimizer_options={'betas': 3}))
+    with pytest.raises(ValueError, match=r'optimizer_options holds lr=0.5, which learning_rate would override'):
+        TrainConfig(**good, optimizer_options={'lr': 0.5})
+    csv = tmp_path / 'remote.csv'
+    csv.write_text(
+        'uri,label\n'
+        + ''.join(f'{p},{p.parent.name}\n' for p in sorted(folder.rglob('*.png'))[:4])
+        + 'https://example.com/cat.jpg,cat\n'
+    )
+    with pytest.raises(
+        DataError, match=r"remote.csv line 6: uri 'https://example.com/cat.jpg' is a URL.*never downloads"
+    ):
+        check_training_data(TrainConfig(train_data=str(csv), data_roots=[str(tmp_path)]))
