@@ -47,6 +47,7 @@ from executor.service.store import RunState, RunStore
 from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
+from executor.tuning.data.images import limit_pixels
 from executor.tuning.data.sources import from_records
 from executor.tuning.evaluation import Evaluator
 from executor.tuning.models import build_model, list_models, load_model, unknown_model
@@ -70,6 +71,7 @@ class FinetunerExecutor(Executor):
         artifact: Optional[str] = None,
         batch_size: int = 32,
         max_batch_size: int = 128,
+        max_image_pixels: int = 40_000_000,
         select_model: Optional[str] = None,
         device: str = 'auto',
         runtime: str = 'onnx',
@@ -83,6 +85,7 @@ class FinetunerExecutor(Executor):
         :param artifact: serve this instead: a run id of this workspace, an artifact folder or a .zip of one.
         :param batch_size: images per forward pass of /encode, /classify and /evaluate.
         :param max_batch_size: the most a request's `batch_size` may ask for (a larger one is refused, naming it).
+        :param max_image_pixels: the most pixels an image may have; a larger one is refused from its header.
         :param select_model: the model file inside `artifact` (default: model.onnx with runtime 'onnx', else model.pt).
         :param device: 'auto', 'cpu', 'cuda' or 'cuda:N', for serving and (by default) for training.
         :param runtime: 'onnx' serves a model's ONNX export where it has one; 'torch' always serves the .pt model.
@@ -98,6 +101,7 @@ class FinetunerExecutor(Executor):
             artifact=artifact,
             batch_size=batch_size,
             max_batch_size=max_batch_size,
+            max_image_pixels=max_image_pixels,
             select_model=select_model,
             device=device,
             runtime=runtime,
@@ -105,6 +109,7 @@ class FinetunerExecutor(Executor):
             max_cached_models=max_cached_models,
             model_cache=model_cache,
         )
+        limit_pixels(self.settings.max_image_pixels)
         workspace = Path(self.workspace)
         (workspace / 'data').mkdir(parents=True, exist_ok=True)
         extra_roots = [str(Path(root).expanduser().resolve()) for root in self.settings.data_roots]

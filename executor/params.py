@@ -362,6 +362,12 @@ class ServiceConfig(BaseModel):
             'batch_size=4096 took 22.8 GB and the worker with it'
         ),
     )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description='the most pixels an image may have to be decoded, read from its header first (a 17 KB PNG of '
+        '12000 x 12000 took 700 MB to decode)',
+    )
     select_model: Optional[str] = Field(None, description="the model file inside `artifact`, e.g. 'model-int8.onnx'")
     device: str = Field('auto', description="'auto', 'cpu', 'cuda' or 'cuda:N'; for serving and training")
     runtime: Runtime = Field('onnx', description="'onnx' where an ONNX export exists, else torch")

@@ -125,6 +125,16 @@ def test_train_requests_that_would_fail_are_refused_before_a_run_exists(served: 
     assert len(http(http_port, '/encode', [{'uri': 'digits/3/0009.png'}])) == 1  # and the service still serves
 
 
+def test_an_image_bomb_is_refused_naming_the_document_and_the_bound(served: tuple[int, int], data_root: Path):
+    """Issue 21: a small PNG of a huge image was decoded whatever its size (max_image_pixels: 40 Mpx by default)."""
+    grpc_port, http_port = served
+    Image.new('L', (7000, 7000)).save(data_root / 'bomb.png')  # 49 Mpx in ~50 KB
+    assert (data_root / 'bomb.png').stat().st_size < 200_000
+    with pytest.raises(ServiceError, match=r"400: .*document 'bomb.png': the image is 7000 x 7000 = 49 Mpx, more than"):
+        http(http_port, '/encode', [{'uri': 'bomb.png'}, {'uri': 'digits/3/0009.png'}])
+    assert len(http(http_port, '/encode', [{'uri': 'digits/3/0009.png'}])) == 1
+
+
 def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tuple[int, int], data_root: Path):
     paths = [data_root / 'digits' / d / f'{int(d) * 3:04d}.png' for d in '012']
     array = np.asarray(Image.open(paths[2]))
