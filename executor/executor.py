@@ -8,6 +8,7 @@ documents. Training runs in child processes (``service.jobs``); runs live in ``<
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations as live objects.
 import asyncio
 import base64
+import binascii
 import logging
 import urllib.parse
 from pathlib import Path
@@ -46,7 +47,7 @@ from executor.service.jobs import JobQueue
 from executor.service.store import RunState, RunStore
 from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.config import TrainConfig
-from executor.tuning.data import load_items
+from executor.tuning.data import DataError, load_items
 from executor.tuning.data.images import limit_pixels
 from executor.tuning.data.sources import from_records
 from executor.tuning.evaluation import Evaluator
@@ -127,6 +128,7 @@ class FinetunerExecutor(Executor):
             self.served = open_artifact(
                 self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, self.settings.select_model
             )
+            self._encoder(ModelParams())  # loaded now: a broken artifact stops the start, not the first request
         self.jobs = JobQueue(self.store)
         self.jobs.start()
         logger.info(
@@ -273,10 +275,7 @@ class FinetunerExecutor(Executor):
         for doc in ensure_ids(docs):  # the reply and the indexer after this executor see the same ids
             uri, blob = uri_of(doc), blob_of(doc)
             if uri is not None and uri.startswith('data:'):
-                header, _, payload = uri.partition(',')
-                base64_coded = header.endswith(';base64')
-                blob = base64.b64decode(payload) if base64_coded else urllib.parse.unquote_to_bytes(payload)
-                uri = None
+                blob, uri = _data_uri_bytes(uri, f'document {doc.id!r}'), None
             tensor = None if doc.tensor is None else np.asarray(doc.tensor)
             records.append(
                 {'id': doc.id, 'uri': uri, 'blob': blob, 'tensor': tensor, 'text': doc.text, 'label': label_of(doc)}
@@ -401,6 +400,17 @@ class FinetunerExecutor(Executor):
 
 def _run_info(state: RunState) -> RunInfo:
     return RunInfo(**state.info())
+
+
+def _data_uri_bytes(uri: str, name: str) -> bytes:
+    """The bytes a ``data:`` URI holds (base64 or percent-encoded)."""
+    header, _, payload = uri.partition(',')
+    if not header.endswith(';base64'):
+        return urllib.parse.unquote_to_bytes(payload)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as err:
+        raise DataError(f'{name}: its data: URI holds invalid base64 ({err}); encode the file with base64') from None
 
 
 def _drop_content(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:

@@ -135,6 +135,21 @@ def test_an_image_bomb_is_refused_naming_the_document_and_the_bound(served: tupl
     assert len(http(http_port, '/encode', [{'uri': 'digits/3/0009.png'}])) == 1
 
 
+def test_invalid_base64_is_named_and_a_broken_served_artifact_stops_the_start(served: tuple[int, int], tmp_path: Path):
+    """Issue 21: invalid base64 in a data: URI was reported as "blob is empty"; a broken artifact= was found only by
+    the first request."""
+    from executor.executor import FinetunerExecutor
+
+    grpc_port, http_port = served
+    with pytest.raises(ServiceError, match=r"400: .*document 'b64': its data: URI holds invalid base64"):
+        http(http_port, '/encode', [{'id': 'b64', 'uri': 'data:image/png;base64,@@not base64@@'}])
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'model.pt').write_bytes(b'\x80\x04junk')
+    with pytest.raises(ValueError, match=r"'model.pt' cannot be read as a model artifact"):
+        FinetunerExecutor(artifact=str(broken), metas={'workspace': str(tmp_path / 'ws')})
+
+
 def test_docarray_documents_finetuner_tags_and_documents_without_ids(served: tuple[int, int], data_root: Path):
     paths = [data_root / 'digits' / d / f'{int(d) * 3:04d}.png' for d in '012']
     array = np.asarray(Image.open(paths[2]))

@@ -15,6 +15,8 @@ from executor.tuning.errors import DataError
 def array_to_image(array: np.ndarray, name: str) -> Image.Image:
     """``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` arrays; uint8 as is, floats in [0, 1] scaled by 255."""
     arr = np.asarray(array)
+    if arr.dtype.kind not in 'biuf':
+        raise DataError(f'{name}: tensor holds {arr.dtype} values, not numbers; send pixel values (uint8 or floats)')
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 3 and arr.shape[-1] == 1:

@@ -63,6 +63,8 @@ def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike
     With roots, a relative path is looked up under each root in turn (the first where it exists, else the first
     root), never under the server's working folder.
     """
+    if '\x00' in str(path):
+        raise DataError(f'{what}: the path holds a NUL byte, which no file name has; send the path of a file')
     given = Path(path).expanduser()
     if roots is None:
         return given.resolve()

@@ -43,6 +43,15 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def test_a_nul_byte_in_a_uri_and_a_tensor_of_strings_are_named(tmp_path):
+    """Issue 21: both failed with errors that named no document."""
+    with pytest.raises(DataError, match=r"document 'a\\x00b.png': the path holds a NUL byte"):
+        load_items([{'id': 'n', 'uri': 'a\x00b.png'}], roots=[tmp_path])
+    (item,) = load_items([{'id': 's', 'tensor': np.array([['a', 'b'], ['c', 'd']])}])
+    with pytest.raises(DataError, match=r"document 's': tensor holds <U1 values, not numbers"):
+        load_image(item.content, item.name)
+
+
 def test_an_image_of_too_many_pixels_is_refused_from_its_header(tmp_path):
     """Issue 21: a 17 KB PNG of 12000 x 12000 took 2 s and 700 MB to decode, and a larger one's error named no one."""
     from executor.tuning.data import images
