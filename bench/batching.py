@@ -39,8 +39,8 @@ from docarray import DocList
 from jina import Deployment, dynamic_batching, requests
 from PIL import Image
 
-from executor.docs import FinetunerDoc
-from executor.executor import FinetunerExecutor, _drop_content
+from executor.docs import FinetunerDoc, drop_content
+from executor.executor import FinetunerExecutor
 
 CONFIG = Path(__file__).resolve().parents[1] / 'config.yml'
 CLIENTS = 16
@@ -65,7 +65,7 @@ class JinaBatchedExecutor(FinetunerExecutor):
 
         for doc, embedding in zip(docs, await asyncio.to_thread(run)):
             doc.embedding = embedding
-        return _drop_content(docs) if params.drop_image_content else docs
+        return drop_content(docs) if params.drop_image_content else docs
 
 
 def free_port() -> int:

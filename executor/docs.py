@@ -10,12 +10,18 @@ The endpoints' `parameters` are pydantic models too, in `executor.params`.
 
 # No `from __future__ import annotations` here: jina copies these classes into new pydantic models to describe its
 # endpoints, and postponed (string) annotations cannot be resolved there ("`FinetunerDoc` is not fully defined").
+import base64
+import binascii
 import os
+import urllib.parse
 from typing import Any, Literal, Optional
 
+import numpy as np
 from docarray import BaseDoc, DocList
 from docarray.typing import ID, NdArray
 from pydantic import Field, TypeAdapter
+
+from executor.tuning.errors import DataError
 
 FINETUNER_LABEL = 'finetuner_label'  # Finetuner kept a document's class in tags['finetuner_label']
 RunStatus = Literal['CREATED', 'STARTED', 'FINISHED', 'FAILED', 'CANCELLED']
@@ -146,3 +152,43 @@ class EvaluationResult(BaseDoc):
     metrics: Optional[dict[str, float]] = None
     confusion_matrix: Optional[NdArray] = Field(None, description='(true class, predicted class) counts')
     class_names: Optional[list[str]] = None
+
+
+def items_of(docs: DocList, roots: list) -> list:
+    """The documents as the core's items; a ``data:`` URI becomes its bytes; local paths must lie under ``roots``.
+    Documents without an id get one first, so the reply and the indexer after this executor see the same ids."""
+    from executor.tuning.data.sources import from_records  # here: FinetunerClient imports this module without torch
+
+    records = []
+    for doc in ensure_ids(docs):
+        uri, blob = uri_of(doc), blob_of(doc)
+        if uri is not None and uri.startswith('data:'):
+            blob, uri = data_uri_bytes(uri, f'document {doc.id!r}'), None
+        tensor = None if doc.tensor is None else np.asarray(doc.tensor)
+        records.append(
+            {'id': doc.id, 'uri': uri, 'blob': blob, 'tensor': tensor, 'text': doc.text, 'label': label_of(doc)}
+        )
+    return from_records(records, roots)
+
+
+def data_uri_bytes(uri: str, name: str) -> bytes:
+    """The bytes a ``data:`` URI holds (base64 or percent-encoded)."""
+    header, _, payload = uri.partition(',')
+    if not header.endswith(';base64'):
+        return urllib.parse.unquote_to_bytes(payload)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as err:
+        raise DataError(f'{name}: its data: URI holds invalid base64 ({err}); encode the file with base64') from None
+
+
+def drop_content(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:
+    """The documents without their image bytes (``blob``, ``tensor``, a ``data:`` URI): a reply of ids and results,
+    a tenth of the bytes for a batch of JPEGs. A path or http URI stays: it names the document for the client."""
+    for doc in docs:
+        doc.blob = doc.bytes_ = doc.tensor = None
+        if doc.uri is not None and doc.uri.startswith('data:'):
+            doc.uri = None
+        if doc.url is not None and doc.url.startswith('data:'):
+            doc.url = None
+    return docs

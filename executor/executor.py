@@ -7,10 +7,7 @@ documents. Training runs in child processes (``service.jobs``); runs live in ``<
 
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations as live objects.
 import asyncio
-import base64
-import binascii
 import logging
-import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -19,7 +16,14 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
-from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, blob_of, ensure_ids, label_of, uri_of
+from executor.docs import (
+    EvaluationResult,
+    FinetunerDoc,
+    RunInfo,
+    RunLogs,
+    drop_content,
+    items_of,
+)
 from executor.params import (
     DATA_FIELDS,
     ClassifyParams,
@@ -34,7 +38,6 @@ from executor.params import (
     ParameterError,
     RunParams,
     SearchParams,
-    ServiceConfig,
     TrainParams,
     executor_names,
     parse,
@@ -45,11 +48,11 @@ from executor.service.batcher import RequestBatcher
 from executor.service.encoder_cache import EncoderCache
 from executor.service.jobs import JobQueue
 from executor.service.store import RunState, RunStore
+from executor.settings import ServiceConfig
 from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.config import TrainConfig
-from executor.tuning.data import DataError, load_items
+from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
-from executor.tuning.data.sources import from_records
 from executor.tuning.evaluation import Evaluator
 from executor.tuning.models import build_model, list_models, load_model, unknown_model
 from executor.tuning.tasks import check_training_data
@@ -215,7 +218,7 @@ class FinetunerExecutor(Executor):
         for doc, row in zip(docs, probs):
             doc.label = classes[int(row.argmax())]
             doc.scores = {name: float(p) for name, p in zip(classes, row)}
-        return _drop_content(docs) if params.drop_image_content else docs
+        return drop_content(docs) if params.drop_image_content else docs
 
     @requests(on='/evaluate')
     async def evaluate(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[EvaluationResult]:
@@ -270,17 +273,7 @@ class FinetunerExecutor(Executor):
             raise unknown_model(name)
 
     def _items(self, docs: DocList[FinetunerDoc]) -> list:
-        """The documents as the core's items; a `data:` URI becomes its bytes; local paths must be under a root."""
-        records = []
-        for doc in ensure_ids(docs):  # the reply and the indexer after this executor see the same ids
-            uri, blob = uri_of(doc), blob_of(doc)
-            if uri is not None and uri.startswith('data:'):
-                blob, uri = _data_uri_bytes(uri, f'document {doc.id!r}'), None
-            tensor = None if doc.tensor is None else np.asarray(doc.tensor)
-            records.append(
-                {'id': doc.id, 'uri': uri, 'blob': blob, 'tensor': tensor, 'text': doc.text, 'label': label_of(doc)}
-            )
-        return from_records(records, self.data_roots)
+        return items_of(docs, self.data_roots)
 
     def _encoder(self, params: ModelParams) -> 'Encoder':
         from executor.tuning.inference import create_encoder  # onnxruntime: loaded on first use
@@ -323,7 +316,7 @@ class FinetunerExecutor(Executor):
         embeddings, _ = await self._run_model(docs, params, 'encode')  # (N, D)
         for doc, embedding in zip(docs, embeddings):
             doc.embedding = embedding
-        return _drop_content(docs) if params.drop_image_content else docs
+        return drop_content(docs) if params.drop_image_content else docs
 
     async def _run_model(self, docs: DocList[FinetunerDoc], params: ModelParams, task: str) -> tuple:
         """Embeddings (or logits) of the documents and the encoder; small requests go through the batcher."""
@@ -400,26 +393,3 @@ class FinetunerExecutor(Executor):
 
 def _run_info(state: RunState) -> RunInfo:
     return RunInfo(**state.info())
-
-
-def _data_uri_bytes(uri: str, name: str) -> bytes:
-    """The bytes a ``data:`` URI holds (base64 or percent-encoded)."""
-    header, _, payload = uri.partition(',')
-    if not header.endswith(';base64'):
-        return urllib.parse.unquote_to_bytes(payload)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except binascii.Error as err:
-        raise DataError(f'{name}: its data: URI holds invalid base64 ({err}); encode the file with base64') from None
-
-
-def _drop_content(docs: DocList[FinetunerDoc]) -> DocList[FinetunerDoc]:
-    """The documents without their image bytes (``blob``, ``tensor``, a ``data:`` URI): a reply of ids and results,
-    a tenth of the bytes for a batch of JPEGs. A path or http URI stays: it names the document for the client."""
-    for doc in docs:
-        doc.blob = doc.bytes_ = doc.tensor = None
-        if doc.uri is not None and doc.uri.startswith('data:'):
-            doc.uri = None
-        if doc.url is not None and doc.url.startswith('data:'):
-            doc.url = None
-    return docs
