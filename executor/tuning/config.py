@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from executor.tuning.devices import check_device
 from executor.tuning.losses import list_losses, list_miners, unknown_name
+from executor.tuning.pair_losses import PAIR_LOSSES
 
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
@@ -39,11 +40,16 @@ class TrainConfig(BaseModel):
     freeze: Union[bool, int, list[str]] = Field(False, description='True, leading stages, or layer names/prefixes')
     embedding_layer: Optional[str] = None
     output_dim: Optional[int] = Field(None, ge=1, le=65536)
-    pooler: Literal['avg', 'gem'] = 'avg'
+    pooler: Optional[Literal['avg', 'gem', 'mean', 'cls', 'max']] = Field(
+        None, description="the model's own when left out; images: avg | gem, text: mean | cls | max"
+    )
     freeze_batchnorm: Optional[bool] = Field(
         None, description='keep BatchNorm statistics fixed while training; default: True for pretrained weights'
     )
     image_size: Optional[int] = Field(None, ge=16, le=2048, description='override the model input size (pixels)')
+    max_seq_length: Optional[int] = Field(
+        None, ge=1, le=8192, description="a text model's token limit per sentence (default: the model's own)"
+    )
     projection_layers: int = Field(2, ge=1, le=4, description='layers of the SimCLR projection head')
 
     # data
@@ -55,8 +61,20 @@ class TrainConfig(BaseModel):
     limit: int = Field(20, ge=1, le=1000, description='k of the retrieval metrics')
 
     # objective
-    loss: str = 'TripletMarginLoss'
+    loss: Optional[str] = Field(
+        None,
+        description=(
+            'default: TripletMarginLoss on labels, MultipleNegativesRankingLoss on sentence pairs, CoSENTLoss on '
+            'scored pairs'
+        ),
+    )
     loss_options: dict[str, Any] = Field(default_factory=dict)
+    matryoshka_dims: Optional[list[int]] = Field(
+        None,
+        min_length=1,
+        description='train every leading slice of the embedding too (MatryoshkaLoss), e.g. [384, 256, 128, 64]',
+    )
+    matryoshka_weights: Optional[list[float]] = Field(None, min_length=1, description='one weight per matryoshka dim')
     miner: Optional[str] = None
     miner_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -109,9 +127,10 @@ class TrainConfig(BaseModel):
 
     @field_validator('loss')
     @classmethod
-    def _known_loss(cls, value: str) -> str:
-        if value not in list_losses():
-            raise unknown_name('loss', value, list_losses())
+    def _known_loss(cls, value: str | None) -> str | None:
+        known = list_losses() + sorted(PAIR_LOSSES)
+        if value is not None and value not in known:
+            raise unknown_name('loss', value, known)
         return value
 
     @field_validator('miner')
@@ -153,6 +172,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f'monitor={self.monitor!r} needs evaluation data (eval_data, or query_data + index_data)')
         if self.num_devices > 1:
             self._check_devices()
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or []):
+            raise ValueError(
+                f'matryoshka_weights has {len(self.matryoshka_weights)} entries for matryoshka_dims '
+                f'{self.matryoshka_dims}; give one weight per dim, or leave the weights out (1 each)'
+            )
+        if self.matryoshka_dims is not None and min(self.matryoshka_dims) < 1:
+            raise ValueError(f'matryoshka_dims must be positive, got {self.matryoshka_dims}')
         return self
 
     def _check_devices(self) -> None:
@@ -189,7 +215,7 @@ class TrainConfig(BaseModel):
     def input_options(self) -> dict[str, Any]:
         """The options that shape a model's inputs, for ``Inputs.with_options`` (which refuses those that do not
         apply to its kind)."""
-        return {'image_size': self.image_size}
+        return {'image_size': self.image_size, 'max_seq_length': self.max_seq_length}
 
     @property
     def has_evaluation(self) -> bool:

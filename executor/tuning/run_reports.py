@@ -16,7 +16,7 @@ import torch
 from executor.tuning import artifact, reports
 from executor.tuning.callbacks import EvaluationCallback
 from executor.tuning.data.sources import Item
-from executor.tuning.evaluation import knn
+from executor.tuning.evaluation import Evaluator, knn
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def write_reports(trainer: Any) -> None:
     evaluator = callback.evaluator
     evaluation = evaluator(trainer.embedder(callback.batch_size))
     trainer.metrics_after = evaluation.metrics
-    if evaluation.query_embeddings is not None:
+    if evaluation.query_embeddings is not None and isinstance(evaluator, Evaluator):  # labelled items' matches
         plot_matches(
             trainer.model.inputs,
             evaluator.query,

@@ -220,7 +220,8 @@ class Trainer:
         config = self.config
         evaluation = evaluation_items(config)
         evaluator = self.task.evaluator(*evaluation, config.limit) if evaluation is not None else None
-        self.monitor = config.monitor or (self.task.monitor if evaluator is not None else 'train_loss')
+        watched = getattr(evaluator, 'monitor', None) or self.task.monitor  # correlations watch spearman_cosine
+        self.monitor = config.monitor or (watched if evaluator is not None else 'train_loss')
         return run_callbacks(config, evaluator, self.monitor, self.output_dir)
 
     @property

@@ -16,7 +16,8 @@ UNLABELLED = -1
 
 class ItemDataset(Dataset):
     """``__getitem__(i) -> (sample, label index or -1)``, decoded lazily; ``views=2`` gives a tuple of two samples
-    (each its own draw of ``transform``), the positive pair of self-supervised training."""
+    (each its own draw of ``transform``), the positive pair of self-supervised training. A pair or triplet item gives
+    a sample per column, and its score (a float) instead of a label index when it is scored."""
 
     def __init__(
         self,
@@ -45,8 +46,13 @@ class ItemDataset(Dataset):
     def labels(self) -> list[int]:
         return [self.label_index(it) for it in self.items]
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int | float]:
         item = self.items[index]
+        if item.columns is not None:
+            samples = tuple(
+                self.transform(self.inputs.load(c, f'{item.name} column {i + 1}')) for i, c in enumerate(item.columns)
+            )
+            return samples, item.score if item.score is not None else UNLABELLED
         loaded = self.inputs.load(item.content, item.name)
         if self.views == 1:
             return self.transform(loaded), self.label_index(item)
@@ -55,7 +61,8 @@ class ItemDataset(Dataset):
 
 class Collate:
     """``[(sample, label), ...] -> (Batch, labels (B,))``; with views, the batch holds every first view, then every
-    second one (``2B`` rows, view-major), so its two halves are the positive pairs."""
+    second one (``2B`` rows, view-major), so its two halves are the positive pairs (and so for a pair's or a
+    triplet's columns)."""
 
     def __init__(self, inputs: Inputs, views: int = 1) -> None:
         self.inputs = inputs
@@ -66,4 +73,6 @@ class Collate:
             samples = [sample for sample, _ in rows]
         else:
             samples = [views[v] for v in range(self.views) for views, _ in rows]
-        return self.inputs.collate(samples), torch.tensor([label for _, label in rows], dtype=torch.long)
+        labels = [label for _, label in rows]
+        dtype = torch.float32 if isinstance(labels[0], float) else torch.long  # the scores of scored pairs
+        return self.inputs.collate(samples), torch.tensor(labels, dtype=dtype)

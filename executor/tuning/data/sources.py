@@ -24,7 +24,8 @@ class Item:
     """One example: exactly one of ``uri`` / ``blob`` / ``tensor`` / ``text`` is the content.
 
     ``name`` is how errors call it: a document by the ``uri`` it was sent with (what its sender can find), else by its
-    id; a CSV row by file and line.
+    id; a CSV row by file and line. A sentence pair or triplet (``anchor,positive[,negative]`` or
+    ``sentence1,sentence2,score`` rows) has its sentences in ``columns`` instead, and a ``score`` when scored.
     """
 
     id: str
@@ -34,12 +35,16 @@ class Item:
     text: str | None = None
     label: str | None = None
     name: str = ''
+    columns: tuple[str, ...] | None = None
+    score: float | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or f'item {self.id!r}'
 
     @property
     def content(self) -> Any:
+        if self.columns is not None:
+            return self.columns
         for value in (self.tensor, self.blob, self.uri):
             if value is not None:
                 return value
@@ -81,38 +86,77 @@ def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike
     return resolved
 
 
+PAIR_COLUMNS = (('anchor', 'positive', 'negative'), ('sentence1', 'sentence2'))
+CSV_LAYOUTS = 'uri,label | text,label | anchor,positive[,negative] | sentence1,sentence2,score'
+
+
 def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
-    """``uri,label`` or ``text,label`` (header row; ``label`` optional). Relative uris are relative to the file."""
+    """``uri,label`` or ``text,label`` (``label`` optional), ``anchor,positive[,negative]`` (sentence pairs or
+    triplets), or ``sentence1,sentence2,score`` (scored pairs, any score range); a header row names the columns.
+    Relative uris are relative to the file."""
     path = check_under_roots(path, roots, 'train/eval data')
     if not path.is_file():
         raise DataError(f'CSV file {str(path)!r} does not exist')
     with open(path, newline='', encoding='utf-8') as fh:
         reader = csv.DictReader(fh)
         columns = set(reader.fieldnames or [])
-        if not columns & {'uri', 'text'}:
+        if {'anchor', 'positive'} <= columns or {'sentence1', 'sentence2'} <= columns:
+            items = _pairs(reader, columns, path)
+        elif not columns & {'uri', 'text'}:
             raise DataError(
-                f'{str(path)!r}: the header must name a "uri" or a "text" column (and optionally "label"); '
-                f'found {sorted(columns)}'
+                f'{str(path)!r}: the header must name the columns of one of {CSV_LAYOUTS}; found {sorted(columns)}'
             )
-        items = []
-        for line, row in enumerate(reader, start=2):
-            name = f'{path.name} line {line}'
-            label = (row.get('label') or '').strip() or None
-            if 'uri' in columns:
-                uri = (row.get('uri') or '').strip()
-                if not uri:
-                    raise DataError(f'{name}: empty uri')
-                if '://' in uri:
-                    raise DataError(f'{name}: {url_refusal(uri)}')
-                uri = str(check_under_roots(path.parent / uri, roots, name))
-                items.append(Item(id=name, uri=uri, label=label, name=name))
-            else:
-                text = (row.get('text') or '').strip()
-                if not text:
-                    raise DataError(f'{name}: empty text')
-                items.append(Item(id=name, text=text, label=label, name=name))
+        else:
+            items = _rows(reader, columns, path, roots)
     if not items:
         raise DataError(f'{str(path)!r} has a header but no rows')
+    return items
+
+
+def _rows(reader: csv.DictReader, columns: set[str], path: Path, roots: Sequence | None) -> list[Item]:
+    items = []
+    for line, row in enumerate(reader, start=2):
+        name = f'{path.name} line {line}'
+        label = (row.get('label') or '').strip() or None
+        if 'uri' in columns:
+            uri = (row.get('uri') or '').strip()
+            if not uri:
+                raise DataError(f'{name}: empty uri')
+            if '://' in uri:
+                raise DataError(f'{name}: {url_refusal(uri)}')
+            uri = str(check_under_roots(path.parent / uri, roots, name))
+            items.append(Item(id=name, uri=uri, label=label, name=name))
+        else:
+            text = (row.get('text') or '').strip()
+            if not text:
+                raise DataError(f'{name}: empty text')
+            items.append(Item(id=name, text=text, label=label, name=name))
+    return items
+
+
+def _pairs(reader: csv.DictReader, columns: set[str], path: Path) -> list[Item]:
+    """Sentence pairs, triplets or scored pairs: every sentence non-empty, every score a number."""
+    names = next(c for c in PAIR_COLUMNS if c[0] in columns)
+    names = tuple(c for c in names if c in columns)
+    scored = 'score' in columns
+    items = []
+    for line, row in enumerate(reader, start=2):
+        name = f'{path.name} line {line}'
+        texts = tuple((row.get(c) or '').strip() for c in names)
+        empty = [c for c, t in zip(names, texts) if not t]
+        if empty:
+            raise DataError(f'{name}: empty {empty[0]}; every row needs a sentence in each of {", ".join(names)}')
+        score = None
+        if scored:
+            raw = (row.get('score') or '').strip()
+            try:
+                score = float(raw)
+            except ValueError:
+                what = 'no score' if not raw else f'score {raw!r}, which is not a number'
+                raise DataError(f'{name}: {what}; give each row a numeric score (any range)') from None
+            if score != score or score in (float('inf'), float('-inf')):
+                raise DataError(f'{name}: score {raw!r} is not a finite number')
+        items.append(Item(id=name, name=name, columns=texts, score=score))
     return items
 
 

@@ -14,6 +14,7 @@ from executor.tuning.evaluation.metrics import (
     ranking_metrics,
     retrieval_metrics,
 )
+from executor.tuning.evaluation.pairs import MatryoshkaEvaluator, ScoredPairEvaluator, evaluator_for
 
 __all__ = [
     'ALIASES',
@@ -22,8 +23,11 @@ __all__ = [
     'RETRIEVAL_METRICS',
     'Evaluation',
     'Evaluator',
+    'MatryoshkaEvaluator',
+    'ScoredPairEvaluator',
     'ModelEmbedder',
     'classification_metrics',
+    'evaluator_for',
     'knn',
     'knn_accuracy',
     'metric_mode',

@@ -55,6 +55,8 @@ METRIC_MODES: dict[str, Mode] = {
     **{name: 'max' for name in ALIASES},
     'accuracy': 'max',
     'knn_accuracy': 'max',
+    'spearman_cosine': 'max',
+    'pearson_cosine': 'max',
     'loss': 'min',
     'train_loss': 'min',
     'val_loss': 'min',
@@ -64,18 +66,21 @@ METRIC_MODES: dict[str, Mode] = {
 def metric_mode(name: str) -> Mode:
     """Whether a smaller ('min') or larger ('max') value of the metric `name` is better.
 
-    Known names are in `METRIC_MODES`; per-class accuracies (``accuracy/<class>``) are 'max', and any other name
-    containing 'loss' is 'min'.
+    Known names are in `METRIC_MODES`; per-class accuracies (``accuracy/<class>``) are 'max', a metric at a Matryoshka
+    dimension (``<metric>_dim<d>``) is its metric's, and any other name containing 'loss' is 'min'.
     """
     if name in METRIC_MODES:
         return METRIC_MODES[name]
+    base, _, dim = name.rpartition('_dim')
+    if base and dim.isdigit():
+        return metric_mode(base)
     if name.startswith('accuracy/'):
         return 'max'
     if 'loss' in name:
         return 'min'
     raise ValueError(
         f'unknown metric {name!r}: cannot tell whether higher is better; known metrics: {sorted(METRIC_MODES)}, '
-        "'accuracy/<class>', or any name containing 'loss' (lower is better)"
+        "'accuracy/<class>', '<metric>_dim<d>', or any name containing 'loss' (lower is better)"
     )
 
 

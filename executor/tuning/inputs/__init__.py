@@ -8,11 +8,13 @@ that defines an ``Inputs`` subclass decorated with ``@register_inputs``, and one
 
 from executor.tuning.inputs.base import Batch, Inputs, inputs_class, inputs_from_config, register_inputs
 from executor.tuning.inputs.image import ImageInputs, calibration_photos, sample_photos
+from executor.tuning.inputs.text import TextInputs
 
 __all__ = [
     'Batch',
     'ImageInputs',
     'Inputs',
+    'TextInputs',
     'calibration_photos',
     'inputs_class',
     'inputs_from_config',

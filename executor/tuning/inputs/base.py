@@ -134,6 +134,10 @@ class Inputs(ABC):
         for start in range(0, self.rows(batch), size):
             yield {name: tensor[start : start + size] for name, tensor in batch.items()}
 
+    def order(self, contents: Sequence[Any] | Batch) -> Any | None:
+        """An order to run the items in, to cut padding (the caller restores theirs); ``None``: as they come."""
+        return None
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Per ONNX input, its axes that vary between calls (the batch, always)."""
         return {name: {0: 'batch'} for name in self.onnx_inputs}

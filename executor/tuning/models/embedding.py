@@ -38,6 +38,7 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone.module
         self.inputs: Inputs = backbone.inputs
         self.pooler = POOLERS[pooler]() if not backbone.pooled else None
+        self.normalize = backbone.normalize  # L2-normalised embeddings (text encoders, as sentence-transformers')
         self.projection = projection
         self.classifier: nn.Linear | None = None
         self.class_names: list[str] | None = None
@@ -65,7 +66,8 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, batch: Batch | torch.Tensor) -> torch.Tensor:  # -> (B, embed_dim)
         out = self.features(batch)
-        return self.projection(out) if self.projection is not None else out
+        out = self.projection(out) if self.projection is not None else out
+        return nn.functional.normalize(out, dim=-1) if self.normalize else out
 
     def set_classes(self, class_names: list[str]) -> None:
         """Add (or replace) a linear classifier head over the embedding, one output per class name."""

@@ -23,12 +23,16 @@ class Backbone:
     """A built backbone: ``module(batch) -> (B, C)`` pooled, ``(B, C, H, W)`` to pool, or ``(B, T, C)`` tokens.
 
     ``module.module`` is the network whose layers ``freeze`` and ``embedding_layer`` name; ``pooled`` says that the
-    module pools by itself (the embedding model then adds no pooler).
+    module pools by itself (the embedding model then adds no pooler). ``saved`` is what the family needs to build it
+    again from a saved model without its files (a transformer's architecture, its pooling); ``normalize``: the model's
+    embeddings are L2-normalised (text encoders, as sentence-transformers').
     """
 
     module: nn.Module
     inputs: Inputs
     pooled: bool
+    saved: dict[str, Any] | None = None
+    normalize: bool = False
 
 
 class BackboneFamily(ABC):
@@ -42,6 +46,8 @@ class BackboneFamily(ABC):
     hint: ClassVar[str] = ''
     #: the ``Inputs.kind`` its models take, known before one is built (the service checks data with it)
     inputs_kind: ClassVar[str] = 'image'
+    #: the ``pooler`` values its models take (``None``, the model's own, always)
+    poolers: ClassVar[tuple[str, ...]] = ('avg', 'gem')
 
     @abstractmethod
     def names(self) -> list[str]:
@@ -54,10 +60,19 @@ class BackboneFamily(ABC):
 
     @abstractmethod
     def build(
-        self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None, pooler: Pooler
+        self,
+        name: str,
+        *,
+        weights: Any,
+        pretrained: bool,
+        embedding_layer: str | None,
+        pooler: str | None,
+        saved: dict[str, Any] | None = None,
     ) -> Backbone:
         """The backbone ``name``, with ``weights`` (a local file) or its pretrained weights (local only: raise
-        ``WeightsNotFoundError`` saying how to provide them), or random ones with ``pretrained=False``."""
+        ``WeightsNotFoundError`` saying how to provide them), or random ones with ``pretrained=False``; ``pooler``
+        ``None`` is the model's own. ``saved``: what ``Backbone.saved`` held when the model was saved (its weights then
+        come from the saved file)."""
 
     @torch.no_grad()
     def feature_dim(self, backbone: Backbone) -> int:

@@ -16,7 +16,10 @@ Freeze = Union[bool, int, Sequence[str]]
 
 
 def backbone_stages(model: EmbeddingModel) -> list[list[str]]:
-    """The backbone's module names grouped into stages, stem first (timm's coarse groups, else top-level children)."""
+    """The backbone's module names grouped into stages, stem first (timm's coarse groups, a text model's embeddings
+    then its layers, else top-level children)."""
+    if hasattr(model.backbone, 'stages'):
+        return model.backbone.stages()
     net = model.backbone.module
     if hasattr(net, 'group_matcher'):
         from timm.models import group_modules

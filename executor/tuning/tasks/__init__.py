@@ -3,23 +3,29 @@ run's data that need no model, which the service runs before it creates a run.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from types import SimpleNamespace
+
 from executor.tuning.config import TrainConfig
 from executor.tuning.data.sources import Item, load_items
 from executor.tuning.errors import DataError
 from executor.tuning.inputs import inputs_class
-from executor.tuning.losses import CROSS_ENTROPY, build_loss, build_miner
+from executor.tuning.losses import CROSS_ENTROPY
 from executor.tuning.models.registry import inputs_kind
 from executor.tuning.models.weights import read_state_dict
 from executor.tuning.optim import build_optimizer
+from executor.tuning.pair_losses import PAIR_LOSSES
 from executor.tuning.tasks.base import Task
 from executor.tuning.tasks.classification import Classification, LinearProbe
 from executor.tuning.tasks.metric import MetricLearning
+from executor.tuning.tasks.pairs import PairTraining, pair_shape
 from executor.tuning.tasks.self_supervised import SELF_SUPERVISED_LOSSES, SelfSupervised
 
 __all__ = [
     'Classification',
     'LinearProbe',
     'MetricLearning',
+    'PairTraining',
     'SelfSupervised',
     'Task',
     'check_training_data',
@@ -28,9 +34,20 @@ __all__ = [
 ]
 
 
-def decide_task(config: TrainConfig, labelled: bool) -> Task:
-    """Cross-entropy is classification (a linear probe with ``freeze=True``); a self-supervised loss on unlabelled
-    data is SimCLR; anything else is metric learning on labels (whose data check then asks for the labels)."""
+def decide_task(config: TrainConfig, items: Sequence[Item]) -> Task:
+    """Sentence pairs, triplets or scored pairs are pair training; cross-entropy is classification (a linear probe
+    with ``freeze=True``); a self-supervised loss on unlabelled data is SimCLR (SimCSE for text); anything else is
+    metric learning on labels (whose data check then asks for the labels)."""
+    shape = pair_shape(items)
+    if shape is not None:
+        return PairTraining(config, *shape)
+    if config.loss in PAIR_LOSSES:
+        raise DataError(
+            f'{config.loss} trains on sentence pairs (an anchor,positive[,negative] or a sentence1,sentence2,score '
+            f'CSV), but {items[0].name} is a single item; for labelled items use a metric loss such as '
+            'TripletMarginLoss'
+        )
+    labelled = any(it.label is not None for it in items)
     if config.loss == CROSS_ENTROPY:
         return LinearProbe(config) if config.freeze is True else Classification(config)
     if not labelled and config.loss in SELF_SUPERVISED_LOSSES:
@@ -84,8 +101,7 @@ def training_items(config: TrainConfig) -> tuple[list[Item], Task]:
             f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
             'metric learning at least 2 per class'
         )
-    task = decide_task(config, labelled=any(it.label is not None for it in items))
-    return items, task
+    return items, decide_task(config, items)
 
 
 def check_objective(config: TrainConfig, task: Task, classes: list[str] | None) -> None:
@@ -93,14 +109,8 @@ def check_objective(config: TrainConfig, task: Task, classes: list[str] | None) 
     misspelt or invalid option is refused now."""
     import torch
 
-    build_loss(
-        config.loss,
-        config.loss_options,
-        num_classes=len(classes or []) or 2,
-        embedding_size=config.output_dim or 8,
-        self_supervised=task.views > 1,
-    )
-    build_miner(config.miner, config.miner_options)
+    stand_in = SimpleNamespace(embed_dim=config.output_dim or max(config.matryoshka_dims or [8]))
+    task.build_loss(stand_in, classes or ['0', '1'], 1)
     build_optimizer(
         config.optimizer,
         [torch.nn.Parameter(torch.zeros(1))],

@@ -16,7 +16,7 @@ from torch import nn
 from executor.tuning.config import TrainConfig
 from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
-from executor.tuning.evaluation import Evaluator
+from executor.tuning.evaluation import Evaluator, evaluator_for
 from executor.tuning.inputs import Batch, Inputs
 from executor.tuning.inputs.base import Transform
 from executor.tuning.losses import LossSpec
@@ -100,4 +100,6 @@ class Task(ABC):
     # --- evaluation -------------------------------------------------------------------------------------------------
 
     def evaluator(self, query: Sequence[Item], index: Sequence[Item] | None, limit: int) -> Evaluator:
-        return Evaluator(query, index, limit, retrieval=True, accuracy=False)
+        """Retrieval metrics on labelled items, correlations on scored pairs, retrieval of each anchor's positive on
+        pairs (at every Matryoshka dimension too, when the run has them)."""
+        return evaluator_for(query, index, limit, self.config.matryoshka_dims, accuracy=False)

@@ -19,6 +19,7 @@ import torch
 from executor.service.jobs import FAILURES_DIR, JobQueue, child_command, first_failure
 from executor.service.store import RunState, RunStore, pid_alive
 from executor.tuning.config import TrainConfig
+from executor.tuning.data import Item
 from executor.tuning.data.samples import write_digits_folder
 from executor.tuning.tasks import decide_task
 
@@ -128,7 +129,8 @@ def test_num_devices_is_checked_against_the_gpus_and_the_batch():
     with pytest.raises(ValueError, match='less than or equal to 64'):
         TrainConfig(device='cpu', num_devices=65)
     # a task's default batch is rounded up so that it divides among the processes
-    assert decide_task(TrainConfig(device='cpu', num_devices=3), labelled=True).config.batch_size == 66
+    items = [Item(id=str(i), text=f'sentence {i}', label=str(i % 2)) for i in range(4)]
+    assert decide_task(TrainConfig(device='cpu', num_devices=3), items).config.batch_size == 66
 
 
 def test_two_processes_train_a_run_and_rank_0_alone_reports(store: RunStore, jobs: JobQueue, digits: str):

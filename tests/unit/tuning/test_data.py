@@ -112,7 +112,7 @@ def test_csv_errors_name_the_line(tmp_path):
         load_items(bad)
     header = tmp_path / 'header.csv'
     header.write_text('path,label\nx.jpg,a\n')
-    with pytest.raises(DataError, match='"uri" or a "text" column'):
+    with pytest.raises(DataError, match='the header must name the columns of one of uri,label | text,label'):
         load_items(header)
 
 

@@ -75,8 +75,12 @@ def test_one_function_decides_the_task_and_each_task_fills_its_defaults():
     from executor.tuning.data.samples import digits_items
     from executor.tuning.tasks import Classification, LinearProbe, MetricLearning, SelfSupervised, decide_task
 
+    from executor.tuning.data import Item
+    from executor.tuning.tasks import PairTraining
+
     def task(labelled: bool = True, **options):
-        return decide_task(TrainConfig(**options), labelled)
+        items = [Item(id=str(i), text=f'sentence {i}', label=str(i % 2) if labelled else None) for i in range(4)]
+        return decide_task(TrainConfig(**options), items)
 
     assert type(task(loss='CrossEntropyLoss')) is Classification
     probe = task(loss='CrossEntropyLoss', freeze=True)
@@ -90,6 +94,23 @@ def test_one_function_decides_the_task_and_each_task_fills_its_defaults():
     with pytest.raises(DataError, match='have no label.*NTXentLoss'):
         metric.check_data(unlabelled)
     assert metric.monitor == 'ndcg@10' and probe.monitor == 'accuracy'
+    assert task().config.loss == 'TripletMarginLoss'  # the default loss on labels
+    # sentence pairs, triplets and scored pairs: pair training, each with its default loss and one view per column
+    pairs = [Item(id='0', columns=('a', 'b')), Item(id='1', columns=('c', 'd'))]
+    scored = [Item(id='0', columns=('a', 'b'), score=4.0), Item(id='1', columns=('c', 'd'), score=1.0)]
+    triplets = [Item(id='0', columns=('a', 'b', 'c'))]
+    for items, loss, views in (
+        (pairs, 'MultipleNegativesRankingLoss', 2),
+        (scored, 'CoSENTLoss', 2),
+        (triplets, 'MultipleNegativesRankingLoss', 3),
+    ):
+        chosen = decide_task(TrainConfig(), items)
+        assert type(chosen) is PairTraining and chosen.config.loss == loss and chosen.views == views
+        assert chosen.config.learning_rate == 2e-5 and chosen.config.batch_size == 32
+    with pytest.raises(DataError, match='is not shaped like'):
+        decide_task(TrainConfig(), [*pairs, *triplets])
+    with pytest.raises(DataError, match='MultipleNegativesRankingLoss trains on sentence pairs'):
+        task(loss='MultipleNegativesRankingLoss')
 
 
 def test_what_can_be_checked_before_a_run_is_checked_there(tmp_path):

@@ -28,8 +28,16 @@ class TimmFamily(BackboneFamily):
         return list(EMBEDDED) + timm.list_models()
 
     def build(
-        self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None, pooler: Pooler
+        self,
+        name: str,
+        *,
+        weights: Any,
+        pretrained: bool,
+        embedding_layer: str | None,
+        pooler: Pooler | None,
+        saved: dict[str, Any] | None = None,
     ) -> Backbone:
+        pooler = pooler or 'avg'
         net = _create(EMBEDDED.get(name, name))
         cached = offline.efficientnet_lite0_file if name in EMBEDDED else lambda: offline.cached_timm_file(name)
         offline.load_weights(net, name, weights, pretrained, cached)

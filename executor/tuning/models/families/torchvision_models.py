@@ -26,7 +26,14 @@ class TorchvisionFamily(BackboneFamily):
         return sorted(PREFIX + n for n in torchvision.models.list_models(module=torchvision.models))
 
     def build(
-        self, name: str, *, weights: Any, pretrained: bool, embedding_layer: str | None, pooler: Pooler
+        self,
+        name: str,
+        *,
+        weights: Any,
+        pretrained: bool,
+        embedding_layer: str | None,
+        pooler: Pooler | None,
+        saved: dict[str, Any] | None = None,
     ) -> Backbone:
         arch = name.removeprefix(PREFIX)
         net = torchvision.models.get_model(arch, weights=None)
