@@ -16,18 +16,11 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
-from executor.docs import (
-    EvaluationResult,
-    FinetunerDoc,
-    RunInfo,
-    RunLogs,
-    drop_content,
-    items_of,
-)
+from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, drop_content, items_of
 from executor.params import (
     DATA_FIELDS,
     ClassifyParams,
-    DocModelParams,
+    EmbedParams,
     EncodeParams,
     EndpointParams,
     EvaluateParams,
@@ -53,8 +46,8 @@ from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
-from executor.tuning.evaluation import Evaluator
-from executor.tuning.models import build_model, list_models, load_model, unknown_model
+from executor.tuning.evaluation import evaluator_for
+from executor.tuning.models import build_model, family_of, list_models, load_model, unknown_model
 from executor.tuning.tasks import check_training_data
 
 if TYPE_CHECKING:
@@ -125,7 +118,7 @@ class FinetunerExecutor(Executor):
         self.batcher = RequestBatcher()
         self.served = None
         if self.settings.artifact is None:
-            self._check_model_name(self.settings.model)
+            family_of(self.settings.model)  # the operator's choice: a registry name or a model folder anywhere
         else:
             self.unpack_dir.mkdir(parents=True, exist_ok=True)
             self.served = open_artifact(
@@ -264,13 +257,19 @@ class FinetunerExecutor(Executor):
             return resolve_path(model, self.data_roots, 'model')
         if model not in list_models() and model in self.store.ids():
             return str(self.store.model_file(model, 'torch'))
-        self._check_model_name(model)
-        return model
+        return self._model_name(model)
 
-    @staticmethod
-    def _check_model_name(name: str) -> None:
-        if name not in list_models():
-            raise unknown_model(name)
+    def _model_name(self, name: str) -> str:
+        """A registry name as it is, or a model folder (a transformers one) under the data roots; else the unknown
+        model error, with close names."""
+        if name in list_models():
+            return name
+        if '/' in name or name.startswith(('.', '~')):
+            folder = Path(resolve_path(name, self.data_roots, 'model'))
+            if (folder / 'config.json').is_file():
+                family_of(str(folder))
+                return str(folder)
+        raise unknown_model(name)
 
     def _items(self, docs: DocList[FinetunerDoc]) -> list:
         return items_of(docs, self.data_roots)
@@ -284,7 +283,7 @@ class FinetunerExecutor(Executor):
         elif params.model is None and self.served is not None:
             path = self.served
         else:
-            name = params.model or self.settings.model
+            name = self._model_name(params.model) if params.model else self.settings.model
             return self.encoders.get(
                 ('model', name, runtime, device, None), lambda: self._registry_encoder(name, runtime, device)
             )
@@ -310,10 +309,11 @@ class FinetunerExecutor(Executor):
                 )
         return TorchEncoder(model, device=device, copy_model=False)
 
-    async def _embed(self, docs: DocList[FinetunerDoc], params: DocModelParams) -> DocList[FinetunerDoc]:
+    async def _embed(self, docs: DocList[FinetunerDoc], params: EmbedParams) -> DocList[FinetunerDoc]:
         if len(docs) == 0:
             return docs
         embeddings, _ = await self._run_model(docs, params, 'encode')  # (N, D)
+        embeddings = params.truncated(embeddings)
         for doc, embedding in zip(docs, embeddings):
             doc.embedding = embedding
         return drop_content(docs) if params.drop_image_content else docs
@@ -364,7 +364,7 @@ class FinetunerExecutor(Executor):
             query, index = load_items(resolve_path(params.data, self.data_roots, 'data'), self.data_roots), None
         else:
             query, index = self._items(docs), None
-        evaluator = Evaluator(query, index, params.limit)  # checks every item's label first
+        evaluator = evaluator_for(query, index, params.limit, params.matryoshka_dims)  # checks labels or scores
         encoder = self._encoder(params)
         evaluation = evaluator(encoder.embedder(self._batch_size(params)))
         result = EvaluationResult(

@@ -25,6 +25,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from executor.service.store import RUN_ID_PATTERN
@@ -292,15 +293,39 @@ class DocModelParams(ModelParams):
     )
 
 
-class EncodeParams(DocModelParams):
+class EmbedParams(DocModelParams):
+    """An endpoint that sets each document's embedding."""
+
+    truncate_dim: Optional[int] = Field(
+        None,
+        ge=1,
+        description='keep the first truncate_dim values of each embedding, L2-normalised again (a Matryoshka '
+        "model's smaller sizes); at most the model's output size",
+    )
+
+    def truncated(self, embeddings: np.ndarray) -> np.ndarray:
+        """``embeddings`` ``(N, D)`` cut to ``truncate_dim`` and L2-normalised again (as they are without it)."""
+        dim, width = self.truncate_dim, embeddings.shape[1]
+        if dim is None:
+            return embeddings
+        if dim > width:
+            raise ParameterError(
+                f"truncate_dim={dim} is more than the model's {width} dimensions; send truncate_dim <= {width}, or "
+                'leave it out for the full embedding'
+            )
+        out = embeddings[:, :dim]
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+class EncodeParams(EmbedParams):
     """Parameters of ``/encode``."""
 
 
-class IndexParams(DocModelParams):
+class IndexParams(EmbedParams):
     """Parameters of ``/index``: the model that embeds the documents; VectorIndexer then stores them."""
 
 
-class SearchParams(DocModelParams):
+class SearchParams(EmbedParams):
     """Parameters of ``/search``: the model that embeds the queries, and how many matches VectorIndexer returns."""
 
     limit: int = Field(10, ge=1, le=10_000, description='number of matches returned per query')
@@ -325,8 +350,13 @@ class EvaluateParams(ModelParams):
 
     query_data: Optional[str] = Field(None, description='CSV file or image folder under the data roots')
     index_data: Optional[str] = Field(None, description='CSV file or image folder under the data roots')
-    data: Optional[str] = Field(None, description='CSV file or image folder under the data roots')
+    data: Optional[str] = Field(
+        None, description='CSV file (labelled items, sentence pairs, scored pairs) or image folder under the data roots'
+    )
     limit: int = Field(20, ge=1, le=1000, description='k of the *_at_k metrics')
+    matryoshka_dims: Optional[list[int]] = Field(
+        None, min_length=1, description='evaluate at each of these leading slices of the embedding too'
+    )
 
     @model_validator(mode='after')
     def _data(self) -> EvaluateParams:

@@ -140,9 +140,24 @@ class Encoder(ABC):
     ) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+        # text runs longest first, so that each batch pads its sentences to similar lengths; the order is restored
+        order = None if isinstance(contents, torch.Tensor) else self.inputs.order(contents)
+        if order is not None:
+            contents = (
+                {k: v[order] for k, v in contents.items()}
+                if isinstance(contents, dict)
+                else [contents[i] for i in order]
+            )
+            names = item_names(len(order), names, self.inputs.kind)  # errors name the items by their own place
+            names = [names[i] for i in order]
         batches = iter_batches(self.inputs, contents, batch_size, names, self.decode_workers)
         outs = [self._run(batch, output) for batch in batches]
-        return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, width), np.float32)
+        out = np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, width), np.float32)
+        if order is not None and len(out):
+            restored = np.empty_like(out)
+            restored[order] = out
+            out = restored
+        return out
 
     @abstractmethod
     def _run(self, batch: Batch, output: str) -> np.ndarray:

@@ -7,6 +7,7 @@ from executor.tuning.models.heads import GeM, ProjectionHead
 from executor.tuning.models.registry import (
     DEFAULT_MODEL,
     build_model,
+    family_of,
     list_models,
     load_model,
     register_family,
@@ -25,6 +26,7 @@ __all__ = [
     'WeightsNotFoundError',
     'backbone_stages',
     'build_model',
+    'family_of',
     'freeze_layers',
     'list_models',
     'load_model',

@@ -71,12 +71,16 @@ def test_simclr_on_unlabelled_images_then_supervised_from_its_weights(tmp_path):
 
 def test_one_function_decides_the_task_and_each_task_fills_its_defaults():
     from executor.tuning.config import TrainConfig
-    from executor.tuning.data import DataError
+    from executor.tuning.data import DataError, Item
     from executor.tuning.data.samples import digits_items
-    from executor.tuning.tasks import Classification, LinearProbe, MetricLearning, SelfSupervised, decide_task
-
-    from executor.tuning.data import Item
-    from executor.tuning.tasks import PairTraining
+    from executor.tuning.tasks import (
+        Classification,
+        LinearProbe,
+        MetricLearning,
+        PairTraining,
+        SelfSupervised,
+        decide_task,
+    )
 
     def task(labelled: bool = True, **options):
         items = [Item(id=str(i), text=f'sentence {i}', label=str(i % 2) if labelled else None) for i in range(4)]
