@@ -8,6 +8,7 @@ documents. Training runs in child processes (``service.jobs``); runs live in ``<
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations as live objects.
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -114,6 +115,7 @@ class FinetunerExecutor(Executor):
         self.store = RunStore(workspace / 'runs')
         self.unpack_dir = workspace / 'artifacts'
         self.model_cache = Path(self.settings.model_cache or workspace / 'models').expanduser()
+        os.environ.setdefault('FINETUNER_EXECUTOR_CACHE', str(self.model_cache))  # where the text default unpacks
         self.encoders = EncoderCache(self.settings.max_cached_models)
         self.batcher = RequestBatcher()
         self.served = None
@@ -237,6 +239,7 @@ class FinetunerExecutor(Executor):
         if request.get('weights') is not None:
             request['weights'] = resolve_path(request['weights'], self.data_roots, 'weights')
         request.setdefault('device', self.settings.device)
+        request.setdefault('model', self.settings.model)  # the service's model (uses_with) when the request names none
         request['data_roots'] = self.data_roots
         items = None
         if len(docs):
