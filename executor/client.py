@@ -21,6 +21,24 @@ from jina.excepts import BadServer
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs
 
 
+def as_finetuner_docs(docs: Sequence[BaseDoc]) -> DocList[FinetunerDoc]:
+    """The documents as the service's own type: docarray's ``TextDoc``/``ImageDoc`` (or any document whose fields
+    it has) are copied field by field; a field it does not know is an error, never dropped silently."""
+    out = []
+    for doc in docs:
+        if not isinstance(doc, FinetunerDoc):
+            fields = {k: v for k, v in doc.dict().items() if v is not None}
+            unknown = sorted(set(fields) - set(FinetunerDoc.model_fields))
+            if unknown:
+                raise ValueError(
+                    f'{type(doc).__name__} {doc.id!r} has fields {unknown} that the service does not read; it takes '
+                    f'{sorted(FinetunerDoc.model_fields)}: put the content in text, uri, blob or tensor'
+                )
+            doc = FinetunerDoc(**fields)
+        out.append(doc)
+    return DocList[FinetunerDoc](out)
+
+
 class ServiceError(RuntimeError):
     """The service answered a request with an error; the message is the service's."""
 
@@ -46,7 +64,7 @@ class FinetunerClient:
         try:
             return self._client.post(
                 endpoint,
-                inputs=DocList[FinetunerDoc](docs or []),
+                inputs=as_finetuner_docs(docs or []),
                 parameters=parameters or {},
                 return_type=DocList[return_type],
             )
@@ -57,7 +75,7 @@ class FinetunerClient:
 
     def fit(
         self,
-        model: str = 'efficientnet_lite0',
+        model: str | None = None,
         train_data: str | Sequence[BaseDoc] | None = None,
         eval_data: str | None = None,
         run_name: str | None = None,
@@ -65,11 +83,14 @@ class FinetunerClient:
     ) -> Run:
         """Start a run and return at once (pass ``wait=True`` to return when it has ended).
 
-        ``train_data``: a CSV file or image folder on the server (under its data roots), or documents with
-        ``uri``/``blob``/``tensor`` and ``label``. ``options``: any other ``/train`` parameter (``loss``,
-        ``epochs``, ``batch_size``, ``learning_rate``, ``miner``, ``freeze``, ``output_dim``, ``to_onnx``, ...).
+        ``model``: a registry name (``'efficientnet_lite0'``, ``'all-MiniLM-L6-v2'``...), a run id or a model file;
+        the service's own model when left out. ``train_data``: a CSV file (``uri,label``, ``text,label``,
+        ``anchor,positive[,negative]``, ``sentence1,sentence2,score``) or image folder on the server (under its data
+        roots), or documents with ``uri``/``blob``/``tensor``/``text`` and ``label``. ``options``: any other
+        ``/train`` parameter (``loss``, ``epochs``, ``batch_size``, ``learning_rate``, ``miner``, ``freeze``,
+        ``output_dim``, ``matryoshka_dims``, ``to_onnx``, ...).
         """
-        parameters = {'model': model, **options}
+        parameters = {**({'model': model} if model is not None else {}), **options}
         docs = None
         if isinstance(train_data, str):
             parameters['train_data'] = train_data
@@ -123,8 +144,9 @@ class FinetunerClient:
         model: str | None = None,
         **parameters: Any,
     ) -> dict[str, float]:
-        """Retrieval metrics (and accuracy for a classifier) on labelled data: a path on the server or documents;
-        ``query_data=`` and ``index_data=`` paths for a query set searched in an index."""
+        """Retrieval metrics (and accuracy for a classifier) on labelled data, a path on the server or documents;
+        ``spearman_cosine`` and ``pearson_cosine`` on a scored-pairs CSV; ``query_data=`` and ``index_data=`` paths
+        for a query set searched in an index; ``matryoshka_dims=[...]`` for the metrics at smaller sizes too."""
         params = _model_params(run_id, model, parameters)
         docs = None
         if isinstance(data, str):

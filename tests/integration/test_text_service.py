@@ -15,7 +15,7 @@ from docarray import DocList
 from docarray.documents import ImageDoc, TextDoc
 from jina import Client, Deployment, Flow
 
-from executor.client import ServiceError
+from executor.client import FinetunerClient, ServiceError
 from executor.tuning.inference import TorchEncoder
 from executor.tuning.models import build_model
 
@@ -115,23 +115,17 @@ def test_bad_text_requests_name_the_document(served: tuple[int, int]):
         )
 
 
-def test_evaluate_scored_pairs_and_train_a_run_on_pairs(served: tuple[int, int]):
-    _, http_port = served
-    (result,) = http(http_port, '/evaluate', [], {'data': 'sts.csv', 'matryoshka_dims': [128]})
-    metrics = result['metrics']
+def test_evaluate_scored_pairs_and_train_a_run_on_pairs_with_the_python_client(served: tuple[int, int]):
+    grpc_port, _ = served
+    client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+    metrics = client.evaluate('sts.csv', matryoshka_dims=[128])
     assert metrics['spearman_cosine'] > 0.7 and 'pearson_cosine' in metrics and 'spearman_cosine_dim128' in metrics
-    (retrieval,) = http(http_port, '/evaluate', [], {'data': 'pairs.csv', 'limit': 5})
-    assert retrieval['metrics']['hit@1'] >= 0.8  # each anchor finds its own positive first
-    (run,) = http(
-        http_port,
-        '/train',
-        [],
-        {'train_data': 'pairs.csv', 'eval_data': 'sts.csv', 'epochs': 1, 'batch_size': 4, 'wait': True},
-    )
-    assert run['status'] == 'FINISHED', run['error']
-    assert 'spearman_cosine' in run['metrics'] and 'train_loss' in run['metrics']
-    (doc,) = http(http_port, '/encode', [{'text': SENTENCES[0]}], {'run_id': run['run_id'], 'runtime': 'torch'})
-    assert len(doc['embedding']) == 384 and abs(np.linalg.norm(doc['embedding']) - 1) < 1e-4
+    assert client.evaluate('pairs.csv', limit=5)['hit@1'] >= 0.8  # each anchor finds its own positive first
+    run = client.fit(train_data='pairs.csv', eval_data='sts.csv', epochs=1, batch_size=4, wait=True)
+    assert run.status()['status'] == 'FINISHED', run.status()['details']
+    assert 'spearman_cosine' in run.metrics() and 'train_loss' in run.metrics()
+    (doc,) = client.encode([TextDoc(text=SENTENCES[0])], run_id=run.name, runtime='torch')
+    assert doc.embedding.shape == (384,) and abs(np.linalg.norm(doc.embedding) - 1) < 1e-4
 
 
 def test_search_flow_indexes_and_searches_text(tmp_path: Path, free_port: Callable[[], int], monkeypatch):

@@ -114,11 +114,11 @@ class _Memo:
         self.embedder, self.class_names, self.cache, self.width = embedder, embedder.class_names, {}, 0
 
     def embed_items(self, items: Sequence[Item]) -> np.ndarray:
-        key = tuple(id(it) for it in items)
+        key = tuple(id(it) for it in items)  # the items are kept with their embeddings, so no id is reused meanwhile
         if key not in self.cache:
-            self.cache[key] = _numpy(self.embedder.embed_items(items))
-            self.width = self.cache[key].shape[1]
-        return self.cache[key]
+            self.cache[key] = (list(items), _numpy(self.embedder.embed_items(items)))
+            self.width = self.cache[key][1].shape[1]
+        return self.cache[key][1]
 
     def classify_items(self, items: Sequence[Item]) -> np.ndarray:
         return _numpy(self.embedder.classify_items(items))
