@@ -175,3 +175,19 @@ def test_onnx_export_has_dynamic_batch_and_sequence_and_matches_torch(model, tmp
         cosine = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
         assert got.shape == want.shape and cosine.min() >= 0.9999
     assert [i.name for i in onnx_encoder.session.get_inputs()] == ['input_ids', 'attention_mask']
+
+
+def test_unlabelled_sentences_train_self_supervised_through_dropout(tmp_path):
+    """SimCSE: NTXentLoss on unlabelled sentences, two passes of each through the model's dropout as the pair."""
+    records = [{'text': s} for s in SENTENCES * 2]
+    result = fit(
+        model='all-MiniLM-L6-v2',
+        train_data=records,
+        loss='NTXentLoss',
+        epochs=1,
+        batch_size=5,
+        tensorboard=False,
+        output_dir=tmp_path / 'simcse',
+    )
+    assert result.history[0]['train_loss'] > 0 and np.isfinite(result.history[0]['train_loss'])
+    assert load_model(result.artifact).inputs.kind == 'text'
