@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
@@ -314,26 +314,41 @@ def _quantize_int8(
     efficientnet-lite0's depthwise convs (batch norm folded in) then fall to cosine 0.82-0.85.
     """
     prepared = tmp / 'prepared.onnx'
-    quant_pre_process(str(fp32), str(prepared), save_as_external_data=large)  # shape inference, BN folding
+    try:
+        quant_pre_process(str(fp32), str(prepared), save_as_external_data=large)  # shape inference, BN folding
+    except Exception as err:  # onnxruntime's symbolic shape inference gives up on a transformer's Min(512, sequence)
+        logger.info('int8: symbolic shape inference failed (%s); preparing the graph without it', err)
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
     nodes = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node if n.op_type in QUANTIZABLE]
     if not nodes:
         raise ExportError(f'the graph has no {"/".join(QUANTIZABLE)} node to quantize; use the fp32 or fp16 export')
     tried = []
     for keep in [k for k in INT8_FLOAT_NODES if k < len(nodes)]:
         out = tmp / f'int8-{keep}.onnx'
-        quantize_static(
-            str(prepared),
-            str(out),
-            _BatchReader(inputs, calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=nodes[:keep],
-            reduce_range=True,  # 7-bit weights: u8 x s8 sums saturate on CPUs without VNNI (AVX2 only)
-            use_external_data_format=large,
-            calibration_providers=['CPUExecutionProvider'],
-        )
+        if not inputs.int8_static:  # a transformer: weights quantized ahead, activations at run time
+            quantize_dynamic(
+                str(prepared),
+                str(out),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=list(QUANTIZABLE),
+                nodes_to_exclude=nodes[:keep],
+                use_external_data_format=large,
+            )
+        else:
+            quantize_static(
+                str(prepared),
+                str(out),
+                _BatchReader(inputs, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=nodes[:keep],
+                reduce_range=True,  # 7-bit weights: u8 x s8 sums saturate on CPUs without VNNI (AVX2 only)
+                use_external_data_format=large,
+                calibration_providers=['CPUExecutionProvider'],
+            )
         _, cosine = _parity(reference, _run_onnx(out, batch))
         tried.append(f'{keep}: {cosine:.4f}')
         logger.info(

@@ -44,6 +44,9 @@ class Inputs(ABC):
     kind: ClassVar[str]
     #: names of the model's inputs, in the order the ONNX graph takes them
     onnx_inputs: ClassVar[tuple[str, ...]]
+    #: int8 export: static (activations calibrated on ``calibration_contents``), else dynamic (weights only ahead;
+    #: a transformer's attention and LayerNorm activations lose too much to static ranges)
+    int8_static: ClassVar[bool] = True
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

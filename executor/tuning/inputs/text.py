@@ -32,6 +32,7 @@ class TextInputs(Inputs):
 
     kind = 'text'
     onnx_inputs = (IDS, MASK)
+    int8_static = False  # measured on all-MiniLM-L6-v2: static QDQ min cosine 0.10-0.14, dynamic per-channel 0.989
     refusal = 'is an image ({count} such among the {what}), but this model embeds text; send each as text'
 
     def __init__(self, tokenizer: str, max_seq_length: int = 256, pad_id: int | None = None) -> None:

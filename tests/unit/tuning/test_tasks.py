@@ -12,6 +12,7 @@ from executor.tuning.data.samples import digits_items
 COMMON = dict(model='efficientnet_lite0', image_size=64, tensorboard=False, seed=0)
 
 
+@pytest.mark.slow  # 1.5-3 min: a result on real digits; test_service's lifecycle trains a classifier in make test
 def test_linear_probe_and_full_fine_tune(tmp_path):
     train, held_out = digits_items(per_class=20, size=32), digits_items(per_class=10, offset=100, size=32)
     probe = fit(

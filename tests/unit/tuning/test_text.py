@@ -191,3 +191,47 @@ def test_unlabelled_sentences_train_self_supervised_through_dropout(tmp_path):
     )
     assert result.history[0]['train_loss'] > 0 and np.isfinite(result.history[0]['train_loss'])
     assert load_model(result.artifact).inputs.kind == 'text'
+
+
+def test_a_model_in_the_local_hugging_face_cache_is_found_by_name(tmp_path, monkeypatch):
+    """A repo already in the HF hub cache (its snapshot folder) is a model name; nothing is downloaded."""
+    import shutil
+
+    from executor.tuning.models import list_models, registry
+    from executor.tuning.models.families import transformers_models
+
+    snapshot = tmp_path / 'hub' / 'models--acme--tiny-minilm' / 'snapshots' / 'abc123'
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / 'refs').mkdir()
+    (snapshot.parents[1] / 'refs' / 'main').write_text('abc123')
+    for name in ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'modules.json'):
+        shutil.copy(embedded_folder() / name, snapshot / name)
+    shutil.copytree(embedded_folder() / '1_Pooling', snapshot / '1_Pooling')
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
+    transformers_models.cached_models.cache_clear()
+    registry.list_models.cache_clear()
+    try:
+        assert 'acme/tiny-minilm' in list_models()
+        model = build_model('acme/tiny-minilm').eval()
+        assert torch.allclose(
+            embed(model, SENTENCES[:2]), embed(build_model('all-MiniLM-L6-v2').eval(), SENTENCES[:2]), atol=1e-5
+        )
+        with pytest.raises(ValueError, match="unknown model 'acme/tiny-minilmm'; did you mean 'acme/tiny-minilm'"):
+            build_model('acme/tiny-minilmm')
+    finally:
+        monkeypatch.delenv('HF_HUB_CACHE')
+        transformers_models.cached_models.cache_clear()
+        registry.list_models.cache_clear()
+
+
+@pytest.mark.slow  # two more exports, about a minute
+def test_fp16_and_int8_text_exports_keep_their_parity(model, tmp_path):
+    from executor.tuning.export import MIN_COSINE, export_onnx
+
+    fp16 = export_onnx(model, tmp_path / 'fp16' / 'model.onnx', fp16=True)
+    int8 = export_onnx(model, tmp_path / 'int8' / 'model.onnx', quantize=True)  # dynamic: weights only, ahead
+    assert fp16.min_cosine >= MIN_COSINE['fp16'] and int8.min_cosine >= MIN_COSINE['int8']
+    assert int8.size_bytes < 0.8 * fp16.size_bytes * 2  # smaller than the fp32 graph
+    got = create_encoder(int8.path, device='cpu').encode(SENTENCES)
+    want = TorchEncoder(model, device='cpu').encode(SENTENCES)
+    assert np.min(np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1)) >= MIN_COSINE['int8']
