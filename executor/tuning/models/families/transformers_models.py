@@ -27,8 +27,6 @@ from executor.tuning.models import weights as offline
 from executor.tuning.models.family import Backbone, BackboneFamily
 from executor.tuning.models.registry import register_family
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
-os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
