@@ -235,3 +235,36 @@ def test_fp16_and_int8_text_exports_keep_their_parity(model, tmp_path):
     got = create_encoder(int8.path, device='cpu').encode(SENTENCES)
     want = TorchEncoder(model, device='cpu').encode(SENTENCES)
     assert np.min(np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1)) >= MIN_COSINE['int8']
+
+
+def test_labelled_sentences_train_with_a_metric_loss_and_matryoshka(tmp_path):
+    topics = {
+        'food': ['I love pasta.', 'The soup is hot.', 'Bread and butter.', 'A fresh salad.'],
+        'sport': ['He kicked the ball.', 'The match ended 2-1.', 'She runs a marathon.', 'A tennis serve.'],
+    }
+    rows = [[text, label] for label, texts in topics.items() for text in texts]
+    data = write_csv(tmp_path / 'labelled.csv', ['text', 'label'], rows)
+    result = fit(
+        model='all-MiniLM-L6-v2',
+        train_data=str(data),
+        eval_data=str(data),
+        loss='TripletMarginLoss',
+        matryoshka_dims=[384, 64],
+        epochs=1,
+        batch_size=8,
+        num_items_per_class=4,
+        tensorboard=False,
+        output_dir=tmp_path / 'run',
+    )
+    logs = result.history[0]
+    assert np.isfinite(logs['train_loss']) and 'ndcg@10' in logs and 'ndcg@10_dim64' in logs
+    with pytest.raises(ValueError, match=r'matryoshka_dims \[512\] are wider than the model.s 384-dim embedding'):
+        fit(
+            model='all-MiniLM-L6-v2',
+            train_data=str(data),
+            matryoshka_dims=[512],
+            epochs=1,
+            batch_size=8,
+            tensorboard=False,
+            output_dir=tmp_path / 'wide',
+        )
