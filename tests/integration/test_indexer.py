@@ -257,6 +257,7 @@ def test_shard_merger_keeps_the_best_matches_of_every_shard():
         merger.search(docs=reduced, parameters={'limt': 3})
 
 
+@pytest.mark.slow  # about a minute: three shards and a merger; the unsharded index is tested in make test
 def test_a_sharded_index_searches_every_shard(
     tmp_path: Path, free_port: Callable[[], int], corpus: list[FinetunerDoc], centers: np.ndarray
 ):

@@ -205,6 +205,7 @@ def test_cancel_stops_torchrun_and_its_workers_and_resume_continues(store: RunSt
     wait_for(lambda: not run_processes(folder), 10, 'every process of the resumed run to end')
 
 
+@pytest.mark.slow  # about a minute; test_new_users resumes with other epochs over gRPC and HTTP in make test
 def test_resume_with_epochs_cuts_a_run_short_or_extends_a_finished_one(store: RunStore, jobs: JobQueue, digits: str):
     def ended(run_id: str) -> RunState:
         return wait_for(lambda: (s := store.get(run_id)).done and s, START_TIMEOUT, f'run {run_id} to end')
