@@ -314,11 +314,9 @@ def _quantize_int8(
     efficientnet-lite0's depthwise convs (batch norm folded in) then fall to cosine 0.82-0.85.
     """
     prepared = tmp / 'prepared.onnx'
-    try:
-        quant_pre_process(str(fp32), str(prepared), save_as_external_data=large)  # shape inference, BN folding
-    except Exception as err:  # onnxruntime's symbolic shape inference gives up on a transformer's Min(512, sequence)
-        logger.info('int8: symbolic shape inference failed (%s); preparing the graph without it', err)
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
+    # shape inference, BN folding; onnxruntime's symbolic shape inference gives up on a transformer's
+    # Min(512, sequence), and leaves its temporary files in the working folder when it does: not tried on those
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=not inputs.int8_static, save_as_external_data=large)
     nodes = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node if n.op_type in QUANTIZABLE]
     if not nodes:
         raise ExportError(f'the graph has no {"/".join(QUANTIZABLE)} node to quantize; use the fp32 or fp16 export')
