@@ -5,7 +5,11 @@ process.
 
 Run from the repository root: ``.venv/bin/python bench/encode.py --quick`` (5-8 minutes on 2 shared cores) or without
 ``--quick`` for steadier figures; ``--int8`` adds the int8 ONNX export of the default model; ``--no-serving`` skips
-the service measurements.
+the service measurements. ``--text`` adds the text rows: all-MiniLM-L6-v2 on onnxruntime vs torch over SICK test
+sentences at their real lengths, batch 1 and 32, and both against the GEMM peak (target onnx >= 1.5x torch at batch
+32; with ``--int8`` its int8 export too); ``--text-only`` runs those alone (3-4 minutes):
+
+    .venv/bin/python bench/encode.py --text-only [--quick] [--int8]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from executor.docs import FinetunerDoc
 from executor.tuning.devices import usable_cores
 from executor.tuning.export import export_onnx
-from executor.tuning.inference import OnnxEncoder, TorchEncoder
+from executor.tuning.inference import OnnxEncoder, TorchEncoder, create_encoder
 from executor.tuning.inputs import sample_photos
 from executor.tuning.models import EmbeddingModel, build_model
 
@@ -62,6 +66,8 @@ QUICK = Settings(batches=(1, 8, 32), repeats=5, seconds=0.3, gemm_size=2048, ser
 FULL = Settings(batches=(1, 8, 32), repeats=7, seconds=2.0, gemm_size=4096, serve_seconds=30)
 CONFIG = Path(__file__).resolve().parents[1] / 'config.yml'
 CLIENTS = 16
+TEXT_BATCHES = (1, 32)
+TEXT_SAMPLE = 256  # SICK test sentences encoded per timed call (a seeded sample: real lengths, 1-30 odd words)
 FLOW_BATCH = 32
 FLOW_STREAM = 4  # requests of FLOW_BATCH in one streamed post
 
@@ -135,6 +141,76 @@ def compare_runtimes(label: str, model: EmbeddingModel, settings: Settings, int8
             f'(fp32 {exported["fp32"].size_bytes / 1e6:.1f} MB)'
         )
     return onnx['fp32']
+
+
+def text_runtimes(settings: Settings, int8: bool = False) -> None:
+    """Sentences/s of the text default (all-MiniLM-L6-v2) on onnxruntime (its fp32 export) vs torch (``TorchEncoder``,
+    as the service's runtime='torch' serves it), both through ``Encoder.encode`` (tokenised, longest first, padded
+    per batch). Batch 32: one call encodes ``TEXT_SAMPLE`` SICK test sentences at batch_size=32; batch 1: one call
+    per sentence (``encode([s], 1)``, as single-sentence requests arrive), over the same sentences. ``int8`` adds the
+    int8 export, calibrated on SICK *train* sentences."""
+    import random
+
+    from bench.text_sick import TEXT_MODEL, sick_sentences
+
+    sentences = random.Random(0).sample(sick_sentences('test'), TEXT_SAMPLE)
+    model = build_model(TEXT_MODEL)
+    encoders: dict[str, OnnxEncoder | TorchEncoder] = {'torch': TorchEncoder(model, device='cpu')}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = export_onnx(model, Path(tmp) / 'model.onnx')
+        encoders['onnx'] = create_encoder(report.path, device='cpu')
+        if int8:
+            calibration = random.Random(1).sample(sick_sentences('train'), 64)
+            quantized = export_onnx(model, Path(tmp) / 'int8' / 'model.onnx', quantize=True, calibration=calibration)
+            encoders['onnx int8'] = create_encoder(quantized.path, device='cpu')
+    tokens = [len(model.inputs.load(s, 'sentence')) for s in sentences]
+    print(
+        f'\n{TEXT_MODEL} (text default): {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, '
+        f'export {report.seconds:.1f} s (min cosine vs torch {report.min_cosine:.6f}); {TEXT_SAMPLE} SICK test '
+        f'sentences, {min(tokens)}-{max(tokens)} tokens (mean {np.mean(tokens):.1f})'
+    )
+    ratios = [f'{name}/torch' for name in encoders if name != 'torch']
+    print(f'{"batch":>5}' + ''.join(f'{c:>15}' for c in [*encoders, *ratios]) + '   (sentences/s)')
+
+    def call(encoder: OnnxEncoder | TorchEncoder, batch: int) -> Callable[[], object]:
+        if batch == 1:
+            return lambda: [encoder.encode([s], batch_size=1) for s in sentences]
+        return lambda: encoder.encode(sentences, batch_size=batch)
+
+    for batch in TEXT_BATCHES:
+        rates = throughputs({name: (call(e, batch), len(sentences)) for name, e in encoders.items()}, settings)
+        cells = [f'{r:>15.1f}' for r in rates.values()] + [
+            f'{rates[name] / rates["torch"]:>14.2f}x' for name in encoders if name != 'torch'
+        ]
+        print(f'{batch:>5}' + ''.join(cells))
+    reference = encoders['torch'].encode(sentences, 32)
+    for name in [n for n in encoders if n != 'torch']:
+        got = encoders[name].encode(sentences, 32)
+        cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+        print(f'{name} vs torch on these sentences: min cosine {cosine.min():.6f}')
+    print('target: onnx >= 1.5x torch at batch 32')
+    text_efficiency(encoders, sentences, max(TEXT_BATCHES), settings)
+
+
+def text_efficiency(encoders: dict, sentences: list[str], batch: int, settings: Settings) -> None:
+    """GFLOP/s of both runtimes at ``batch`` against this machine's fp32 GEMM peak, timed in the same rounds: how much
+    room a faster runtime has left. The FLOPs are counted by torch's FlopCounterMode over the very batches ``encode``
+    runs (sorted by length, padded per batch)."""
+    n = settings.gemm_size
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    with FlopCounterMode(display=False) as counter:
+        encoders['torch'].encode(sentences, batch_size=batch)
+    flops = float(counter.get_total_flops())
+    runs: dict[str, Run] = {'gemm': (lambda: torch.matmul(a, b), 2 * n**3)}
+    for name in ('torch', 'onnx'):  # fp32 only: int8 work is not fp32 GEMM work
+        runs[name] = (lambda encoder=encoders[name]: encoder.encode(sentences, batch_size=batch), flops)
+    rates = {name: rate / 1e9 for name, rate in throughputs(runs, settings).items()}
+    print(
+        f'batch {batch}: {flops / len(sentences) / 1e9:.3f} GFLOP/sentence; torch {rates["torch"]:.1f}, onnx '
+        f'{rates["onnx"]:.1f} GFLOP/s; fp32 GEMM peak (torch.matmul {n}x{n}) {rates["gemm"]:.1f} GFLOP/s -> torch '
+        f'{100 * rates["torch"] / rates["gemm"]:.0f}%, onnx {100 * rates["onnx"] / rates["gemm"]:.0f}% of peak '
+        f'(so no fp32 runtime can pass {rates["gemm"] / rates["torch"]:.2f}x torch here)'
+    )
 
 
 def flops_per_image(model: EmbeddingModel) -> float:
@@ -400,6 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--int8', action='store_true', help='also time the int8 export of the default model')
     parser.add_argument('--no-serving', action='store_true', help='skip the Deployment and Flow measurements')
     parser.add_argument('--registry-only', action='store_true', help='only the registry model served onnx vs torch')
+    parser.add_argument('--text', action='store_true', help='also the text model, onnxruntime vs torch')
+    parser.add_argument('--text-only', action='store_true', help='only the text model, onnxruntime vs torch')
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
@@ -411,10 +489,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.registry_only:
         registry_model_runtimes(jpeg(sample_photos()[0]), settings)
         return
+    if args.text_only:
+        text_runtimes(settings, args.int8)
+        return
     default = build_model()
     encoder = compare_runtimes('efficientnet_lite0 (default, ImageNet weights)', default, settings, args.int8)
     compare_runtimes('resnet50 (random weights)', build_model('resnet50', pretrained=False), settings)
     ort_efficiency('efficientnet_lite0', default, encoder, max(settings.batches), settings)
+    if args.text:
+        text_runtimes(settings, args.int8)
     if not args.no_serving:
         photo = jpeg(sample_photos()[0])
         registry_model_runtimes(photo, settings)

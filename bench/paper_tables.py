@@ -6,12 +6,19 @@
     images without labels, then supervised fine-tuning on 10 % of the pairs, against pre-trained, 10 % supervised
     only, and fully supervised.
 (c) linear probe vs full fine-tune accuracy on scikit-learn's digits.
+(d) text (``--text``, or ``--only text`` alone): SICK relatedness (``../shared/data/sick``), Spearman of cosine
+    similarity vs the score (spearman_cosine) on trial.tsv and test.tsv of the pre-trained all-MiniLM-L6-v2, of the
+    service's ``fit`` and of a bare PyTorch loop with the same loss, optimizer, learning rate, batch size, epochs,
+    seed and batches (bench/text_sick.py), trained one after the other in the same run. Some 15-20 minutes on 2 idle
+    cores (an epoch of the 4500 pairs at batch 32 is ~200 s per trainer; 50 minutes beside a test run), so
+    ``--train-pairs N`` trains both on a seeded subset and ``--text-epochs 1`` halves it.
 
 Data: ``../shared/data/tll-dev`` (1600 pairs; 1200 train, 400 evaluate: queries = left, index = right, relevant =
 same id). The model is the offline default (efficientnet_lite0): no other pretrained weights are reachable here.
 
     .venv/bin/python bench/paper_tables.py [--tll ../shared/data/tll-dev] [--size 224] [--epochs 8]
-                                          [--augmentation strong]
+                                          [--augmentation strong] [--text]
+    .venv/bin/python bench/paper_tables.py --only text [--train-pairs N] [--text-epochs E]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('FINETUNER_PROGRESS', '0')
 
+from bench.text_sick import TEXT_BASE, TEXT_MODEL, reference_fit, sick_csvs, spearman
 from executor.tuning import fit
 from executor.tuning.data import Item
 from executor.tuning.data.samples import digits_items
@@ -50,6 +58,18 @@ TRIPLET = dict(
 # The tutorial's miner: each anchor's hardest negative in the batch (Finetuner's TripletEasyHardMiner with
 # neg_strategy='hard'; pytorch-metric-learning's BatchHardMiner).
 HARD_MINER = dict(miner='BatchHardMiner', batch_size=64)
+# Table (d)'s recipe, chosen on SICK's trial.tsv (500 pairs; pre-trained 0.7980) by bench/text_sick.py, training on
+# all 4500 train pairs at batch 32 with Adam, seed 0: trial spearman_cosine of each setting (printed with the table)
+TEXT_SWEEP = {
+    'CoSENTLoss, lr 2e-5 constant, 1 epoch': 0.8124,
+    'CoSENTLoss, lr 5e-5 linear, 10 % warmup, 1 epoch': 0.8105,
+    'CosineSimilarityLoss, lr 2e-5 constant, 1 epoch': 0.8390,
+    'CosineSimilarityLoss, lr 2e-5 constant, 2 epochs': 0.8431,
+    'CosineSimilarityLoss, lr 5e-5 linear, 10 % warmup, 1 epoch': 0.8414,
+}
+# -> CosineSimilarityLoss at a constant 2e-5 for 2 epochs (the service's default for scored pairs, CoSENTLoss, is the
+# weaker one here).
+TEXT_RECIPE = dict(TEXT_BASE, loss='CosineSimilarityLoss', learning_rate=2e-5, epochs=2)
 
 
 def tll_items(root: Path) -> tuple[list[Item], list[Item], list[Item]]:
@@ -72,20 +92,7 @@ def row(name: str, metrics: dict, seconds: float | None = None) -> str:
     return f'{name:<44}{cells}{"" if seconds is None else f"{seconds:>10.0f}"}'
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--tll', type=Path, default=Path(__file__).resolve().parents[2] / 'shared/data/tll-dev')
-    parser.add_argument('--size', type=int, default=224, help='image size (bench/tune_tll.py chose 224)')
-    parser.add_argument('--epochs', type=int, default=8)
-    parser.add_argument('--ssl-epochs', type=int, default=2)
-    parser.add_argument(
-        '--augmentation',
-        default='strong',
-        choices=['none', 'light', 'strong'],
-        help='training augmentation of the supervised TLL runs (bench/tune_tll.py chose it)',
-    )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+def image_tables(args: argparse.Namespace) -> None:
     train, queries, index = tll_items(args.tll)
     # save_best=False: every run keeps its last epoch. The 400 evaluation pairs are only measured each epoch, never
     # used to pick one (the recipe and its epoch count come from bench/tune_tll.py on the training pairs).
@@ -164,6 +171,89 @@ def main() -> None:
     print(f'{"":<44}{"accuracy":>9}')
     print(f'{"pre-trained features + linear probe (10 ep)":<44}{probe.metrics_after["accuracy"]:>9.3f}')
     print(f'{"full fine-tune (5 ep, stem+1 stage frozen)":<44}{full.metrics_after["accuracy"]:>9.3f}{t_cls:>10.0f}')
+
+
+def text_table(args: argparse.Namespace) -> None:
+    """(d): SICK test Spearman of the pre-trained model, of the service's ``fit`` and of a bare PyTorch loop with the
+    same recipe, trained one after the other in this run."""
+    recipe = dict(TEXT_RECIPE, epochs=args.text_epochs or TEXT_RECIPE['epochs'])
+    out = Path(tempfile.mkdtemp(prefix='paper-tables-text-'))
+    csvs = sick_csvs(out / 'sick', args.train_pairs)
+    from executor.tuning.models import build_model
+
+    pre = build_model(TEXT_MODEL)
+    rows = {'pre-trained': (spearman(pre, csvs['trial']), spearman(pre, csvs['test']), None, None)}
+    del pre
+
+    started = time.perf_counter()
+    # eval_data=trial: the service's per-epoch evaluation, as a user runs it; save_best=False keeps the last epoch
+    service = fit(train_data=str(csvs['train']), eval_data=str(csvs['trial']), output_dir=out / 'service', **recipe)
+    t_service = time.perf_counter() - started
+    train_service = sum(h['epoch_seconds'] for h in service.history)
+    rows['fine-tuned: the service (fit)'] = (
+        spearman(service.model, csvs['trial']),
+        spearman(service.model, csvs['test']),
+        train_service,
+        t_service,
+    )
+    started = time.perf_counter()
+    reference, epoch_seconds = reference_fit(csvs['train'], **recipe)
+    t_reference = time.perf_counter() - started
+    rows['fine-tuned: bare PyTorch loop'] = (
+        spearman(reference, csvs['trial']),
+        spearman(reference, csvs['test']),
+        sum(epoch_seconds),
+        t_reference,
+    )
+
+    shown = {k: v for k, v in recipe.items() if k not in ('model', 'tensorboard', 'save_best', 'device')}
+    print(
+        f'\n(d) SICK relatedness: {TEXT_MODEL}, {args.train_pairs or 4500} train pairs, '
+        f'{", ".join(f"{k}={v}" for k, v in shown.items())}; Spearman of cosine vs score (spearman_cosine), '
+        'last epoch; recipe chosen on trial.tsv'
+    )
+    print(
+        'trial spearman_cosine of the settings tried (bench/text_sick.py): '
+        + '; '.join(f'{name} {value:.4f}' for name, value in TEXT_SWEEP.items())
+    )
+    print(f'{"":<36}{"trial":>9}{"test":>9}{"train s":>10}{"wall s":>10}')
+    for name, (trial, test, train_s, wall) in rows.items():
+        times = '' if train_s is None else f'{train_s:>10.0f}{wall:>10.0f}'
+        print(f'{name:<36}{trial:>9.4f}{test:>9.4f}{times}')
+    (_, pre_test, _, _), (_, svc, _, _), (_, ref, _, _) = rows.values()
+    verdict = 'service >= loop' if svc >= ref else 'service BELOW the loop'
+    print(
+        f'test: service - bare loop {svc - ref:+.4f} ({verdict}); '
+        f'service - pre-trained {svc - pre_test:+.4f}; training time service / bare loop '
+        f'{train_service / sum(epoch_seconds):.3f} (wall s: fit with its trial evaluations, artifact and reports; '
+        'the loop alone)'
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--tll', type=Path, default=Path(__file__).resolve().parents[2] / 'shared/data/tll-dev')
+    parser.add_argument('--size', type=int, default=224, help='image size (bench/tune_tll.py chose 224)')
+    parser.add_argument('--epochs', type=int, default=8)
+    parser.add_argument('--ssl-epochs', type=int, default=2)
+    parser.add_argument(
+        '--augmentation',
+        default='strong',
+        choices=['none', 'light', 'strong'],
+        help='training augmentation of the supervised TLL runs (bench/tune_tll.py chose it)',
+    )
+    parser.add_argument('--text', action='store_true', help='also table (d), SICK text fine-tuning')
+    parser.add_argument('--only', choices=['image', 'text'], help='only the image tables (a)-(c), or only table (d)')
+    parser.add_argument(
+        '--train-pairs', type=int, default=None, help='table (d) on a seeded subset of the 4500 SICK training pairs'
+    )
+    parser.add_argument('--text-epochs', type=int, default=None, help="override table (d)'s chosen epochs")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.only != 'text':
+        image_tables(args)
+    if args.only == 'text' or (args.text and args.only is None):
+        text_table(args)
 
 
 if __name__ == '__main__':
