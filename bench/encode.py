@@ -170,7 +170,12 @@ def text_runtimes(settings: Settings, int8: bool = False) -> None:
         f'sentences, {min(tokens)}-{max(tokens)} tokens (mean {np.mean(tokens):.1f})'
     )
     ratios = [f'{name}/torch' for name in encoders if name != 'torch']
-    print(f'{"batch":>5}' + ''.join(f'{c:>15}' for c in [*encoders, *ratios]) + '   (sentences/s)')
+    print(
+        f'{"batch":>5}'
+        + ''.join(f'{c:>15}' for c in encoders)
+        + ''.join(f'{c:>18}' for c in ratios)
+        + '   (sentences/s)'
+    )
 
     def call(encoder: OnnxEncoder | TorchEncoder, batch: int) -> Callable[[], object]:
         if batch == 1:
@@ -180,7 +185,7 @@ def text_runtimes(settings: Settings, int8: bool = False) -> None:
     for batch in TEXT_BATCHES:
         rates = throughputs({name: (call(e, batch), len(sentences)) for name, e in encoders.items()}, settings)
         cells = [f'{r:>15.1f}' for r in rates.values()] + [
-            f'{rates[name] / rates["torch"]:>14.2f}x' for name in encoders if name != 'torch'
+            f'{rates[name] / rates["torch"]:>17.2f}x' for name in encoders if name != 'torch'
         ]
         print(f'{batch:>5}' + ''.join(cells))
     reference = encoders['torch'].encode(sentences, 32)
