@@ -38,6 +38,7 @@ from bench.text_sick import TEXT_BASE, TEXT_MODEL, reference_fit, sick_csvs, spe
 from executor.tuning import fit
 from executor.tuning.data import Item
 from executor.tuning.data.samples import digits_items
+from executor.tuning.models import build_model
 
 HITS = ['hit@1', 'hit@5', 'hit@10']
 FINETUNER_HIT10 = (0.183, 0.301)  # the TLL tutorial's ResNet50 on full TLL, pre-trained and fine-tuned
@@ -177,10 +178,13 @@ def text_table(args: argparse.Namespace) -> None:
     """(d): SICK test Spearman of the pre-trained model, of the service's ``fit`` and of a bare PyTorch loop with the
     same recipe, trained one after the other in this run."""
     recipe = dict(TEXT_RECIPE, epochs=args.text_epochs or TEXT_RECIPE['epochs'])
-    out = Path(tempfile.mkdtemp(prefix='paper-tables-text-'))
-    csvs = sick_csvs(out / 'sick', args.train_pairs)
-    from executor.tuning.models import build_model
+    with tempfile.TemporaryDirectory(prefix='paper-tables-text-') as tmp:  # the run's ~350 MB of checkpoints
+        text_runs(args, recipe, Path(tmp))
 
+
+def text_runs(args: argparse.Namespace, recipe: dict, out: Path) -> None:
+    """Table (d)'s three models measured, and the table printed; ``out`` holds the CSVs and the service's run."""
+    csvs = sick_csvs(out / 'sick', args.train_pairs)
     pre = build_model(TEXT_MODEL)
     rows = {'pre-trained': (spearman(pre, csvs['trial']), spearman(pre, csvs['test']), None, None)}
     del pre

@@ -36,10 +36,10 @@ from executor.tuning.models.registry import inputs_kind
 
 def bare_epoch(model, batches, loss_fn, optimizer, channels_last: bool) -> None:
     model.train()
-    for images, labels in batches:
+    for batch, labels in batches:  # a batch is a dict of tensors ({'images': (B, 3, H, W)})
         if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        loss = loss_fn(model(images), labels)
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
+        loss = loss_fn(model(batch), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
