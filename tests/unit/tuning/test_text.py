@@ -234,6 +234,8 @@ def test_fp16_and_int8_text_exports_keep_their_parity(model, tmp_path, monkeypat
     fp16 = export_onnx(model, tmp_path / 'fp16' / 'model.onnx', fp16=True)
     int8 = export_onnx(model, tmp_path / 'int8' / 'model.onnx', quantize=True)  # dynamic: weights only, ahead
     assert fp16.min_cosine >= MIN_COSINE['fp16'] and int8.min_cosine >= MIN_COSINE['int8']
+    # measured on an AVX2 EPYC: 0.988 with every weight matmul in int8, 0.993 with the 6 down-projections in float
+    assert int8.float_nodes <= 6
     assert int8.size_bytes < 0.8 * fp16.size_bytes * 2  # smaller than the fp32 graph
     got = create_encoder(int8.path, device='cpu').encode(SENTENCES)
     want = TorchEncoder(model, device='cpu').encode(SENTENCES)
