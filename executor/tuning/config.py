@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from executor.tuning.devices import check_device
 from executor.tuning.losses import list_losses, list_miners, unknown_name
-from executor.tuning.pair_losses import PAIR_LOSSES
+from executor.tuning.pair_losses import CLIP_LOSS, PAIR_LOSSES
 
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
@@ -38,6 +38,10 @@ class TrainConfig(BaseModel):
     weights: Optional[str] = Field(None, description='local checkpoint file for the backbone')
     pretrained: bool = True
     freeze: Union[bool, int, list[str]] = Field(False, description='True, leading stages, or layer names/prefixes')
+    text_model: Optional[str] = Field(
+        None, description='a two-tower (text-to-image) model: this text tower beside the image tower model'
+    )
+    text_freeze: Union[bool, int, list[str]] = Field(False, description="freeze, for a two-tower model's text tower")
     embedding_layer: Optional[str] = None
     output_dim: Optional[int] = Field(None, ge=1, le=65536)
     pooler: Optional[Literal['avg', 'gem', 'mean', 'cls', 'max']] = Field(
@@ -128,7 +132,7 @@ class TrainConfig(BaseModel):
     @field_validator('loss')
     @classmethod
     def _known_loss(cls, value: str | None) -> str | None:
-        known = list_losses() + sorted(PAIR_LOSSES)
+        known = list_losses() + sorted(PAIR_LOSSES) + [CLIP_LOSS]
         if value is not None and value not in known:
             raise unknown_name('loss', value, known)
         return value
@@ -179,6 +183,15 @@ class TrainConfig(BaseModel):
             )
         if self.matryoshka_dims is not None and min(self.matryoshka_dims) < 1:
             raise ValueError(f'matryoshka_dims must be positive, got {self.matryoshka_dims}')
+        if self.text_model is None and self.text_freeze is not False:
+            raise ValueError('text_freeze applies to the text tower of a two-tower model; set text_model too')
+        if self.text_model is None and self.loss == CLIP_LOSS:
+            raise ValueError(
+                "loss='CLIPLoss' trains a two-tower (text-to-image) model: set text_model (e.g. 'all-MiniLM-L6-v2') "
+                'beside the image model'
+            )
+        if self.text_model is not None and self.loss not in (None, CLIP_LOSS):
+            raise ValueError(f"a two-tower model trains with loss='CLIPLoss', not {self.loss!r}; leave loss out")
         return self
 
     def _check_devices(self) -> None:

@@ -35,7 +35,8 @@ from executor.tuning.devices import resolve_device, usable_cores, usable_cpus
 from executor.tuning.evaluation.evaluator import to_device
 from executor.tuning.inputs import Batch, Inputs, inputs_from_config
 from executor.tuning.inputs.base import item_names
-from executor.tuning.models import EmbeddingModel, load_model
+from executor.tuning.inputs.two_tower import Text, TwoTowerInputs
+from executor.tuning.models import TOWERS, EmbeddingModel, TwoTowerModel, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Encoder(ABC):
     """
 
     runtime: Runtime
+    #: whether the service's request batcher may merge this encoder's requests (``preprocess`` gives one batch)
+    shares_batches = True
 
     def __init__(
         self, inputs: Inputs, embed_dim: int, class_names: list[str] | None, device: str, decode_workers: int | None
@@ -129,7 +132,7 @@ class Encoder(ABC):
     def items(self, items: Sequence[Item], what: str = 'documents') -> tuple[list[Any], list[str]]:
         """The contents and names of ``items``, after checking that this model takes each."""
         self.inputs.check_items(items, what)
-        return [it.content for it in items], [it.name for it in items]
+        return [self.inputs.content_of(it) for it in items], [it.name for it in items]
 
     def embedder(self, batch_size: int = 32) -> ItemEmbedder:
         """This encoder as an ``Evaluator``'s ``Embedder``, at ``batch_size`` items per forward pass."""
@@ -300,6 +303,76 @@ class OnnxEncoder(Encoder):
         return self.session.run([output], feeds)[0]
 
 
+class TwoTowerEncoder:
+    """A two-tower model's encoder: each item goes to the encoder of its tower (sentences, marked ``Text``, to the
+    text tower; images to the image tower), both in one call, the embeddings in the items' order.
+
+    ``towers`` maps ``'clip-vision'`` and ``'clip-text'`` to an ``Encoder`` each (torch or onnxruntime, each with
+    its own preprocessing); ``tower(name)`` serves one alone.
+    """
+
+    shares_batches = False  # each tower batches its own items
+    class_names = None
+    has_classifier = False
+
+    def __init__(self, towers: dict[str, Encoder], inputs: TwoTowerInputs) -> None:
+        self.towers = dict(towers)
+        self.inputs = inputs
+        self.embed_dim = next(iter(self.towers.values())).embed_dim
+        self.runtime = next(iter(self.towers.values())).runtime
+        self.device = next(iter(self.towers.values())).device
+
+    def tower(self, name: str) -> Encoder:
+        if name not in self.towers:
+            raise ValueError(f'unknown tower {name!r}; this two-tower model has {sorted(self.towers)}')
+        return self.towers[name]
+
+    def items(self, items: Sequence[Item], what: str = 'documents') -> tuple[list[Any], list[str]]:
+        self.inputs.check_items(items, what)
+        captioned = next((it for it in items if it.kind == 'image' and it.text is not None), None)
+        if captioned is not None:
+            raise ValueError(
+                f'{captioned.name} holds both an image and a text: a two-tower model embeds each on its own; send the '
+                'image and its caption as two documents'
+            )
+        return [self.inputs.content_of(it) for it in items], [it.name for it in items]
+
+    def encode(self, contents: Sequence[Any], batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
+        """``(N, D)``: sentences (``Text``) through the text tower, the rest through the image tower."""
+        names = item_names(len(contents), names, 'item')
+        out = np.zeros((len(contents), self.embed_dim), np.float32)
+        for tower, is_text in (('clip-vision', False), ('clip-text', True)):
+            rows = [i for i, c in enumerate(contents) if isinstance(c, Text) == is_text]
+            if rows:
+                got = self.towers[tower].encode([contents[i] for i in rows], batch_size, [names[i] for i in rows])
+                out[rows] = got
+        return out
+
+    def classify(self, contents: Sequence[Any], batch_size: int = 32, names: Sequence[str] | None = None):
+        raise ValueError('a two-tower model has no classifier head; it embeds images and texts into one space')
+
+    def embedder(self, batch_size: int = 32) -> ItemEmbedder:
+        return ItemEmbedder(self, batch_size)
+
+    def __repr__(self) -> str:
+        return f'TwoTowerEncoder({self.towers!r})'
+
+
+def two_tower_encoder(
+    model: TwoTowerModel, runtime: Runtime, device: str, folder: Path | None = None, **options: Any
+) -> TwoTowerEncoder:
+    """Both towers on ``runtime``; on 'onnx' each from ``folder/<tower>/model.onnx`` when the run exported it, else
+    exported now."""
+    towers = {}
+    for name in TOWERS:
+        exported = None if folder is None else folder / name / artifact.ONNX_FILE
+        if runtime == 'onnx' and exported is not None and exported.is_file():
+            towers[name] = OnnxEncoder(exported, device=device, **options)
+        else:
+            towers[name] = create_encoder(model.tower(name), runtime, device, **options)
+    return TwoTowerEncoder(towers, model.inputs)
+
+
 def create_encoder(
     source: EmbeddingModel | str | os.PathLike,
     runtime: Runtime | None = None,
@@ -333,6 +406,8 @@ def create_encoder(
             )
         return OnnxEncoder(path, device=device, **options)
     model = source if path is None else load_model(path)
+    if isinstance(model, TwoTowerModel):
+        return two_tower_encoder(model, runtime, device, None if path is None else path.parent, **options)
     if runtime == 'torch':
         return TorchEncoder(model, device=device, copy_model=path is None, **options)
     from executor.tuning.export import export_onnx  # the exporter and quantizer: loaded when an export is asked for

@@ -249,6 +249,28 @@ class MatryoshkaLoss(nn.Module):
         return torch.stack(terms).sum()
 
 
+class CLIPLoss(nn.Module):
+    """CLIP's symmetric InfoNCE over a batch of (image, caption) pairs: each image's caption is its positive among the
+    batch's captions, and each caption's image among its images, at the model's learnt logit ``scale``.
+
+    ``groups`` (one id per pair, the image's) masks the pairs of one image out of each other's negatives, so a batch
+    holding two captions of one image never pushes them apart.
+    """
+
+    def forward(self, images: Tensor, texts: Tensor, scale: Tensor, groups: Tensor | None = None) -> Tensor:
+        if images.shape != texts.shape or images.ndim != 2:
+            raise ValueError(f'CLIPLoss takes (B, D) images and texts of one shape, got {images.shape}, {texts.shape}')
+        logits = scale * F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T  # (B, B), rows: images
+        if groups is not None:
+            same = groups[:, None] == groups[None, :]
+            same.fill_diagonal_(False)
+            logits = logits.masked_fill(same, float('-inf'))
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+CLIP_LOSS = 'CLIPLoss'
+
 PAIR_LOSSES: dict[str, type] = {
     'MultipleNegativesRankingLoss': MultipleNegativesRankingLoss,
     'CoSENTLoss': CoSENTLoss,

@@ -64,12 +64,13 @@ def plot_matches(
     index_items = query_items if same else index_items
     chosen = list({it.label: row for row, it in enumerate(query_items)}.values())[:queries]
     picked = [query_items[row] for row in chosen]
-    if inputs.preview(picked[0].content, picked[0].name) is None:
+    if inputs.preview(inputs.content_of(picked[0]), picked[0].name) is None:
         return None
     _, neighbours = knn(q_emb[chosen], i_emb, min(k + same, len(index_items)))  # (len(chosen), k + same)
     matches, relevant = [], []
     for q, (row, query) in enumerate(zip(chosen, picked)):
         ranked = [col for col in neighbours[q].tolist() if not (same and col == row)][:k]
-        matches.append([inputs.preview(index_items[col].content, index_items[col].name) for col in ranked])
+        matches.append([inputs.preview(inputs.content_of(index_items[col]), index_items[col].name) for col in ranked])
         relevant.append([index_items[col].label == query.label for col in ranked])
-    return reports.plot_matches([inputs.preview(it.content, it.name) for it in picked], matches, relevant, folder)
+    shown = [inputs.preview(inputs.content_of(it), it.name) for it in picked]
+    return reports.plot_matches(shown, matches, relevant, folder)

@@ -31,7 +31,7 @@ from executor.tuning.evaluation import ModelEmbedder
 from executor.tuning.evaluation.evaluator import to_device
 from executor.tuning.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from executor.tuning.inputs import Batch
-from executor.tuning.models import EmbeddingModel, build_model, save_model
+from executor.tuning.models import EmbeddingModel, TwoTowerModel, build_model, build_two_tower, save_model
 from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.schedulers import build_scheduler
 from executor.tuning.tasks import evaluation_items, training_items
@@ -92,18 +92,32 @@ class Trainer:
 
     # --- set-up ---------------------------------------------------------------------------------------------------
 
-    def _build_model(self) -> EmbeddingModel:
+    def _build_model(self) -> EmbeddingModel | TwoTowerModel:
         config = self.config
-        model = build_model(
-            config.model,
-            weights=config.weights,
-            pretrained=config.pretrained,
-            freeze=config.freeze,
-            embedding_layer=config.embedding_layer,
-            output_dim=config.output_dim,
-            pooler=config.pooler,
-            class_names=self.class_names if self.task.classifier else None,
-        )
+        if config.text_model is not None:
+            if config.embedding_layer is not None:
+                raise ValueError('embedding_layer does not apply to a two-tower model; leave it out')
+            model = build_two_tower(
+                config.model,
+                config.text_model,
+                output_dim=config.output_dim,
+                weights=config.weights,
+                pretrained=config.pretrained,
+                freeze=config.freeze,
+                text_freeze=config.text_freeze,
+                pooler=config.pooler,
+            )
+        else:
+            model = build_model(
+                config.model,
+                weights=config.weights,
+                pretrained=config.pretrained,
+                freeze=config.freeze,
+                embedding_layer=config.embedding_layer,
+                output_dim=config.output_dim,
+                pooler=config.pooler,
+                class_names=self.class_names if self.task.classifier else None,
+            )
         # Small class-balanced batches make poor BatchNorm statistics: measured on digits (efficientnet_lite0, 64 px,
         # 3 epochs) ndcg@10 went 0.785 -> 0.934 with pre-trained statistics kept, 0.785 -> 0.474 with them updated.
         model.freeze_batchnorm = (
@@ -352,9 +366,12 @@ class Trainer:
         write_reports(self)
         onnx_path = None
         if self.config.to_onnx:
-            from executor.tuning.export import export_onnx
+            from executor.tuning.export import export_onnx, export_towers
 
-            onnx_path = export_onnx(self.model, self.output_dir / artifact.ONNX_FILE).path
+            if isinstance(self.model, TwoTowerModel):  # one file per tower, in a folder each
+                export_towers(self.model, self.output_dir)
+            else:
+                onnx_path = export_onnx(self.model, self.output_dir / artifact.ONNX_FILE).path
         return FitResult(
             self.model, self.output_dir, model_file, self.history, onnx_path, self.metrics_before, self.metrics_after
         )

@@ -53,7 +53,7 @@ class ItemDataset(Dataset):
                 self.transform(self.inputs.load(c, f'{item.name} column {i + 1}')) for i, c in enumerate(item.columns)
             )
             return samples, item.score if item.score is not None else UNLABELLED
-        loaded = self.inputs.load(item.content, item.name)
+        loaded = self.inputs.load(self.inputs.content_of(item), item.name)
         if self.views == 1:
             return self.transform(loaded), self.label_index(item)
         return tuple(self.transform(loaded) for _ in range(self.views)), self.label_index(item)

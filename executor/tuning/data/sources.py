@@ -87,13 +87,16 @@ def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike
 
 
 PAIR_COLUMNS = (('anchor', 'positive', 'negative'), ('sentence1', 'sentence2'))
-CSV_LAYOUTS = 'uri,label | text,label | anchor,positive[,negative] | sentence1,sentence2,score'
+CSV_LAYOUTS = (
+    'uri,label | text,label | image,caption (or uri,text) | anchor,positive[,negative] | sentence1,sentence2,score'
+)
 
 
 def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
-    """``uri,label`` or ``text,label`` (``label`` optional), ``anchor,positive[,negative]`` (sentence pairs or
-    triplets), or ``sentence1,sentence2,score`` (scored pairs, any score range); a header row names the columns.
-    Relative uris are relative to the file."""
+    """``uri,label`` or ``text,label`` (``label`` optional), ``image,caption`` or ``uri,text`` (captioned images, an
+    image on as many rows as it has captions), ``anchor,positive[,negative]`` (sentence pairs or triplets), or
+    ``sentence1,sentence2,score`` (scored pairs, any score range); a header row names the columns. Relative uris are
+    relative to the file."""
     path = check_under_roots(path, roots, 'train/eval data')
     if not path.is_file():
         raise DataError(f'CSV file {str(path)!r} does not exist')
@@ -102,7 +105,7 @@ def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None 
         columns = set(reader.fieldnames or [])
         if {'anchor', 'positive'} <= columns or {'sentence1', 'sentence2'} <= columns:
             items = _pairs(reader, columns, path)
-        elif not columns & {'uri', 'text'}:
+        elif not columns & {'uri', 'text', 'image', 'caption'}:
             raise DataError(
                 f'{str(path)!r}: the header must name the columns of one of {CSV_LAYOUTS}; found {sorted(columns)}'
             )
@@ -114,20 +117,24 @@ def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None 
 
 
 def _rows(reader: csv.DictReader, columns: set[str], path: Path, roots: Sequence | None) -> list[Item]:
+    image_column = next((c for c in ('uri', 'image') if c in columns), None)
+    text_column = next((c for c in ('text', 'caption') if c in columns), None)
     items = []
     for line, row in enumerate(reader, start=2):
         name = f'{path.name} line {line}'
         label = (row.get('label') or '').strip() or None
-        if 'uri' in columns:
-            uri = (row.get('uri') or '').strip()
+        text = (row.get(text_column) or '').strip() if text_column else None
+        if image_column is not None:
+            uri = (row.get(image_column) or '').strip()
             if not uri:
-                raise DataError(f'{name}: empty uri')
+                raise DataError(f'{name}: empty {image_column}')
             if '://' in uri:
                 raise DataError(f'{name}: {url_refusal(uri)}')
+            if text_column is not None and not text:
+                raise DataError(f'{name}: empty {text_column}; every image,caption row needs its caption')
             uri = str(check_under_roots(path.parent / uri, roots, name))
-            items.append(Item(id=name, uri=uri, label=label, name=name))
+            items.append(Item(id=name, uri=uri, text=text or None, label=label, name=name))
         else:
-            text = (row.get('text') or '').strip()
             if not text:
                 raise DataError(f'{name}: empty text')
             items.append(Item(id=name, text=text, label=label, name=name))

@@ -122,7 +122,7 @@ class ModelEmbedder:
             out = []
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
-                batch = inputs.batch([it.content for it in chunk], [it.name for it in chunk])
+                batch = inputs.batch([inputs.content_of(it) for it in chunk], [it.name for it in chunk])
                 out.append(forward(to_device(batch, self.device, self.channels_last)).float().cpu())
             return torch.cat(out)
         finally:

@@ -9,12 +9,16 @@ that defines an ``Inputs`` subclass decorated with ``@register_inputs``, and one
 from executor.tuning.inputs.base import Batch, Inputs, inputs_class, inputs_from_config, register_inputs
 from executor.tuning.inputs.image import ImageInputs, calibration_photos, sample_photos
 from executor.tuning.inputs.text import TextInputs
+from executor.tuning.inputs.two_tower import Captioned, Text, TwoTowerInputs
 
 __all__ = [
     'Batch',
+    'Captioned',
     'ImageInputs',
     'Inputs',
+    'Text',
     'TextInputs',
+    'TwoTowerInputs',
     'calibration_photos',
     'inputs_class',
     'inputs_from_config',

@@ -87,6 +87,10 @@ class Inputs(ABC):
     #: why an item is refused and how to fix it, after the item's name (``{count}`` such among the ``{what}``)
     refusal: ClassVar[str] = 'has no content this model takes ({count} such among the {what})'
 
+    def content_of(self, item: Any) -> Any:
+        """What ``load`` takes of ``item`` (an ``Item``): its content (a two-tower model's inputs mark its kind)."""
+        return item.content
+
     @abstractmethod
     def load(self, content: Any, name: str) -> Any:
         """Decode one item's content; a ``DataError`` naming it when that fails."""

@@ -7,6 +7,7 @@ from executor.tuning.models.heads import GeM, ProjectionHead
 from executor.tuning.models.registry import (
     DEFAULT_MODEL,
     build_model,
+    build_two_tower,
     family_of,
     list_models,
     load_model,
@@ -14,6 +15,7 @@ from executor.tuning.models.registry import (
     save_model,
     unknown_model,
 )
+from executor.tuning.models.two_tower import TOWERS, TwoTowerModel
 from executor.tuning.models.weights import WeightsNotFoundError
 
 __all__ = [
@@ -22,10 +24,13 @@ __all__ = [
     'BackboneFamily',
     'EmbeddingModel',
     'GeM',
+    'TOWERS',
     'ProjectionHead',
+    'TwoTowerModel',
     'WeightsNotFoundError',
     'backbone_stages',
     'build_model',
+    'build_two_tower',
     'family_of',
     'freeze_layers',
     'list_models',

@@ -23,8 +23,10 @@ from executor.tuning.models.embedding import ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1
 from executor.tuning.models.family import BackboneFamily, Pooler
 from executor.tuning.models.freezing import freeze_layers
 from executor.tuning.models.heads import ProjectionHead
+from executor.tuning.models.two_tower import DEFAULT_OUTPUT_DIM, TwoTowerModel
 
 DEFAULT_MODEL = 'efficientnet_lite0'
+DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
 
 Freeze = Union[bool, int, Sequence[str]]
 _FAMILIES: list[BackboneFamily] = []
@@ -103,7 +105,13 @@ def build_model(
     if output_dim is not None and output_dim < 1:
         raise ValueError(f'output_dim must be a positive integer or None, got {output_dim}')
     if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
-        return _apply_options(load_model(name), freeze, output_dim, class_names)
+        loaded = load_model(name)
+        if isinstance(loaded, TwoTowerModel):
+            raise ValueError(
+                f'{str(name)!r} is a two-tower model; continue training it with text_model= set, or take one tower '
+                'of it by giving the file as model= (image tower) or text_model= (text tower) of a new two-tower run'
+            )
+        return _apply_options(loaded, freeze, output_dim, class_names)
     family = family_of(name)
     if pooler is not None and pooler not in family.poolers:
         raise ValueError(
@@ -175,9 +183,18 @@ def save_model(model: EmbeddingModel, path: str | os.PathLike) -> Path:
     return atomic_torch_save(model.artifact(), path)
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> EmbeddingModel:
+def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> EmbeddingModel | TwoTowerModel:
     """Rebuild a model written by ``save_model``; the file is read with ``weights_only=True``."""
-    blob = read_artifact(path, map_location)
+    return model_from_artifact(read_artifact(path, map_location))
+
+
+def model_from_artifact(blob: dict) -> EmbeddingModel | TwoTowerModel:
+    """The model that ``model.artifact()`` describes (a two-tower model's holds one such per tower)."""
+    if 'towers' in blob:
+        towers = blob['towers']
+        model = TwoTowerModel(model_from_artifact(towers['image']), model_from_artifact(towers['text']), blob['config'])
+        model.logit_scale.data.copy_(blob['state_dict']['logit_scale'])
+        return model
     cfg = dict(blob['config'])
     saved = {**cfg['backbone'], 'inputs': blob['inputs']} if 'backbone' in cfg else None
     model = build_model(
@@ -197,3 +214,43 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu'
     inputs = blob['inputs'] if 'inputs' in blob else {'kind': 'image', **blob['data_config']}
     model.inputs = inputs_from_config(inputs)
     return model
+
+
+def build_two_tower(
+    model: str = DEFAULT_MODEL,
+    text_model: str = DEFAULT_TEXT_MODEL,
+    output_dim: int | None = None,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    freeze: Freeze = False,
+    text_freeze: Freeze = False,
+    pooler: Pooler | str | None = None,
+) -> TwoTowerModel:
+    """A text-to-image model: the image tower ``model`` and the text tower ``text_model``, each pre-trained and
+    projected to ``output_dim`` (256 by default). ``freeze`` applies to the image tower, ``text_freeze`` to the text
+    tower (``freeze=True`` alone locks the image tower, LiT style); ``weights`` and ``pooler`` to the image tower.
+    Either name may be a two-tower model file, whose tower of that side is then taken."""
+    output_dim = output_dim or DEFAULT_OUTPUT_DIM
+    if inputs_kind(model) not in ('image', 'image-text'):
+        raise ValueError(f'model={model!r} is not an image model; a two-tower model takes an image model as model=')
+    if inputs_kind(text_model) not in ('text', 'image-text'):
+        raise ValueError(
+            f'text_model={text_model!r} is not a text model; give a sentence encoder such as {DEFAULT_TEXT_MODEL!r}'
+        )
+    image = _tower(model, 'image', weights=weights, pretrained=pretrained, freeze=freeze, pooler=pooler)
+    text = _tower(text_model, 'text', pretrained=pretrained, freeze=text_freeze)
+    for tower in (image, text):  # each tower projects into the shared space (a tower loaded at that size keeps its own)
+        if tower.projection is None or tower.embed_dim != output_dim:
+            tower.projection = ProjectionHead(tower.feature_dim, output_dim)
+            tower.embed_dim = tower.config['output_dim'] = output_dim
+    config = dict(name=f'{image.config["name"]}+{text.config["name"]}', model=str(model), text_model=str(text_model))
+    config.update(output_dim=output_dim, two_tower=True)
+    return TwoTowerModel(image, text, config)
+
+
+def _tower(name: str, side: str, freeze: Freeze, **options) -> EmbeddingModel:
+    if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
+        loaded = load_model(name)
+        tower = loaded.tower(side) if isinstance(loaded, TwoTowerModel) else loaded
+        return _apply_options(tower, freeze, None, None)
+    return build_model(name, freeze=freeze, **options)

@@ -20,6 +20,7 @@ from executor.tuning.tasks.classification import Classification, LinearProbe
 from executor.tuning.tasks.metric import MetricLearning
 from executor.tuning.tasks.pairs import PairTraining, pair_shape
 from executor.tuning.tasks.self_supervised import SELF_SUPERVISED_LOSSES, SelfSupervised
+from executor.tuning.tasks.text_to_image import TextToImage
 
 __all__ = [
     'Classification',
@@ -28,6 +29,7 @@ __all__ = [
     'PairTraining',
     'SelfSupervised',
     'Task',
+    'TextToImage',
     'check_training_data',
     'decide_task',
     'training_items',
@@ -35,9 +37,12 @@ __all__ = [
 
 
 def decide_task(config: TrainConfig, items: Sequence[Item]) -> Task:
-    """Sentence pairs, triplets or scored pairs are pair training; cross-entropy is classification (a linear probe
+    """A ``text_model`` beside the model is text-to-image training; sentence pairs, triplets or scored pairs are pair
+    training; cross-entropy is classification (a linear probe
     with ``freeze=True``); a self-supervised loss on unlabelled data is SimCLR (SimCSE for text); anything else is
     metric learning on labels (whose data check then asks for the labels)."""
+    if config.text_model is not None:
+        return TextToImage(config)
     shape = pair_shape(items)
     if shape is not None:
         return PairTraining(config, *shape)
@@ -63,7 +68,7 @@ def check_training_data(config: TrainConfig, decode: bool = False) -> tuple[list
     The service calls it before it creates a run, so that bad input is an error of the request, not a FAILED run.
     """
     items, task = training_items(config)
-    inputs = inputs_class(inputs_kind(config.model))
+    inputs = inputs_class('image-text' if config.text_model is not None else inputs_kind(config.model))
     inputs.check_items(items, 'training items')
     if decode:
         for item in items:
@@ -101,7 +106,8 @@ def training_items(config: TrainConfig) -> tuple[list[Item], Task]:
             f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
             'metric learning at least 2 per class'
         )
-    return items, decide_task(config, items)
+    task = decide_task(config, items)
+    return task.prepare(items), task
 
 
 def check_objective(config: TrainConfig, task: Task, classes: list[str] | None) -> None:

@@ -48,6 +48,10 @@ class Task(ABC):
 
     # --- data -------------------------------------------------------------------------------------------------------
 
+    def prepare(self, items: Sequence[Item]) -> list[Item]:
+        """The training items as the task trains on them (as they are, unless a task says otherwise)."""
+        return list(items)
+
     def check_data(self, items: Sequence[Item]) -> list[str] | None:
         """The sorted class names of the training items, after checking what the task needs of their labels."""
         missing = [it.name for it in items if it.label is None]
