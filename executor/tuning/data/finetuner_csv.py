@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from executor.tuning.data.images import DataError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+SNIFFED = ',\t;|'  # the delimiters 'auto' tells apart (the sniffer guesses letters too on short files)
 SAMPLE_SEED = 0  # Finetuner sampled rows unseeded; a fixed seed makes a run read the same rows every time
 
 
@@ -67,7 +68,7 @@ def read_rows(path: Path, options: CSVOptions, skip_header: bool = False) -> Ite
         dialect: type[csv.Dialect] | str = options.dialect
         if dialect == 'auto':
             try:
-                dialect = csv.Sniffer().sniff(fh.read(1024))
+                dialect = csv.Sniffer().sniff(fh.read(1024), delimiters=SNIFFED)
             except csv.Error:
                 dialect = 'excel'  # Finetuner's fallback too
             fh.seek(0)
