@@ -235,6 +235,9 @@ def translate(data: dict[str, Any], core: bool) -> dict[str, Any]:
         data['model'] = data.pop('model_artifact')  # as Finetuner: the artifact is the model, its name unused
     if 'model_options' in data:
         options.update(_model_options(data.pop('model_options')))
+    if isinstance(data.get('model'), str):  # first: a model that cannot train here is the first thing to say
+        weights = data.get('weights', options.get('weights'))
+        data['model'] = local_model(data['model'], weights, data.get('pretrained', options.get('pretrained')))
     if 'scheduler_step' in data:
         step = data.pop('scheduler_step')
         data['scheduler_options'] = {**_as_dict(data.get('scheduler_options')), 'scheduler_step': step}
@@ -261,8 +264,6 @@ def translate(data: dict[str, Any], core: bool) -> dict[str, Any]:
             "parameter 'optimizer_options': layer_wise_lr_decay (Finetuner's decaying rate per transformer layer) is "
             'not taken here; drop it, and keep the lower layers fixed with freeze=<number of leading layers> instead'
         )
-    if isinstance(data.get('model'), str):
-        data['model'] = local_model(data['model'], data.get('weights'), data.get('pretrained'))
     if core and 'run_name' in data:
         name = data.pop('run_name')
         data.setdefault('output_dir', f'runs/{name}')
