@@ -31,9 +31,7 @@ def test_a_finetuner_text_artifact_zip_is_served(tmp_path: Path, free_port: Call
             tensor.add_(torch.randn_like(tensor) * 0.01)
     state = {f'model.{k}': v for k, v in reference.backbone.module.state_dict().items()}  # the wrapper's prefix
     state['model.pooler.dense.weight'] = torch.zeros(384, 384)  # AutoModel's pooler, unused by sentence embeddings
-    archive = write_finetuner_zip(
-        tmp_path / 'quora.zip', 'quora', {'model': (text_metadata(DESCRIPTOR, 384), state)}
-    )
+    archive = write_finetuner_zip(tmp_path / 'quora.zip', 'quora', {'model': (text_metadata(DESCRIPTOR, 384), state)})
     port = free_port()
     with Deployment(
         uses=str(ROOT / 'config.yml'),
