@@ -20,7 +20,7 @@ from jina.excepts import BadServer
 
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs
 from executor.tuning.data.finetuner_csv import CSVOptions
-from executor.tuning.finetuner_compat import (
+from executor.tuning.finetuner_callbacks import (
     BestModelCheckpoint,
     EarlyStopping,
     EvaluationCallback,

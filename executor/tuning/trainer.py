@@ -35,6 +35,7 @@ from executor.tuning.models import EmbeddingModel, build_model, save_model
 from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.schedulers import build_scheduler
 from executor.tuning.tasks import evaluation_items, training_items
+from executor.tuning.wise_ft import WiSEFT
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir or Path('runs') / time.strftime('run-%Y%m%d-%H%M%S'))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.model = self._build_model()
-        # WiSE-FT blends the final backbone with the one training starts from (rebuilt the same on resume)
-        self.initial_backbone = (
-            {k: v.detach().clone() for k, v in self.model.backbone.state_dict().items()}
-            if config.wise_ft_alpha is not None
-            else None
-        )
+        self.wise_ft = WiSEFT(self.model.backbone, config.wise_ft_alpha)
         self.task.build(self.model, self.class_names, self.world)
         self._place_on_device()
         self.batch_size = self._batch_size()
@@ -194,10 +190,8 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.sampler) // config.accumulate_grad_batches)
         self.epochs = config.epochs
         self.total_steps = self.steps_per_epoch * self.epochs
-        options = config.scheduler_options
-        self.step_per_epoch = options.scheduler_step == 'epoch'
-        length = options.num_training_steps or (self.epochs if self.step_per_epoch else self.total_steps)
-        self.scheduler = build_scheduler(config.scheduler, self.optimizer, length, options)
+        schedule = (config.scheduler, self.optimizer, self.total_steps, config.scheduler_options)
+        self.scheduler = build_scheduler(*schedule, steps_per_epoch=self.steps_per_epoch)
 
     def _auto_batch_size(self) -> int:
         """The largest global batch whose training step fits in memory (``auto_batch_size``), kept for the run."""
@@ -265,7 +259,7 @@ class Trainer:
             self.loss_optimizer.zero_grad(set_to_none=True)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None and not self.step_per_epoch:
+        if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
 
@@ -312,8 +306,6 @@ class Trainer:
     def _run_epoch(self) -> None:
         started = time.perf_counter()
         train_loss = self.train_epoch()
-        if self.scheduler is not None and self.step_per_epoch:
-            self.scheduler.step()
         self.epoch += 1
         logs = {
             'epoch': float(self.epoch),
@@ -356,8 +348,7 @@ class Trainer:
         if best is not None and best.best_state is not None:
             self.model.load_state_dict(best.best_state)
             logger.info('final model: epoch %d, best %s=%.4f', best.best_epoch, best.monitor, best.best)
-        if self.initial_backbone is not None:
-            self._wise_ft(self.config.wise_ft_alpha)
+        self.wise_ft.apply(self.model.backbone)
         self.model.to('cpu', memory_format=torch.contiguous_format).eval()
         self.device = torch.device('cpu')  # where the final evaluation runs, beside the model
         model_file = save_model(self.model, self.output_dir / artifact.MODEL_FILE)
@@ -371,17 +362,6 @@ class Trainer:
         return FitResult(
             self.model, self.output_dir, model_file, self.history, onnx_path, self.metrics_before, self.metrics_after
         )
-
-    def _wise_ft(self, alpha: float) -> None:
-        """WiSE-FT (Wortsman et al., 2022): backbone weights ``alpha * fine-tuned + (1 - alpha) * initial``; the new
-        heads (projection, classifier) had no pre-trained weights to blend with and stay as trained."""
-        tuned = self.model.backbone.state_dict()
-        blended = {
-            k: torch.lerp(self.initial_backbone[k].to(v.device, v.dtype), v, alpha) if v.is_floating_point() else v
-            for k, v in tuned.items()
-        }
-        self.model.backbone.load_state_dict(blended)
-        logger.info('WiSE-FT: backbone weights %.2f x fine-tuned + %.2f x pre-trained', alpha, 1 - alpha)
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 

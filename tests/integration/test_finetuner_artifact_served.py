@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from docarray import DocList
 from jina import Deployment
@@ -23,6 +24,7 @@ DESCRIPTOR = 'sentence-transformers/all-MiniLM-L6-v2'
 SENTENCES = ['A man is playing a guitar.', 'Two dogs are running on the beach.']
 
 
+@pytest.mark.slow  # about 80 s here: the Deployment rebuilds the artifact, the test builds the model twice
 def test_a_finetuner_text_artifact_zip_is_served(tmp_path: Path, free_port: Callable[[], int], model_cache: str):
     reference = build_model(DESCRIPTOR).eval()
     torch.manual_seed(0)

@@ -94,11 +94,9 @@ def is_image_path(value: str) -> bool:
 Kind = Literal['image', 'text']
 
 
-def read_headerless(path: Path, options: CSVOptions, make_uri) -> list:
-    """The items of a headerless Finetuner CSV. ``make_uri(value, name)`` resolves an image path (relative to the
-    file, under the data roots)."""
-    from executor.tuning.data.sources import Item
-
+def read_headerless(path: Path, options: CSVOptions, make_uri, Item) -> list:
+    """The items (instances of ``Item``, ``sources.Item``) of a headerless Finetuner CSV. ``make_uri(value, name)``
+    resolves an image path (relative to the file, under the data roots)."""
     rows = list(read_rows(path, options))
     if not rows:
         raise DataError(f'{str(path)!r} has no rows')

@@ -115,7 +115,7 @@ def from_csv(
         def make_uri(value: str, name: str) -> str:
             return _local_uri(path, value, roots, name)
 
-        return read_headerless(path, options, make_uri)
+        return read_headerless(path, options, make_uri, Item)
     header = [c.strip() for c in first]
     rows = [dict(zip(header, cells)) | {'__line__': line} for line, cells in read_rows(path, options, True)]
     if {'anchor', 'positive'} <= columns or {'sentence1', 'sentence2'} <= columns:

@@ -15,7 +15,7 @@ from executor.params import ParameterError, TrainParams, parse
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import DataError, load_items
 from executor.tuning.data.finetuner_csv import CSVOptions
-from executor.tuning.finetuner_compat import (
+from executor.tuning.finetuner_callbacks import (
     BestModelCheckpoint,
     EarlyStopping,
     EvaluationCallback,
