@@ -245,3 +245,18 @@ def test_early_stopping_baseline_and_wise_ft(tmp_path):
     weight = next(k for k, v in start.state_dict().items() if k.startswith('backbone.') and v.dim() == 4)
     states = [m.state_dict()[weight] for m in (tuned, kept, start)]
     assert not torch.allclose(states[0], states[1]) and torch.allclose(states[1], states[2], atol=1e-6)
+
+
+def test_a_per_epoch_schedule_moves_the_rate_at_epoch_ends():
+    from executor.tuning.config import SchedulerOptions
+    from executor.tuning.schedulers import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    options = SchedulerOptions(scheduler_step='epoch')
+    scheduler = build_scheduler('linear', optimizer, 12, options, steps_per_epoch=4)  # 3 epochs of 4 batches
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1.0] * 4 + [2 / 3] * 4 + [1 / 3] * 4)
