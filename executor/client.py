@@ -19,6 +19,28 @@ from jina import Client
 from jina.excepts import BadServer
 
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs
+from executor.tuning.data.finetuner_csv import CSVOptions
+from executor.tuning.finetuner_callbacks import (
+    BestModelCheckpoint,
+    EarlyStopping,
+    EvaluationCallback,
+    TrainingCheckpoint,
+    WandBLogger,
+    WiSEFTCallback,
+)
+
+__all__ = [
+    'BestModelCheckpoint',
+    'CSVOptions',
+    'EarlyStopping',
+    'EvaluationCallback',
+    'FinetunerClient',
+    'Run',
+    'ServiceError',
+    'TrainingCheckpoint',
+    'WandBLogger',
+    'WiSEFTCallback',
+]
 
 
 def as_finetuner_docs(docs: Sequence[BaseDoc]) -> DocList[FinetunerDoc]:
@@ -88,9 +110,11 @@ class FinetunerClient:
         ``anchor,positive[,negative]``, ``sentence1,sentence2,score``) or image folder on the server (under its data
         roots), or documents with ``uri``/``blob``/``tensor``/``text`` and ``label``. ``options``: any other
         ``/train`` parameter (``loss``, ``epochs``, ``batch_size``, ``learning_rate``, ``miner``, ``freeze``,
-        ``output_dim``, ``matryoshka_dims``, ``to_onnx``, ...).
+        ``output_dim``, ``matryoshka_dims``, ``to_onnx``, ...), and Finetuner's ``fit()`` arguments unchanged:
+        ``callbacks=[EvaluationCallback(...), EarlyStopping(...)]`` (this module's classes, or dicts with a
+        ``name``), ``csv_options=CSVOptions(is_labeled=True)``, ``model_options``, ``model_artifact``, ...
         """
-        parameters = {**({'model': model} if model is not None else {}), **options}
+        parameters = {**({'model': model} if model is not None else {}), **_json_ready(options)}
         docs = None
         if isinstance(train_data, str):
             parameters['train_data'] = train_data
@@ -174,6 +198,7 @@ class Run:
         return self._info.run_id
 
     id = name
+    artifact_id = name  # Finetuner's name for what fit(model_artifact=...) takes: here the run id
 
     def info(self) -> RunInfo:
         """The run's full state, fetched now."""
@@ -234,6 +259,17 @@ class Run:
 
     def __repr__(self) -> str:
         return f'Run({self.name!r}, status={self._info.status!r})'
+
+
+def _json_ready(options: dict[str, Any]) -> dict[str, Any]:
+    """Finetuner's option objects as the JSON the service reads: callbacks as ``{'name': ..., <fields set>}``,
+    ``CSVOptions`` as the fields set."""
+    out = dict(options)
+    if isinstance(out.get('callbacks'), (list, tuple)):
+        out['callbacks'] = [c.to_dict() if hasattr(c, 'to_dict') else c for c in out['callbacks']]
+    if isinstance(out.get('csv_options'), CSVOptions):
+        out['csv_options'] = out['csv_options'].model_dump(exclude_unset=True)
+    return out
 
 
 def _model_params(run_id: str | None, model: str | None, parameters: dict[str, Any]) -> dict[str, Any]:

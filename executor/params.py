@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from executor.service.store import RUN_ID_PATTERN
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import check_under_roots
+from executor.tuning.finetuner_compat import translate
 
 P = TypeVar('P', bound=BaseModel)
 logger = logging.getLogger(__name__)
@@ -173,6 +174,12 @@ class _TrainOptions(EndpointParams):
     run_name: Optional[str] = Field(
         None, pattern=RUN_ID_PATTERN, description='the run_id to give the new run (default: a time-ordered id)'
     )
+
+    @model_validator(mode='before')
+    @classmethod
+    def _finetuner_arguments(cls, data: Any) -> Any:
+        # before the key check (EndpointParams'): Finetuner's names that are no fields here are translated first
+        return translate(data, core=False) if isinstance(data, dict) else data
 
     @field_validator('freeze', mode='before', check_fields=False)
     @classmethod

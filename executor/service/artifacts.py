@@ -1,4 +1,5 @@
-"""Artifacts for serving: the model file to serve for a run id, an artifact folder, a ``.zip`` of one, or a model file.
+"""Artifacts for serving: the model file to serve for a run id, an artifact folder, a ``.zip`` of one, or a model file;
+Finetuner's artifacts too (its zip or folder, rebuilt once by ``finetuner_artifact``).
 
 A zip is unpacked once, into a folder named by its name and a digest of its bytes, and served from there; one that
 would unpack to more than ``MAX_UNPACKED_BYTES``, or whose members compress like a zip bomb, is refused before a byte
@@ -14,6 +15,7 @@ import re
 import zipfile
 from pathlib import Path
 
+from executor.service.finetuner_artifact import finetuner_models, rebuild
 from executor.service.store import RUN_ID_PATTERN, STATUS_FILE, RunStore
 from executor.tuning.artifact import MODEL_FILE, ONNX_FILE
 
@@ -44,13 +46,16 @@ def open_artifact(
         if not path.exists():
             raise FileNotFoundError(
                 f'artifact {text!r} is neither a run id of this workspace nor an existing path; '
-                'give a run id, an artifact folder (with model.pt / model.onnx) or a .zip of one'
+                "give a run id, an artifact folder (with model.pt / model.onnx) or a .zip of one (or Finetuner's)"
             )
         if path.is_file() and path.suffix == '.zip':
             path = _unpack(path, unpack_dir)
         if path.is_file():
             return path
         folder = path
+        models = finetuner_models(folder) if not (folder / MODEL_FILE).is_file() else {}
+        if models:
+            return rebuild(folder, models, select_model, unpack_dir)
     if select_model is not None:
         chosen = folder / select_model
         if not chosen.is_file():

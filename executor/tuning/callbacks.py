@@ -111,11 +111,12 @@ class BestModel(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stops the run when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+    """Stops the run when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs; with a
+    ``baseline``, improving means bettering it first (Finetuner's EarlyStopping)."""
 
-    def __init__(self, monitor: str, patience: int = 3, min_delta: float = 0.0) -> None:
+    def __init__(self, monitor: str, patience: int = 3, min_delta: float = 0.0, baseline: float | None = None) -> None:
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
-        self.best: float | None = None
+        self.best: float | None = baseline
         self.wait = 0
 
     def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
@@ -212,7 +213,14 @@ def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str
     if config.save_best and evaluator is not None:
         callbacks.append(BestModel(monitor))
     if config.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor, config.early_stopping_patience))
+        callbacks.append(
+            EarlyStopping(
+                monitor,
+                config.early_stopping_patience,
+                config.early_stopping_min_delta,
+                config.early_stopping_baseline,
+            )
+        )
     callbacks += list(config.callbacks)
     if config.tensorboard:
         callbacks.append(TensorBoardLogger(str(output_dir / 'tensorboard')))

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.devices import check_device
+from executor.tuning.finetuner_compat import translate
 from executor.tuning.losses import list_losses, list_miners, unknown_name
+from executor.tuning.optim import check_optimizer
 from executor.tuning.pair_losses import CLIP_LOSS, PAIR_LOSSES
 
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
@@ -26,6 +29,10 @@ class SchedulerOptions(BaseModel):
     num_cycles: float = Field(0.5, gt=0)
     power: float = Field(1.0, gt=0)
     lr_end: float = Field(0.0, ge=0)
+    scheduler_step: Literal['batch', 'epoch'] = Field('batch', description='step the schedule every batch or epoch')
+    num_training_steps: Optional[int] = Field(
+        None, ge=1, description="the schedule's length in its steps (default: the run's batches, or its epochs)"
+    )
 
 
 class TrainConfig(BaseModel):
@@ -63,6 +70,15 @@ class TrainConfig(BaseModel):
     index_data: Any = None
     augmentation: Literal['none', 'light', 'strong'] = Field('none', description='training augmentation')
     limit: int = Field(20, ge=1, le=1000, description='k of the retrieval metrics')
+    val_split: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description='hold out this share of train_data (per class) as the evaluation data, when no eval_data is given',
+    )
+    csv_options: Optional[CSVOptions] = Field(
+        None, description="how CSV files are read (Finetuner's CSVOptions: is_labeled, dialect, size, ...)"
+    )
 
     # objective
     loss: Optional[str] = Field(
@@ -83,10 +99,12 @@ class TrainConfig(BaseModel):
     miner_options: dict[str, Any] = Field(default_factory=dict)
 
     # optimisation
-    optimizer: Literal['Adam', 'AdamW', 'SGD'] = 'Adam'
+    optimizer: str = Field('Adam', description='any torch.optim class by name (Adam, AdamW, SGD, RMSprop, ...)')
     optimizer_options: dict[str, Any] = Field(default_factory=dict)
     learning_rate: Optional[float] = Field(None, gt=0, le=10, description='default depends on the task (tasks/)')
-    loss_optimizer: Literal['Adam', 'AdamW', 'SGD'] = 'Adam'
+    loss_optimizer: str = Field(
+        'Adam', description="the loss's own optimizer (ArcFace, CosFace, proxies): any torch.optim class"
+    )
     loss_optimizer_options: dict[str, Any] = Field(default_factory=lambda: {'lr': 1e-3})
     scheduler: Optional[Scheduler] = None
     scheduler_options: SchedulerOptions = Field(default_factory=SchedulerOptions)
@@ -122,12 +140,31 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, le=64)
     monitor: Optional[str] = Field(None, description='metric for best-model and early stopping')
     early_stopping_patience: Optional[int] = Field(None, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0, description='a smaller change of monitor is no improvement')
+    early_stopping_baseline: Optional[float] = Field(
+        None, description='stop when monitor has not bettered this value for early_stopping_patience epochs'
+    )
+    wise_ft_alpha: Optional[float] = Field(
+        None,
+        ge=0,
+        le=1,
+        description='WiSE-FT: the final backbone weights are alpha x fine-tuned + (1 - alpha) x pre-trained',
+    )
     save_best: bool = True
     tensorboard: bool = True
     to_onnx: bool = False
     output_dir: Optional[Path] = None
     data_roots: Optional[list[str]] = None
+    description: Optional[str] = Field(None, max_length=10_000, description='what the run is for (kept in its config)')
+    experiment_name: Optional[str] = Field(
+        None, max_length=200, description='a group of runs (kept in the config, as Finetuner grouped runs)'
+    )
     callbacks: list[Any] = Field(default_factory=list, exclude=True)
+
+    @model_validator(mode='before')
+    @classmethod
+    def _finetuner_arguments(cls, data: Any) -> Any:
+        return translate(data, core=True) if isinstance(data, dict) else data
 
     @field_validator('loss')
     @classmethod
@@ -143,6 +180,11 @@ class TrainConfig(BaseModel):
         if value is not None and value not in list_miners():
             raise unknown_name('miner', value, list_miners())
         return value
+
+    @field_validator('optimizer', 'loss_optimizer')
+    @classmethod
+    def _known_optimizer(cls, value: str, info: ValidationInfo) -> str:
+        return check_optimizer(value, info.field_name)
 
     @field_validator('device')
     @classmethod
@@ -232,4 +274,4 @@ class TrainConfig(BaseModel):
 
     @property
     def has_evaluation(self) -> bool:
-        return self.eval_data is not None or self.query_data is not None
+        return self.eval_data is not None or self.query_data is not None or self.val_split > 0

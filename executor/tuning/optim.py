@@ -1,7 +1,10 @@
-"""Optimizers by Finetuner's names, with new heads learning faster than the fine-tuned backbone."""
+"""Optimizers by name (every ``torch.optim`` class, as Finetuner took them), with new heads learning faster than the
+fine-tuned backbone."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,7 +14,30 @@ from torch import nn
 # New heads start from random weights: next to a fine-tuned backbone they learn at HEAD_LR_FACTOR x its rate.
 # Measured on digits (full fine-tune from lr 1e-4, 5 epochs): accuracy 0.70 with one rate, 0.72 with this.
 HEAD_LR_FACTOR = 10.0
-OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW, 'SGD': torch.optim.SGD}
+OPTIMIZERS = {
+    name: cls
+    for name, cls in vars(torch.optim).items()
+    if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
+}
+# torch.optim classes that cannot drive this trainer's loop, and why (what to use is said with it)
+REFUSED = {
+    'LBFGS': 'it re-evaluates the loss several times per step through a closure, and this trainer takes one '
+    'gradient step per batch (with gradient scaling and accumulation)',
+    'SparseAdam': 'it takes sparse gradients only, and the models trained here have dense ones',
+    'Muon': 'it optimizes 2-D weight matrices only, and every model here also has biases and norm weights',
+}
+
+
+def check_optimizer(name: str, what: str = 'optimizer') -> str:
+    """``name`` when it is a ``torch.optim`` class this trainer can step; a ``ValueError`` saying which are else."""
+    usable = sorted(set(OPTIMIZERS) - set(REFUSED))
+    if name in REFUSED:
+        raise ValueError(f'{what}={name!r} cannot train here: {REFUSED[name]}; use one of {", ".join(usable)}')
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(name, usable, n=1)
+        hint = f' (did you mean {close[0]!r}?)' if close else ''
+        raise ValueError(f'unknown {what} {name!r}{hint}; use one of {", ".join(usable)} (torch.optim classes)')
+    return name
 
 
 def build_optimizer(

@@ -35,11 +35,17 @@ def _factor(step: int, *, name: str, warmup: int, total: int, cycles: float, pow
 
 
 def build_scheduler(
-    name: str | None, optimizer: Optimizer, total_steps: int, options: SchedulerOptions
+    name: str | None, optimizer: Optimizer, total_steps: int, options: SchedulerOptions, steps_per_epoch: int = 1
 ) -> LambdaLR | None:
-    """``None`` keeps the learning rate constant; ``num_warmup_steps`` < 1 is a fraction of ``total_steps``."""
+    """``None`` keeps the learning rate constant; ``num_warmup_steps`` < 1 is a fraction of the schedule.
+
+    The scheduler is stepped every batch. With ``scheduler_step='epoch'`` (Finetuner's) the schedule counts epochs:
+    the rate holds through an epoch and moves at its end. The schedule is ``num_training_steps`` of its steps long
+    when given, else the whole run."""
     if name is None:
         return None
+    per = steps_per_epoch if options.scheduler_step == 'epoch' else 1
+    total_steps = options.num_training_steps or max(1, total_steps // per)
     warmup = options.num_warmup_steps
     warmup = int(round(warmup * total_steps)) if 0 < warmup < 1 else int(warmup)
     # cosine_with_restarts counts whole cycles (transformers' num_cycles=1 default); cosine half a cycle
@@ -54,4 +60,4 @@ def build_scheduler(
         power=options.power,
         lr_end=options.lr_end / base_lr if base_lr else 0.0,
     )
-    return LambdaLR(optimizer, fn)
+    return LambdaLR(optimizer, fn if per == 1 else lambda step: fn(step // per))

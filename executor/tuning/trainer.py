@@ -35,6 +35,7 @@ from executor.tuning.models import EmbeddingModel, TwoTowerModel, build_model, b
 from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.schedulers import build_scheduler
 from executor.tuning.tasks import evaluation_items, training_items
+from executor.tuning.wise_ft import WiSEFT
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir or Path('runs') / time.strftime('run-%Y%m%d-%H%M%S'))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.model = self._build_model()
+        self.wise_ft = WiSEFT(self.model.backbone, config.wise_ft_alpha)
         self.task.build(self.model, self.class_names, self.world)
         self._place_on_device()
         self.batch_size = self._batch_size()
@@ -202,7 +204,8 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.sampler) // config.accumulate_grad_batches)
         self.epochs = config.epochs
         self.total_steps = self.steps_per_epoch * self.epochs
-        self.scheduler = build_scheduler(config.scheduler, self.optimizer, self.total_steps, config.scheduler_options)
+        schedule = (config.scheduler, self.optimizer, self.total_steps, config.scheduler_options)
+        self.scheduler = build_scheduler(*schedule, steps_per_epoch=self.steps_per_epoch)
 
     def _auto_batch_size(self) -> int:
         """The largest global batch whose training step fits in memory (``auto_batch_size``), kept for the run."""
@@ -359,6 +362,7 @@ class Trainer:
         if best is not None and best.best_state is not None:
             self.model.load_state_dict(best.best_state)
             logger.info('final model: epoch %d, best %s=%.4f', best.best_epoch, best.monitor, best.best)
+        self.wise_ft.apply(self.model.backbone)
         self.model.to('cpu', memory_format=torch.contiguous_format).eval()
         self.device = torch.device('cpu')  # where the final evaluation runs, beside the model
         model_file = save_model(self.model, self.output_dir / artifact.MODEL_FILE)

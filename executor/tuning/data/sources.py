@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -12,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from executor.tuning.data.finetuner_csv import IMAGE_SUFFIXES, CSVOptions, read_headerless, read_rows
 from executor.tuning.data.images import DataError
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 
 
 @dataclass
@@ -87,52 +85,82 @@ def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike
 
 
 PAIR_COLUMNS = (('anchor', 'positive', 'negative'), ('sentence1', 'sentence2'))
+HEADER_WORDS = {'uri', 'text', 'label', 'anchor', 'positive', 'negative', 'sentence1', 'sentence2', 'score'}
+HEADER_WORDS |= {'image', 'caption'}
+ROW_COLUMNS = {'uri', 'text', 'image', 'caption'}  # the columns of single items and captioned images (and label)
 CSV_LAYOUTS = (
     'uri,label | text,label | image,caption (or uri,text) | anchor,positive[,negative] | sentence1,sentence2,score'
 )
 
 
-def from_csv(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
+def from_csv(
+    path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None, options: CSVOptions | None = None
+) -> list[Item]:
     """``uri,label`` or ``text,label`` (``label`` optional), ``image,caption`` or ``uri,text`` (captioned images, an
     image on as many rows as it has captions), ``anchor,positive[,negative]`` (sentence pairs or triplets), or
-    ``sentence1,sentence2,score`` (scored pairs, any score range); a header row names the columns. Relative uris are
-    relative to the file."""
+    ``sentence1,sentence2,score`` (scored pairs, any score range), when a header row names the columns.
+    A file whose first row names none of these is read as Finetuner read its CSVs, without a header, by ``options``
+    (``finetuner_csv``). ``options`` also sample the rows (``size``, ``sampling_rate``) and set the dialect and
+    encoding. Relative uris are relative to the file."""
     path = check_under_roots(path, roots, 'train/eval data')
     if not path.is_file():
         raise DataError(f'CSV file {str(path)!r} does not exist')
-    with open(path, newline='', encoding='utf-8') as fh:
-        reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
-        if {'anchor', 'positive'} <= columns or {'sentence1', 'sentence2'} <= columns:
-            items = _pairs(reader, columns, path)
-        elif not columns & {'uri', 'text', 'image', 'caption'}:
+    given = options
+    options = options or CSVOptions()
+    first = next(read_rows(path, options.model_copy(update={'size': 1, 'sampling_rate': None})), (1, []))[1]
+    columns = {c.strip() for c in first}
+    if not _is_header(columns):
+        if given is None and (columns & HEADER_WORDS or len(first) not in (2, 3)):
             raise DataError(
-                f'{str(path)!r}: the header must name the columns of one of {CSV_LAYOUTS}; found {sorted(columns)}'
+                f'{str(path)!r}: the header must name the columns of one of {CSV_LAYOUTS}; found {sorted(columns)}. '
+                'A file without a header row is read as Finetuner read it: 2 columns (item,label with '
+                "csv_options={'is_labeled': True}, else a pair) or 3 (a scored pair)"
             )
-        else:
-            items = _rows(reader, columns, path, roots)
+
+        def make_uri(value: str, name: str) -> str:
+            return _local_uri(path, value, roots, name)
+
+        return read_headerless(path, options, make_uri, Item)
+    header = [c.strip() for c in first]
+    rows = [dict(zip(header, cells)) | {'__line__': line} for line, cells in read_rows(path, options, True)]
+    if {'anchor', 'positive'} <= columns or {'sentence1', 'sentence2'} <= columns:
+        items = _pairs(rows, columns, path)
+    else:
+        items = _rows(rows, columns, path, roots)
     if not items:
         raise DataError(f'{str(path)!r} has a header but no rows')
     return items
 
 
-def _rows(reader: csv.DictReader, columns: set[str], path: Path, roots: Sequence | None) -> list[Item]:
+def _is_header(columns: set[str]) -> bool:
+    return (
+        {'anchor', 'positive'} <= columns
+        or {'sentence1', 'sentence2'} <= columns
+        or (bool(columns & ROW_COLUMNS) and columns <= ROW_COLUMNS | {'label'})
+    )
+
+
+def _local_uri(path: Path, uri: str, roots: Sequence | None, name: str) -> str:
+    if '://' in uri:
+        raise DataError(f'{name}: {url_refusal(uri)}')
+    return str(check_under_roots(path.parent / uri, roots, name))
+
+
+def _rows(rows: list[dict], columns: set[str], path: Path, roots: Sequence | None) -> list[Item]:
     image_column = next((c for c in ('uri', 'image') if c in columns), None)
     text_column = next((c for c in ('text', 'caption') if c in columns), None)
     items = []
-    for line, row in enumerate(reader, start=2):
-        name = f'{path.name} line {line}'
+    for row in rows:
+        name = f'{path.name} line {row["__line__"]}'
         label = (row.get('label') or '').strip() or None
         text = (row.get(text_column) or '').strip() if text_column else None
         if image_column is not None:
             uri = (row.get(image_column) or '').strip()
             if not uri:
                 raise DataError(f'{name}: empty {image_column}')
-            if '://' in uri:
-                raise DataError(f'{name}: {url_refusal(uri)}')
             if text_column is not None and not text:
                 raise DataError(f'{name}: empty {text_column}; every image,caption row needs its caption')
-            uri = str(check_under_roots(path.parent / uri, roots, name))
+            uri = _local_uri(path, uri, roots, name)
             items.append(Item(id=name, uri=uri, text=text or None, label=label, name=name))
         else:
             if not text:
@@ -141,14 +169,14 @@ def _rows(reader: csv.DictReader, columns: set[str], path: Path, roots: Sequence
     return items
 
 
-def _pairs(reader: csv.DictReader, columns: set[str], path: Path) -> list[Item]:
+def _pairs(rows: list[dict], columns: set[str], path: Path) -> list[Item]:
     """Sentence pairs, triplets or scored pairs: every sentence non-empty, every score a number."""
     names = next(c for c in PAIR_COLUMNS if c[0] in columns)
     names = tuple(c for c in names if c in columns)
     scored = 'score' in columns
     items = []
-    for line, row in enumerate(reader, start=2):
-        name = f'{path.name} line {line}'
+    for row in rows:
+        name = f'{path.name} line {row["__line__"]}'
         texts = tuple((row.get(c) or '').strip() for c in names)
         empty = [c for c, t in zip(names, texts) if not t]
         if empty:
@@ -226,15 +254,25 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
     return items
 
 
-def load_items(source: Any, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:
-    """A CSV path, a folder path, or a sequence of records/``Item`` -> items."""
+def load_items(
+    source: Any, roots: Sequence[str | os.PathLike] | None = None, csv_options: CSVOptions | None = None
+) -> list[Item]:
+    """A CSV file (``.csv``, or any file: Finetuner read every file as CSV), a folder path, or a sequence of
+    records/``Item`` -> items. ``csv_options`` say how a CSV file is read (``finetuner_csv.CSVOptions``)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.suffix.lower() == '.csv':
-            return from_csv(path, roots)
+        if path.suffix.lower() == '.csv' or _is_file_under(path, roots):
+            return from_csv(path, roots, csv_options)
         return from_folder(path, roots)
     if isinstance(source, Sequence) and source and all(isinstance(s, Item) for s in source):
         return list(source)
     if isinstance(source, Sequence):
         return from_records(source, roots)
     raise DataError(f'data must be a CSV path, an image folder or a list of documents; got {type(source).__name__}')
+
+
+def _is_file_under(path: Path, roots: Sequence[str | os.PathLike] | None) -> bool:
+    try:
+        return check_under_roots(path, roots, 'train/eval data').is_file()
+    except DataError:
+        return False

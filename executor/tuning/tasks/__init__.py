@@ -88,8 +88,11 @@ def evaluation_items(config: TrainConfig) -> tuple[list[Item], list[Item] | None
     evaluation data."""
     if not config.has_evaluation:
         return None
-    query = load_items(config.query_data if config.query_data is not None else config.eval_data, config.data_roots)
-    index = load_items(config.index_data, config.data_roots) if config.index_data is not None else None
+    if config.eval_data is None and config.query_data is None:  # val_split: the held-out share of train_data
+        return holdout(load_items(config.train_data, config.data_roots, config.csv_options), config)[1], None
+    query_source = config.query_data if config.query_data is not None else config.eval_data
+    query = load_items(query_source, config.data_roots, config.csv_options)
+    index = None if config.index_data is None else load_items(config.index_data, config.data_roots, config.csv_options)
     return query, index
 
 
@@ -100,7 +103,9 @@ def training_items(config: TrainConfig) -> tuple[list[Item], Task]:
             'no training data: send labelled documents with the request, or set train_data to a CSV '
             'file or an image folder under the data roots'
         )
-    items = load_items(config.train_data, config.data_roots)
+    items = load_items(config.train_data, config.data_roots, config.csv_options)
+    if config.val_split > 0 and config.eval_data is None and config.query_data is None:
+        items = holdout(items, config)[0]
     if len(items) < 2:
         raise DataError(
             f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
@@ -108,6 +113,30 @@ def training_items(config: TrainConfig) -> tuple[list[Item], Task]:
         )
     task = decide_task(config, items)
     return task.prepare(items), task
+
+
+def holdout(items: list[Item], config: TrainConfig) -> tuple[list[Item], list[Item]]:
+    """``items`` split into training and held-out evaluation items by ``val_split``, the same way every time (by
+    ``seed``): labelled items class by class, so each class keeps items on both sides (a class held out needs two,
+    one to search for the other); unlabelled ones (pairs) row by row."""
+    import random
+
+    rng = random.Random(config.seed)
+    groups: dict[str | None, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.label, []).append(i)
+    held: set[int] = set()
+    for label, members in groups.items():
+        count = round(len(members) * config.val_split)
+        if label is not None and count == 1:
+            count = 2 if len(members) >= 4 else 0
+        held.update(rng.sample(members, count))
+    if not held:
+        raise DataError(
+            f'val_split={config.val_split} holds out no item of the {len(items)} training items (a labelled class '
+            'needs 4 items to give 2 to the evaluation); raise val_split, or give eval_data'
+        )
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
 
 
 def check_objective(config: TrainConfig, task: Task, classes: list[str] | None) -> None:

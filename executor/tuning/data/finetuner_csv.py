@@ -1,0 +1,177 @@
+"""Finetuner's CSV files: no header row, read by ``CSVOptions`` (``is_labeled``, ``dialect``, ``size``, ...).
+
+Finetuner read a CSV as rows of data, never a header: two columns are ``item,label`` with ``is_labeled=True``, else a
+pair of items that belong together; three columns are a pair and its similarity score. Whether a column holds
+images or text is told here by its values (a path with an image suffix is an image), where Finetuner asked the
+model's task. Image pairs become labelled images, each pair one class, as Finetuner made them (an item seen in an
+earlier pair keeps that pair's label); sentence pairs are this project's ``anchor,positive`` pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from executor.tuning.data.images import DataError
+
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+SNIFFED = ',\t;|'  # the delimiters 'auto' tells apart (the sniffer guesses letters too on short files)
+SAMPLE_SEED = 0  # Finetuner sampled rows unseeded; a fixed seed makes a run read the same rows every time
+
+
+class CSVOptions(BaseModel):
+    """Finetuner's ``CSVOptions``, field for field (plus ``delimiter``): how a CSV file of training or evaluation
+    data is read."""
+
+    model_config = ConfigDict(extra='forbid')
+
+    size: Optional[int] = Field(None, ge=1, description='read at most this many rows (after sampling)')
+    sampling_rate: Optional[float] = Field(
+        None, ge=0, le=1, description='keep each row with this probability (seeded: the same rows every time)'
+    )
+    dialect: str = Field('auto', description="'auto' (sniffed, else 'excel') or a csv module dialect name")
+    delimiter: Optional[str] = Field(None, min_length=1, max_length=1, description="overrides the dialect's")
+    encoding: str = 'utf-8'
+    is_labeled: bool = Field(False, description='two columns are item,label (True) or a pair of items (False)')
+    convert_to_blob: bool = Field(True, description='accepted; images are read from their files either way')
+    create_point_clouds: bool = Field(True, description='accepted; only 3D meshes used it, which are not trained')
+    point_cloud_size: int = Field(2048, ge=1, description='accepted; only 3D meshes used it')
+
+    @field_validator('dialect')
+    @classmethod
+    def _known_dialect(cls, value: str) -> str:
+        if value != 'auto' and value not in csv.list_dialects():
+            raise ValueError(f"unknown dialect {value!r}; use 'auto' or one of {csv.list_dialects()}")
+        return value
+
+    @field_validator('encoding')
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f'unknown encoding {value!r}; use e.g. utf-8 or latin-1') from None
+        return value
+
+
+def read_rows(path: Path, options: CSVOptions, skip_header: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """``(line, cells)`` of the rows ``options`` keeps (its dialect, ``sampling_rate``, then ``size``), the first
+    row left out with ``skip_header``."""
+    with open(path, newline='', encoding=options.encoding) as fh:
+        dialect: type[csv.Dialect] | str = options.dialect
+        if dialect == 'auto':
+            try:
+                dialect = csv.Sniffer().sniff(fh.read(1024), delimiters=SNIFFED)
+            except csv.Error:
+                dialect = 'excel'  # Finetuner's fallback too
+            fh.seek(0)
+        extra = {'delimiter': options.delimiter} if options.delimiter else {}
+        reader = csv.reader(fh, dialect, **extra)
+        rng = random.Random(SAMPLE_SEED)
+        kept = 0
+        for cells in reader:
+            if skip_header and reader.line_num == 1:
+                continue
+            if options.size is not None and kept >= options.size:
+                return
+            if not cells or (options.sampling_rate is not None and rng.random() >= options.sampling_rate):
+                continue
+            kept += 1
+            yield reader.line_num, cells
+
+
+def is_image_path(value: str) -> bool:
+    return Path(value).suffix.lower() in IMAGE_SUFFIXES
+
+
+Kind = Literal['image', 'text']
+
+
+def read_headerless(path: Path, options: CSVOptions, make_uri, Item) -> list:
+    """The items (instances of ``Item``, ``sources.Item``) of a headerless Finetuner CSV. ``make_uri(value, name)``
+    resolves an image path (relative to the file, under the data roots)."""
+    rows = list(read_rows(path, options))
+    if not rows:
+        raise DataError(f'{str(path)!r} has no rows')
+    width = len(rows[0][1])
+    allowed = (2,) if options.is_labeled else (2, 3)
+    layout = 'item,label (is_labeled=True)' if options.is_labeled else 'a pair item,item or item,item,score'
+    kinds: list[Kind] | None = None
+    items: list[Item] = []
+    labels: dict[str, str] = {}
+    for line, cells in rows:
+        name = f'{path.name} line {line}'
+        cells = [c.strip() for c in cells]
+        if len(cells) != width or width not in allowed:
+            raise DataError(
+                f'{name}: {len(cells)} columns; a CSV without a header row is read as Finetuner read it, every row '
+                f'{layout}; give each row {" or ".join(map(str, allowed))} columns, or a header row naming the '
+                'columns (uri,label | text,label | anchor,positive | sentence1,sentence2,score)'
+            )
+        empty = [i + 1 for i, c in enumerate(cells) if not c]
+        if empty:
+            raise DataError(f'{name}: column {empty[0]} is empty; every row needs a value in each of its {width}')
+        data = cells[:1] if options.is_labeled else cells[:2]
+        row_kinds: list[Kind] = ['image' if is_image_path(c) else 'text' for c in data]
+        if kinds is None:
+            kinds = row_kinds
+            if 'image' in kinds and 'text' in kinds:
+                raise DataError(
+                    f'{name}: an image and a text in one row make a text-to-image (CLIP) pair, which a headerless '
+                    'file does not give here; give the file a header row image,caption'
+                )
+            if width == 3 and 'image' in kinds:
+                raise DataError(f'{name}: scored pairs (3 columns) must be sentences, got an image path')
+        elif row_kinds != kinds:
+            shown = ', '.join(f'{c!r} ({k})' for c, k in zip(data, row_kinds))
+            raise DataError(
+                f'{name}: {shown}, while line {rows[0][0]} has {", ".join(kinds)}: every row must hold the same '
+                'kinds (an image path ends in an image suffix); if the first line is a header, it must name the '
+                'columns of uri,label | text,label | anchor,positive | sentence1,sentence2,score'
+            )
+        if options.is_labeled:
+            items.append(_item(Item, name, data[0], kinds[0], cells[1], make_uri))
+        elif width == 3:
+            items.append(Item(id=name, name=name, columns=tuple(data), score=_score(name, cells[2])))
+        elif kinds[0] == 'text':
+            items.append(Item(id=name, name=name, columns=tuple(data)))
+        else:
+            items += _image_pair(Item, name, data, labels, make_uri)
+    return items
+
+
+def _item(item_cls, name: str, value: str, kind: Kind, label: str | None, make_uri):
+    if kind == 'image':
+        return item_cls(id=name, uri=make_uri(value, name), label=label, name=name)
+    return item_cls(id=name, text=value, label=label, name=name)
+
+
+def _image_pair(item_cls, name: str, pair: Sequence[str], labels: dict[str, str], make_uri) -> list:
+    """Finetuner's pair rule: both images get a new label, unless one was seen before: then the unseen one joins
+    the seen one's label; a pair of two seen images adds nothing."""
+    first, second = pair
+    if first in labels and second in labels:
+        return []
+    if first in labels or second in labels:
+        seen, new = (first, second) if first in labels else (second, first)
+        labels[new] = labels[seen]
+        return [_item(item_cls, f'{name} ({new})', new, 'image', labels[new], make_uri)]
+    labels[first] = labels[second] = f'pair-{len(set(labels.values()))}'
+    return [_item(item_cls, f'{name} ({value})', value, 'image', labels[value], make_uri) for value in pair]
+
+
+def _score(name: str, raw: str) -> float:
+    try:
+        score = float(raw)
+    except ValueError:
+        raise DataError(f'{name}: score {raw!r} is not a number; a scored pair has its score third') from None
+    if score != score or score in (float('inf'), float('-inf')):
+        raise DataError(f'{name}: score {raw!r} is not a finite number')
+    return score
