@@ -48,7 +48,7 @@ from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
 from executor.tuning.evaluation import evaluator_for
-from executor.tuning.models import build_model, family_of, list_models, load_model, unknown_model
+from executor.tuning.models import TOWERS, build_model, family_of, list_models, load_model, unknown_model
 from executor.tuning.tasks import check_training_data
 
 if TYPE_CHECKING:
@@ -84,7 +84,8 @@ class FinetunerExecutor(Executor):
         :param batch_size: images per forward pass of /encode, /classify and /evaluate.
         :param max_batch_size: the most a request's `batch_size` may ask for (a larger one is refused, naming it).
         :param max_image_pixels: the most pixels an image may have; a larger one is refused from its header.
-        :param select_model: the model file inside `artifact` (default: model.onnx with runtime 'onnx', else model.pt).
+        :param select_model: the model file inside `artifact` (default: model.onnx with runtime 'onnx', else model.pt);
+            for a two-tower model, 'clip-text' or 'clip-vision' serves that tower alone (the Hub executor's names).
         :param device: 'auto', 'cpu', 'cuda' or 'cuda:N', for serving and (by default) for training.
         :param runtime: 'onnx' serves a model's ONNX export where it has one; 'torch' always serves the .pt model.
         :param data_roots: folders requests may read data from, besides `<workspace>/data` (symlinks resolved).
@@ -119,12 +120,15 @@ class FinetunerExecutor(Executor):
         self.encoders = EncoderCache(self.settings.max_cached_models)
         self.batcher = RequestBatcher()
         self.served = None
+        # a two-tower artifact's one tower, served alone (the Hub executor's select_model names)
+        self.served_tower = self.settings.select_model if self.settings.select_model in TOWERS else None
         if self.settings.artifact is None:
             family_of(self.settings.model)  # the operator's choice: a registry name or a model folder anywhere
         else:
             self.unpack_dir.mkdir(parents=True, exist_ok=True)
+            file = None if self.served_tower else self.settings.select_model
             self.served = open_artifact(
-                self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, self.settings.select_model
+                self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, file
             )
             self._encoder(ModelParams())  # loaded now: a broken artifact stops the start, not the first request
         self.jobs = JobQueue(self.store)
@@ -278,8 +282,6 @@ class FinetunerExecutor(Executor):
         return items_of(docs, self.data_roots)
 
     def _encoder(self, params: ModelParams) -> 'Encoder':
-        from executor.tuning.inference import create_encoder  # onnxruntime: loaded on first use
-
         runtime, device = params.runtime or self.settings.runtime, self.settings.device
         if params.run_id is not None:
             path = self.store.model_file(params.run_id, runtime)
@@ -290,8 +292,24 @@ class FinetunerExecutor(Executor):
             return self.encoders.get(
                 ('model', name, runtime, device, None), lambda: self._registry_encoder(name, runtime, device)
             )
-        key = ('file', str(path), path.stat().st_mtime_ns, device, params.run_id)
-        return self.encoders.get(key, lambda: create_encoder(path, device=device))
+        tower = self.served_tower if path == self.served else None
+        key = ('file', str(path), path.stat().st_mtime_ns, device, params.run_id, runtime, tower)
+        return self.encoders.get(key, lambda: self._file_encoder(path, runtime, device, tower))
+
+    def _file_encoder(self, path: Path, runtime: str, device: str, tower: str | None) -> 'Encoder':
+        """A model file's encoder; a two-tower model's runs its towers' ONNX exports on 'onnx' where the run wrote
+        them, and serves one tower alone when ``tower`` names it."""
+        from executor.tuning.inference import TwoTowerEncoder, create_encoder, runtime_for  # onnxruntime: on first use
+
+        encoder = create_encoder(path, runtime_for(path, runtime), device=device)
+        if tower is not None:
+            if not isinstance(encoder, TwoTowerEncoder):
+                raise ValueError(
+                    f'select_model={tower!r} names a tower of a two-tower model, but {str(path)!r} holds a model of '
+                    'one tower; leave select_model out, or name a model file of the artifact'
+                )
+            return encoder.tower(tower)
+        return encoder
 
     def _registry_encoder(self, name: str, runtime: str, device: str) -> 'Encoder':
         """A registry model, pre-trained: on runtime 'onnx' through onnxruntime, exported on first use and cached in
@@ -355,7 +373,7 @@ class FinetunerExecutor(Executor):
                 'loss="CrossEntropyLoss"'
             )
         contents, names = encoder.items(self._items(docs))
-        if len(contents) > self.batcher.max_rows:
+        if len(contents) > self.batcher.max_rows or not encoder.shares_batches:
             return encoder, contents, names, None
         return encoder, contents, names, encoder.preprocess(contents, batch_size, names)
 

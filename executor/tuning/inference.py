@@ -373,6 +373,15 @@ def two_tower_encoder(
     return TwoTowerEncoder(towers, model.inputs)
 
 
+def runtime_for(path: Path, runtime: Runtime) -> Runtime:
+    """The runtime a served model file runs on: an ``.onnx`` file on onnxruntime; a ``model.pt`` on torch, except a
+    two-tower model's on ``runtime`` 'onnx' when its run exported both towers (``<tower>/model.onnx`` beside it)."""
+    if path.suffix == '.onnx':
+        return 'onnx'
+    exported = all((path.parent / name / artifact.ONNX_FILE).is_file() for name in TOWERS)
+    return 'onnx' if runtime == 'onnx' and exported else 'torch'
+
+
 def create_encoder(
     source: EmbeddingModel | str | os.PathLike,
     runtime: Runtime | None = None,

@@ -50,6 +50,11 @@ class TwoTowerModel(nn.Module):
         self.image.inputs, self.text.inputs = inputs.image, inputs.text
 
     @property
+    def backbone(self) -> nn.ModuleDict:
+        """Both towers' backbones (what WiSE-FT interpolates), without their projections."""
+        return nn.ModuleDict({IMAGE: self.image.backbone, TEXT: self.text.backbone})
+
+    @property
     def freeze_batchnorm(self) -> bool:
         return self.image.freeze_batchnorm
 

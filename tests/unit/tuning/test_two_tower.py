@@ -1,0 +1,204 @@
+"""Two-tower (text-to-image) models from the offline towers (efficientnet_lite0 and all-MiniLM-L6-v2 from their
+wheels): routing by content, CLIPLoss against a plain loop, a short run on captioned digits, both towers' ONNX
+parity, save and load, and bad captioned data named."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from executor.tuning.config import TrainConfig
+from executor.tuning.data import DataError, load_items
+from executor.tuning.inference import TwoTowerEncoder, create_encoder
+from executor.tuning.inputs import Captioned, Text, sample_photos
+from executor.tuning.models import TwoTowerModel, build_two_tower, load_model, save_model
+from executor.tuning.pair_losses import CLIPLoss
+from executor.tuning.tasks import check_training_data
+from executor.tuning.trainer import fit
+
+WORDS = 'zero one two three four five six seven eight nine'.split()
+
+
+@pytest.fixture(scope='module')
+def model() -> TwoTowerModel:
+    torch.manual_seed(0)
+    return build_two_tower('efficientnet_lite0', 'all-MiniLM-L6-v2', output_dim=64).eval()
+
+
+def write_csv(path: Path, header: list[str], rows: list) -> Path:
+    with open(path, 'w', newline='', encoding='utf-8') as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope='module')
+def captioned_digits(tmp_path_factory) -> dict[str, Path]:
+    """scikit-learn's digits as PNG files captioned from their labels ('a handwritten seven'): 60 to train, the next
+    40 to search, and one caption per digit as the queries."""
+    root = tmp_path_factory.mktemp('captioned-digits')
+    digits = load_digits()
+    names = []
+    for i in range(100):
+        image = (digits.images[i] / 16 * 255).astype(np.uint8)
+        Image.fromarray(image).resize((32, 32)).convert('RGB').save(root / f'digit-{i}.png')
+        names.append(f'digit-{i}.png')
+    caption = [f'a handwritten {WORDS[t]}' for t in digits.target[:100]]
+    return {
+        'train': write_csv(root / 'train.csv', ['image', 'caption'], list(zip(names[:60], caption[:60]))),
+        'query': write_csv(root / 'query.csv', ['text', 'label'], [(f'a handwritten {w}', w) for w in WORDS]),
+        'index': write_csv(
+            root / 'index.csv', ['uri', 'label'], [(n, WORDS[t]) for n, t in zip(names[60:], digits.target[60:100])]
+        ),
+    }
+
+
+def test_one_batch_routes_each_item_to_its_tower(model):
+    photos = sample_photos()[:2]
+    sentences = ['a rocket on its launch pad', 'two cats on a sofa']
+    mixed = [photos[0], Text(sentences[0]), Text(sentences[1]), photos[1]]
+    with torch.no_grad():
+        got = model(model.inputs.batch(mixed))
+        images = model.image(model.image.inputs.batch(photos))
+        texts = model.text(model.text.inputs.batch(sentences))
+    assert got.shape == (4, 64)
+    torch.testing.assert_close(got[[0, 3]], images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[[1, 2]], texts, atol=1e-5, rtol=0)
+    # the serving encoder routes the same way, in the items' order
+    encoder = create_encoder(model, 'torch', device='cpu')
+    assert isinstance(encoder, TwoTowerEncoder)
+    np.testing.assert_allclose(encoder.encode(mixed), got.numpy(), atol=1e-5)
+    assert np.allclose(np.linalg.norm(encoder.encode(mixed), axis=1), 1, atol=1e-5)  # one unit sphere for both
+
+
+def plain_clip_loss(images, texts, scale, groups):
+    """CLIP's loss written as loops: per row, -log softmax of its own pair among the other image's pairs."""
+    n = len(images)
+    images = [v / v.norm() for v in images]
+    texts = [v / v.norm() for v in texts]
+    total = 0.0
+    for i in range(n):
+        for side in ('image', 'text'):
+            logits = []
+            for j in range(n):
+                if j != i and groups[j] == groups[i]:
+                    continue  # another caption of the same image is no negative
+                a, b = (images[i], texts[j]) if side == 'image' else (texts[i], images[j])
+                logits.append((float(scale * (a @ b)), j == i))
+            positive = next(value for value, own in logits if own)
+            total += -(positive - math.log(sum(math.exp(value) for value, _ in logits)))
+    return total / (2 * n)
+
+
+def test_clip_loss_equals_a_plain_loop_and_masks_captions_of_one_image():
+    torch.manual_seed(1)
+    images, texts = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    groups = torch.tensor([0, 1, 1, 2, 3, 3])  # rows 1-2 and 4-5 are captions of one image each
+    scale = torch.tensor(14.3)
+    loss = CLIPLoss()(images, texts, scale, groups)
+    assert loss.item() == pytest.approx(plain_clip_loss(images.detach(), texts.detach(), 14.3, groups.tolist()), 1e-5)
+    unmasked = CLIPLoss()(images, texts, scale)
+    assert unmasked.item() == pytest.approx(plain_clip_loss(images.detach(), texts.detach(), 14.3, range(6)), 1e-5)
+    loss.backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='one shape'):
+        CLIPLoss()(images, texts[:3], scale)
+
+
+def test_a_short_run_lowers_the_loss_and_raises_text_to_image_recall(captioned_digits, tmp_path):
+    result = fit(
+        model='efficientnet_lite0',
+        text_model='all-MiniLM-L6-v2',
+        text_freeze=True,  # the text tower locked: the image tower and both projections learn
+        train_data=str(captioned_digits['train']),
+        query_data=str(captioned_digits['query']),
+        index_data=str(captioned_digits['index']),
+        image_size=32,
+        batch_size=20,
+        epochs=2,
+        output_dir=str(tmp_path / 'run'),
+    )
+    losses = [row['train_loss'] for row in result.history]
+    assert losses[-1] < losses[0]
+    before, after = result.metrics_before, result.metrics_after
+    assert after['recall@10'] > before['recall@10'] and after['mrr@10'] > before['mrr@10']
+    loaded = load_model(result.artifact)
+    assert isinstance(loaded, TwoTowerModel) and loaded.inputs.image.config() == result.model.inputs.image.config()
+    assert (tmp_path / 'run' / 'reports' / 'matches.png').is_file()  # captions and the digits they found
+
+
+def test_both_towers_export_with_parity_and_serve_on_onnxruntime(model, tmp_path):
+    from executor.tuning.export import export_onnx, export_towers
+
+    reports = export_towers(model, tmp_path)
+    assert set(reports) == {'clip-vision', 'clip-text'}
+    assert all(r.min_cosine >= 0.9999 and r.path.is_file() for r in reports.values())
+    assert reports['clip-text'].path == tmp_path / 'clip-text' / 'model.onnx'
+    save_model(model, tmp_path / 'model.pt')
+    onnx = create_encoder(tmp_path / 'model.pt', 'onnx', device='cpu')  # the run's tower files, not a new export
+    assert {e.runtime for e in onnx.towers.values()} == {'onnx'}
+    items = [sample_photos()[2], Text('a ship at sea'), Text('a cup of coffee')]
+    reference = create_encoder(model, 'torch', device='cpu').encode(items)
+    got = onnx.encode(items)
+    assert np.min(np.sum(got * reference, axis=1)) >= 0.9999
+    assert onnx.tower('clip-text').encode(['a ship at sea']).shape == (1, 64)
+    with pytest.raises(ValueError, match='export_towers'):
+        export_onnx(model, tmp_path / 'both.onnx')
+
+
+def test_saved_model_keeps_both_towers_and_the_temperature(model, tmp_path):
+    model.logit_scale.data.fill_(3.0)
+    path = save_model(model, tmp_path / 'model.pt')
+    loaded = load_model(path).eval()
+    items = [sample_photos()[0], Text('a grey cat')]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(loaded.inputs.batch(items)), model(model.inputs.batch(items)))
+    assert loaded.logit_scale.item() == pytest.approx(3.0)
+    assert loaded.config['text_model'] == 'all-MiniLM-L6-v2'
+    # a tower of the saved model starts a new two-tower model (here the text tower, beside a fresh image tower)
+    again = build_two_tower('efficientnet_lite0', str(path), output_dim=64).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again.text(again.text.inputs.batch(['a grey cat'])), model.text(model.text.inputs.batch(['a grey cat']))
+        )
+
+
+def test_bad_captioned_data_is_named(captioned_digits, tmp_path):
+    root = captioned_digits['train'].parent
+    empty = write_csv(
+        root / 'empty-caption.csv', ['image', 'caption'], [('digit-0.png', 'a zero'), ('digit-1.png', '')]
+    )
+    with pytest.raises(DataError, match=r'empty-caption.csv line 3: empty caption'):
+        load_items(str(empty))
+    missing = write_csv(root / 'missing.csv', ['image', 'caption'], [('digit-0.png', 'a'), ('nowhere.png', 'b')])
+    config = TrainConfig(model='efficientnet_lite0', text_model='all-MiniLM-L6-v2', train_data=str(missing))
+    with pytest.raises(DataError, match=r'missing.csv line 3'):
+        check_training_data(config, decode=True)
+    corrupt = root / 'corrupt.png'
+    corrupt.write_bytes(b'not a png')
+    unreadable = write_csv(root / 'corrupt.csv', ['image', 'caption'], [('digit-0.png', 'a'), ('corrupt.png', 'b')])
+    with pytest.raises(DataError, match=r'corrupt.csv line 3'):
+        check_training_data(config.model_copy(update={'train_data': str(unreadable)}), decode=True)
+    single = write_csv(root / 'single.csv', ['uri', 'label'], [('digit-0.png', 'zero'), ('digit-1.png', 'one')])
+    with pytest.raises(DataError, match=r'single.csv line 2 is not a captioned image'):
+        check_training_data(config.model_copy(update={'train_data': str(single)}))
+    with pytest.raises(ValueError, match='set text_model'):
+        TrainConfig(loss='CLIPLoss', train_data=str(single))
+    with pytest.raises(ValueError, match='text_freeze applies'):
+        TrainConfig(text_freeze=True)
+    with pytest.raises(ValueError, match='not a text model'):
+        build_two_tower('efficientnet_lite0', 'efficientnet_lite0')
+    # a captioned pair is the content of training; served, each half goes on its own
+    encoder = create_encoder(build_two_tower(output_dim=8), 'torch', device='cpu')
+    items = load_items(str(captioned_digits['train']))[:1]
+    with pytest.raises(ValueError, match='holds both an image and a text'):
+        encoder.items(items)
+    assert isinstance(encoder.inputs.content_of(items[0]), Captioned)
