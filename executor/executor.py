@@ -39,7 +39,7 @@ from executor.params import (
 )
 from executor.service.artifacts import open_artifact
 from executor.service.batcher import RequestBatcher
-from executor.service.encoder_cache import EncoderCache
+from executor.service.encoder_cache import EncoderCache, file_encoder, registry_encoder
 from executor.service.jobs import JobQueue
 from executor.service.store import RunState, RunStore
 from executor.settings import ServiceConfig
@@ -48,7 +48,7 @@ from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
 from executor.tuning.evaluation import evaluator_for
-from executor.tuning.models import TOWERS, build_model, family_of, list_models, load_model, unknown_model
+from executor.tuning.models import TOWERS, family_of, list_models, load_model, unknown_model
 from executor.tuning.tasks import check_training_data
 
 if TYPE_CHECKING:
@@ -290,45 +290,12 @@ class FinetunerExecutor(Executor):
         else:
             name = self._model_name(params.model) if params.model else self.settings.model
             return self.encoders.get(
-                ('model', name, runtime, device, None), lambda: self._registry_encoder(name, runtime, device)
+                ('model', name, runtime, device, None),
+                lambda: registry_encoder(name, runtime, device, self.model_cache),
             )
         tower = self.served_tower if path == self.served else None
         key = ('file', str(path), path.stat().st_mtime_ns, device, params.run_id, runtime, tower)
-        return self.encoders.get(key, lambda: self._file_encoder(path, runtime, device, tower))
-
-    def _file_encoder(self, path: Path, runtime: str, device: str, tower: str | None) -> 'Encoder':
-        """A model file's encoder; a two-tower model's runs its towers' ONNX exports on 'onnx' where the run wrote
-        them, and serves one tower alone when ``tower`` names it."""
-        from executor.tuning.inference import TwoTowerEncoder, create_encoder, runtime_for  # onnxruntime: on first use
-
-        encoder = create_encoder(path, runtime_for(path, runtime), device=device)
-        if tower is not None:
-            if not isinstance(encoder, TwoTowerEncoder):
-                raise ValueError(
-                    f'select_model={tower!r} names a tower of a two-tower model, but {str(path)!r} holds a model of '
-                    'one tower; leave select_model out, or name a model file of the artifact'
-                )
-            return encoder.tower(tower)
-        return encoder
-
-    def _registry_encoder(self, name: str, runtime: str, device: str) -> 'Encoder':
-        """A registry model, pre-trained: on runtime 'onnx' through onnxruntime, exported on first use and cached in
-        ``model_cache`` by name and weights; a model that does not export is served by torch, with a warning."""
-        from executor.tuning.export import ExportError
-        from executor.tuning.inference import TorchEncoder, cached_onnx_encoder
-
-        model = build_model(name)
-        if runtime == 'onnx':
-            try:
-                return cached_onnx_encoder(model, name, self.model_cache, device=device)
-            except (ExportError, OSError, ValueError) as err:  # no export, or an unwritable or broken cache folder
-                logger.warning(
-                    'model %r cannot be served by onnxruntime from %s (%s); serving it with torch',
-                    name,
-                    self.model_cache,
-                    err,
-                )
-        return TorchEncoder(model, device=device, copy_model=False)
+        return self.encoders.get(key, lambda: file_encoder(path, runtime, device, tower))
 
     async def _embed(self, docs: DocList[FinetunerDoc], params: EmbedParams) -> DocList[FinetunerDoc]:
         if len(docs) == 0:

@@ -1,4 +1,5 @@
-"""The encoder cache: loaded models for serving, kept while they are used, least recently used dropped first."""
+"""The encoder cache: loaded models for serving, kept while they are used, least recently used dropped first; and
+the encoders it holds, of a model file or of a registry model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -56,3 +58,39 @@ class EncoderCache:
     def keys(self) -> list[tuple]:
         with self._lock:
             return list(self._items)
+
+
+def file_encoder(path: Path, runtime: str, device: str, tower: str | None = None) -> Any:
+    """A model file's encoder; a two-tower model's runs its towers' ONNX exports on 'onnx' where its run wrote them,
+    and serves one tower alone when ``tower`` names it ('clip-text' or 'clip-vision')."""
+    from executor.tuning.inference import create_encoder  # onnxruntime: loaded on first use
+    from executor.tuning.two_tower_encoder import TwoTowerEncoder, runtime_for
+
+    encoder = create_encoder(path, runtime_for(path, runtime), device=device)
+    if tower is not None:
+        if not isinstance(encoder, TwoTowerEncoder):
+            raise ValueError(
+                f'select_model={tower!r} names a tower of a two-tower model, but {str(path)!r} holds a model of '
+                'one tower; leave select_model out, or name a model file of the artifact'
+            )
+        return encoder.tower(tower)
+    return encoder
+
+
+def registry_encoder(name: str, runtime: str, device: str, cache_dir: Path) -> Any:
+    """A registry model, pre-trained: on runtime 'onnx' through onnxruntime, exported on first use and cached in
+    ``cache_dir`` by name and weights; a model that does not export is served by torch, with a warning."""
+    from executor.tuning.export import ExportError
+    from executor.tuning.inference import TorchEncoder
+    from executor.tuning.models import build_model
+    from executor.tuning.onnx_cache import cached_onnx_encoder
+
+    model = build_model(name)
+    if runtime == 'onnx':
+        try:
+            return cached_onnx_encoder(model, name, cache_dir, device=device)
+        except (ExportError, OSError, ValueError) as err:  # no export, or an unwritable or broken cache folder
+            logger.warning(
+                'model %r cannot be served by onnxruntime from %s (%s); serving it with torch', name, cache_dir, err
+            )
+    return TorchEncoder(model, device=device, copy_model=False)

@@ -7,8 +7,6 @@ while the model runs the current one, so the model is not kept waiting.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -32,11 +30,11 @@ import onnxruntime as ort
 from executor.tuning import artifact
 from executor.tuning.data.sources import Item
 from executor.tuning.devices import resolve_device, usable_cores, usable_cpus
-from executor.tuning.evaluation.evaluator import to_device
+from executor.tuning.evaluation.evaluator import ItemEmbedder, to_device
 from executor.tuning.inputs import Batch, Inputs, inputs_from_config
 from executor.tuning.inputs.base import item_names
-from executor.tuning.inputs.two_tower import Text, TwoTowerInputs
 from executor.tuning.models import TOWERS, EmbeddingModel, TwoTowerModel, load_model
+from executor.tuning.two_tower_encoder import TwoTowerEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -173,22 +171,6 @@ class Encoder(ABC):
         )
 
 
-class ItemEmbedder:
-    """Embeds and classifies items with an encoder (the ``Embedder`` protocol of ``evaluation.evaluator``)."""
-
-    def __init__(self, encoder: Encoder, batch_size: int) -> None:
-        self.encoder, self.batch_size = encoder, batch_size
-        self.class_names = encoder.class_names
-
-    def embed_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, D)
-        contents, names = self.encoder.items(items)
-        return self.encoder.encode(contents, self.batch_size, names)
-
-    def classify_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, C)
-        contents, names = self.encoder.items(items)
-        return self.encoder.classify(contents, self.batch_size, names)
-
-
 class TorchEncoder(Encoder):
     """Runs an ``EmbeddingModel`` in eager PyTorch under ``inference_mode``, channels_last for conv models.
 
@@ -303,85 +285,6 @@ class OnnxEncoder(Encoder):
         return self.session.run([output], feeds)[0]
 
 
-class TwoTowerEncoder:
-    """A two-tower model's encoder: each item goes to the encoder of its tower (sentences, marked ``Text``, to the
-    text tower; images to the image tower), both in one call, the embeddings in the items' order.
-
-    ``towers`` maps ``'clip-vision'`` and ``'clip-text'`` to an ``Encoder`` each (torch or onnxruntime, each with
-    its own preprocessing); ``tower(name)`` serves one alone.
-    """
-
-    shares_batches = False  # each tower batches its own items
-    class_names = None
-    has_classifier = False
-
-    def __init__(self, towers: dict[str, Encoder], inputs: TwoTowerInputs) -> None:
-        self.towers = dict(towers)
-        self.inputs = inputs
-        self.embed_dim = next(iter(self.towers.values())).embed_dim
-        self.runtime = next(iter(self.towers.values())).runtime
-        self.device = next(iter(self.towers.values())).device
-
-    def tower(self, name: str) -> Encoder:
-        if name not in self.towers:
-            raise ValueError(f'unknown tower {name!r}; this two-tower model has {sorted(self.towers)}')
-        return self.towers[name]
-
-    def items(self, items: Sequence[Item], what: str = 'documents') -> tuple[list[Any], list[str]]:
-        self.inputs.check_items(items, what)
-        captioned = next((it for it in items if it.kind == 'image' and it.text is not None), None)
-        if captioned is not None:
-            raise ValueError(
-                f'{captioned.name} holds both an image and a text: a two-tower model embeds each on its own; send the '
-                'image and its caption as two documents'
-            )
-        return [self.inputs.content_of(it) for it in items], [it.name for it in items]
-
-    def encode(self, contents: Sequence[Any], batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
-        """``(N, D)``: sentences (``Text``) through the text tower, the rest through the image tower."""
-        names = item_names(len(contents), names, 'item')
-        out = np.zeros((len(contents), self.embed_dim), np.float32)
-        for tower, is_text in (('clip-vision', False), ('clip-text', True)):
-            rows = [i for i, c in enumerate(contents) if isinstance(c, Text) == is_text]
-            if rows:
-                got = self.towers[tower].encode([contents[i] for i in rows], batch_size, [names[i] for i in rows])
-                out[rows] = got
-        return out
-
-    def classify(self, contents: Sequence[Any], batch_size: int = 32, names: Sequence[str] | None = None):
-        raise ValueError('a two-tower model has no classifier head; it embeds images and texts into one space')
-
-    def embedder(self, batch_size: int = 32) -> ItemEmbedder:
-        return ItemEmbedder(self, batch_size)
-
-    def __repr__(self) -> str:
-        return f'TwoTowerEncoder({self.towers!r})'
-
-
-def two_tower_encoder(
-    model: TwoTowerModel, runtime: Runtime, device: str, folder: Path | None = None, **options: Any
-) -> TwoTowerEncoder:
-    """Both towers on ``runtime``; on 'onnx' each from ``folder/<tower>/model.onnx`` when the run exported it, else
-    exported now."""
-    towers = {}
-    for name in TOWERS:
-        exported = None if folder is None else folder / name / artifact.ONNX_FILE
-        if runtime == 'onnx' and exported is not None and exported.is_file():
-            towers[name] = OnnxEncoder(exported, device=device, **options)
-        else:
-            towers[name] = create_encoder(model.tower(name), runtime, device, **options)
-    return TwoTowerEncoder(towers, model.inputs)
-
-
-def runtime_for(path: Path, runtime: Runtime) -> Runtime:
-    """The runtime a served model file runs on: an ``.onnx`` file on onnxruntime; a ``model.pt`` on torch, except a
-    two-tower model's on ``runtime`` 'onnx' when its run exported both towers (``<tower>/model.onnx`` beside it)."""
-    if path.suffix == '.onnx':
-        return 'onnx'
-    exported = all((path.parent / name / artifact.ONNX_FILE).is_file() for name in TOWERS)
-    return 'onnx' if runtime == 'onnx' and exported else 'torch'
-
-
 def create_encoder(
     source: EmbeddingModel | str | os.PathLike,
     runtime: Runtime | None = None,
@@ -415,8 +318,15 @@ def create_encoder(
             )
         return OnnxEncoder(path, device=device, **options)
     model = source if path is None else load_model(path)
-    if isinstance(model, TwoTowerModel):
-        return two_tower_encoder(model, runtime, device, None if path is None else path.parent, **options)
+    if isinstance(model, TwoTowerModel):  # on 'onnx', each tower from the file its run exported, where there is one
+        exported = {name: None if path is None else path.parent / name / artifact.ONNX_FILE for name in TOWERS}
+        towers = {
+            name: OnnxEncoder(exported[name], device=device, **options)
+            if runtime == 'onnx' and exported[name] is not None and exported[name].is_file()
+            else create_encoder(model.tower(name), runtime, device, **options)
+            for name in TOWERS
+        }
+        return TwoTowerEncoder(towers, model.inputs)
     if runtime == 'torch':
         return TorchEncoder(model, device=device, copy_model=path is None, **options)
     from executor.tuning.export import export_onnx  # the exporter and quantizer: loaded when an export is asked for
@@ -427,52 +337,3 @@ def create_encoder(
     with tempfile.TemporaryDirectory(prefix='onnx-export-') as tmp:
         report = export_onnx(model, Path(tmp) / 'model.onnx')
         return OnnxEncoder(report.path, device=device, **options)
-
-
-def weights_digest(model: EmbeddingModel) -> str:
-    """A short digest of what an export of the model depends on: its weights and buffers (names, shapes, dtypes and
-    values), its configuration and preprocessing, and the torch and export format versions. It names the ONNX export
-    of exactly this model, so another checkpoint of the same architecture, or an upgrade, never reuses a file."""
-    digest = hashlib.sha256()
-    context = {
-        'config': model.config,
-        'inputs': model.inputs.config(),
-        'torch': torch.__version__,
-        'format': artifact.PREPROCESSING_FORMAT,
-    }
-    digest.update(json.dumps(context, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f'{name}:{tuple(tensor.shape)}:{tensor.dtype};'.encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
-    return digest.hexdigest()[:16]
-
-
-def cached_onnx_encoder(
-    model: EmbeddingModel, name: str, cache_dir: str | os.PathLike, device: str = 'auto', **options: Any
-) -> OnnxEncoder:
-    """An onnxruntime encoder for ``model``, exported (and parity-checked) once into
-    ``cache_dir/<name>-<weights digest>/model.onnx`` and reused from there, across restarts too.
-
-    Processes sharing ``cache_dir`` (replicas, a restart during an export) take a file lock around the check and the
-    export, so one exports and the others then load its file. A cached file that onnxruntime cannot load is exported
-    again."""
-    import fcntl
-
-    from executor.tuning.export import export_onnx  # the exporter and quantizer: loaded when an export is asked for
-
-    safe_name = ''.join(ch if ch.isalnum() or ch in '._-' else '_' for ch in name)
-    target = Path(cache_dir) / f'{safe_name}-{weights_digest(model)}' / 'model.onnx'
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent.with_name(f'.{target.parent.name}.lock'), 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file() and target.with_name(artifact.PREPROCESSING_FILE).is_file():
-            try:
-                encoder = OnnxEncoder(target, device=device, **options)
-                logger.info('serving %s from its cached ONNX export %s', name, target)
-                return encoder
-            except ValueError as err:
-                logger.warning('the cached ONNX export %s cannot be loaded (%s); exporting %s again', target, err, name)
-        logger.info('exporting %s to ONNX for serving (once; cached in %s)', name, target.parent)
-        export_onnx(model, target)  # writes through a temporary folder: a crash leaves no half-written file
-        return OnnxEncoder(target, device=device, **options)

@@ -31,7 +31,7 @@ from executor.tuning.evaluation import ModelEmbedder
 from executor.tuning.evaluation.evaluator import to_device
 from executor.tuning.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from executor.tuning.inputs import Batch
-from executor.tuning.models import EmbeddingModel, TwoTowerModel, build_model, build_two_tower, save_model
+from executor.tuning.models import EmbeddingModel, TwoTowerModel, save_model
 from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.schedulers import build_scheduler
 from executor.tuning.tasks import evaluation_items, training_items
@@ -96,30 +96,7 @@ class Trainer:
 
     def _build_model(self) -> EmbeddingModel | TwoTowerModel:
         config = self.config
-        if config.text_model is not None:
-            if config.embedding_layer is not None:
-                raise ValueError('embedding_layer does not apply to a two-tower model; leave it out')
-            model = build_two_tower(
-                config.model,
-                config.text_model,
-                output_dim=config.output_dim,
-                weights=config.weights,
-                pretrained=config.pretrained,
-                freeze=config.freeze,
-                text_freeze=config.text_freeze,
-                pooler=config.pooler,
-            )
-        else:
-            model = build_model(
-                config.model,
-                weights=config.weights,
-                pretrained=config.pretrained,
-                freeze=config.freeze,
-                embedding_layer=config.embedding_layer,
-                output_dim=config.output_dim,
-                pooler=config.pooler,
-                class_names=self.class_names if self.task.classifier else None,
-            )
+        model = self.task.build_model(self.class_names)
         # Small class-balanced batches make poor BatchNorm statistics: measured on digits (efficientnet_lite0, 64 px,
         # 3 epochs) ndcg@10 went 0.785 -> 0.934 with pre-trained statistics kept, 0.785 -> 0.474 with them updated.
         model.freeze_batchnorm = (

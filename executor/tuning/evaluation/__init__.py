@@ -1,7 +1,7 @@
 """Evaluation: the exact kNN search (``knn``), the metric formulas (``metrics``), and the one ``Evaluator`` that the
 per-epoch callback, the before/after report and ``/evaluate`` all use (``evaluator``)."""
 
-from executor.tuning.evaluation.evaluator import Evaluation, Evaluator, ModelEmbedder
+from executor.tuning.evaluation.evaluator import Evaluation, Evaluator, ItemEmbedder, ModelEmbedder
 from executor.tuning.evaluation.knn import knn
 from executor.tuning.evaluation.metrics import (
     ALIASES,
@@ -25,6 +25,7 @@ __all__ = [
     'Evaluator',
     'MatryoshkaEvaluator',
     'ScoredPairEvaluator',
+    'ItemEmbedder',
     'ModelEmbedder',
     'classification_metrics',
     'evaluator_for',

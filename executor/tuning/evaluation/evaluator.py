@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -95,6 +95,23 @@ class Evaluator:
         index_emb = embedder.embed_items(self.index)  # (I, D)
         metrics = retrieval_metrics(query_emb, labels, index_emb, [it.label for it in self.index], limit=self.limit)
         return Evaluation(metrics, query_emb, index_emb)
+
+
+class ItemEmbedder:
+    """Embeds and classifies items with a serving encoder (``inference.Encoder`` or a two-tower one): the ``Embedder``
+    protocol of the evaluators."""
+
+    def __init__(self, encoder: Any, batch_size: int) -> None:
+        self.encoder, self.batch_size = encoder, batch_size
+        self.class_names = encoder.class_names
+
+    def embed_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, D)
+        contents, names = self.encoder.items(items)
+        return self.encoder.encode(contents, self.batch_size, names)
+
+    def classify_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, C)
+        contents, names = self.encoder.items(items)
+        return self.encoder.classify(contents, self.batch_size, names)
 
 
 class ModelEmbedder:

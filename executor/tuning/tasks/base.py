@@ -20,6 +20,7 @@ from executor.tuning.evaluation import Evaluator, evaluator_for
 from executor.tuning.inputs import Batch, Inputs
 from executor.tuning.inputs.base import Transform
 from executor.tuning.losses import LossSpec
+from executor.tuning.models import build_model
 
 
 class Task(ABC):
@@ -74,6 +75,22 @@ class Task(ABC):
     def batch_multiple(self) -> int:
         """What a batch (per process) must be a multiple of, for the automatic batch size."""
         return 1
+
+    # --- model --------------------------------------------------------------------------------------------------
+
+    def build_model(self, class_names: list[str] | None) -> nn.Module:
+        """The run's model, pre-trained as configured (with a classifier over ``class_names`` when the task has one)."""
+        config = self.config
+        return build_model(
+            config.model,
+            weights=config.weights,
+            pretrained=config.pretrained,
+            freeze=config.freeze,
+            embedding_layer=config.embedding_layer,
+            output_dim=config.output_dim,
+            pooler=config.pooler,
+            class_names=class_names if self.classifier else None,
+        )
 
     # --- objective --------------------------------------------------------------------------------------------------
 

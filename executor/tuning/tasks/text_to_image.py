@@ -13,6 +13,7 @@ from executor.tuning.errors import DataError
 from executor.tuning.evaluation import Evaluator, evaluator_for
 from executor.tuning.inputs import Batch
 from executor.tuning.losses import LossSpec
+from executor.tuning.models import TwoTowerModel, build_two_tower
 from executor.tuning.pair_losses import CLIP_LOSS, CLIPLoss
 from executor.tuning.tasks.base import Task
 
@@ -45,6 +46,21 @@ class TextToImage(Task):
     def prepare(self, items: Sequence[Item]) -> list[Item]:
         """Each item labelled with its image's id: its label when it has one, else its path (or its item id)."""
         return [dataclasses.replace(it, label=it.label or it.uri or it.id) for it in items]
+
+    def build_model(self, class_names: list[str] | None) -> TwoTowerModel:
+        config = self.config
+        if config.embedding_layer is not None:
+            raise ValueError('embedding_layer does not apply to a two-tower model; leave it out')
+        return build_two_tower(
+            config.model,
+            config.text_model,
+            output_dim=config.output_dim,
+            weights=config.weights,
+            pretrained=config.pretrained,
+            freeze=config.freeze,
+            text_freeze=config.text_freeze,
+            pooler=config.pooler,
+        )
 
     def build_heads(self, model: nn.Module) -> dict[str, nn.Module]:
         """The towers' projections: new, so trained at the heads' rate."""

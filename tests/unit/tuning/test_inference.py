@@ -20,15 +20,9 @@ import executor
 from executor.tuning.data.images import DataError
 from executor.tuning.devices import resolve_device, usable_cores
 from executor.tuning.export import export_onnx
-from executor.tuning.inference import (
-    OnnxEncoder,
-    TorchEncoder,
-    cached_onnx_encoder,
-    create_encoder,
-    onnx_providers,
-    weights_digest,
-)
+from executor.tuning.inference import OnnxEncoder, TorchEncoder, create_encoder, onnx_providers
 from executor.tuning.models import build_model, save_model
+from executor.tuning.onnx_cache import cached_onnx_encoder, weights_digest
 
 REPO = Path(executor.__file__).resolve().parents[1]
 
