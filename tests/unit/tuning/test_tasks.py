@@ -8,6 +8,7 @@ import torch
 from executor.tuning import fit, load_model
 from executor.tuning.data import Item
 from executor.tuning.data.samples import digits_items
+from executor.tuning.models import build_model
 
 COMMON = dict(model='efficientnet_lite0', image_size=64, tensorboard=False, seed=0)
 
@@ -42,14 +43,14 @@ def test_linear_probe_and_full_fine_tune(tmp_path):
     model = load_model(probe.artifact)
     assert model.class_names == [str(d) for d in range(10)] and model.classifier.out_features == 10
     # the probe trained only the head: the backbone is the pre-trained one, bit for bit
-    pretrained = fit.__globals__['build_model']('efficientnet_lite0')
+    pretrained = build_model('efficientnet_lite0')
     for (name, a), b in zip(pretrained.backbone.state_dict().items(), model.backbone.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_simclr_on_unlabelled_images_then_supervised_from_its_weights(tmp_path):
     unlabelled = [Item(id=it.id, tensor=it.tensor) for it in digits_items(per_class=8, size=32)]
-    before = fit.__globals__['build_model']('efficientnet_lite0').eval()
+    before = build_model('efficientnet_lite0').eval()
     ssl = fit(train_data=unlabelled, loss='NTXentLoss', epochs=1, batch_size=40, output_dir=tmp_path / 'ssl', **COMMON)
     state = torch.load(ssl.artifact, weights_only=True)['state_dict']
     assert not any('ssl_head' in k or 'projection' in k for k in state)  # the projection head is dropped
