@@ -14,12 +14,12 @@ import base64
 import binascii
 import os
 import urllib.parse
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 from docarray import BaseDoc, DocList
 from docarray.typing import ID, NdArray
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
 from executor.tuning.errors import DataError
 
@@ -152,6 +152,43 @@ class EvaluationResult(BaseDoc):
     metrics: Optional[dict[str, float]] = None
     confusion_matrix: Optional[NdArray] = Field(None, description='(true class, predicted class) counts')
     class_names: Optional[list[str]] = None
+
+
+class RunArtifact(BaseDoc):
+    """A run's artifact as a zip (the reply of `/runs/artifact`), which `artifact=<the zip>` serves. `blob` is the
+    zip's bytes: raw over gRPC, base64 in HTTP JSON (the URL-safe alphabet, as pydantic writes bytes)."""
+
+    model_config = ConfigDict(ser_json_bytes='base64', val_json_bytes='base64')
+
+    run_id: Optional[str] = None
+    name: Optional[str] = Field(None, description='a file name for the zip: <run_id>.zip')
+    blob: Optional[bytes] = None
+    size: Optional[int] = Field(None, description='bytes in the zip')
+    sha256: Optional[str] = Field(None, description="hex digest of the zip's bytes")
+
+
+class RunReport(BaseDoc):
+    """What a finished run's reports hold (the reply of `/runs/reports`): the metrics of the model before and after
+    fine-tuning, the history (one row per epoch), and example results (a few queries and the final model's top
+    matches, each with its score and whether it shares the query's label)."""
+
+    run_id: Optional[str] = None
+    metrics_before: Optional[dict[str, float]] = None
+    metrics_after: Optional[dict[str, float]] = None
+    history: Optional[list[dict[str, float]]] = None
+    examples: Optional[list[dict[str, Any]]] = None
+    files: Optional[list[str]] = Field(None, description="the files in the run's reports/ (PNG figures, JSON)")
+
+
+class ModelInfo(BaseDoc):
+    """One model the service can train and serve (the reply of `/models`, local ones first)."""
+
+    name: Optional[str] = None
+    family: Optional[str] = Field(None, description="the backbone family: 'timm', 'torchvision', 'transformers'")
+    modality: Optional[Literal['image', 'text', 'image-text']] = None
+    output_dim: Optional[int] = Field(None, description='embedding size; None where not measured (see /models)')
+    weights_local: Optional[bool] = Field(None, description='its pretrained weights are on the server')
+    options: Optional[dict[str, Union[int, str]]] = Field(None, description='the options it uses when a run sets none')
 
 
 def items_of(docs: DocList, roots: list) -> list:
