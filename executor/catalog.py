@@ -9,6 +9,7 @@ hides the executor's); it uses the executor's ``names``, ``store`` (the runs), `
 
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations as live objects.
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,16 @@ from typing import Any, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from executor.docs import FinetunerDoc, ModelInfo, RunArtifact, RunInfo, RunReport
+from executor.docs import (
+    EpochMetrics,
+    ExampleMatch,
+    ExampleResult,
+    FinetunerDoc,
+    ModelInfo,
+    RunArtifact,
+    RunInfo,
+    RunReport,
+)
 from executor.params import ModelsParams, RunParams, parse
 from executor.service.artifacts import pack_artifact
 from executor.service.store import RunState, finite_metrics
@@ -63,8 +73,8 @@ class CatalogEndpoints(Executor):
     def _pack_artifact(self, run_id: str) -> RunArtifact:
         folder = self.store.model_file(run_id, 'torch').parent  # raises, saying why, unless the run FINISHED
         data = pack_artifact(folder, f'run {run_id!r}')
-        digest = hashlib.sha256(data).hexdigest()
-        return RunArtifact(run_id=run_id, name=f'{run_id}.zip', blob=data, size=len(data), sha256=digest)
+        digest, text = hashlib.sha256(data).hexdigest(), base64.b64encode(data).decode('ascii')
+        return RunArtifact(run_id=run_id, name=f'{run_id}.zip', blob=text, size=len(data), sha256=digest)
 
     def _report(self, run_id: str) -> RunReport:
         reports = self.store.folder(run_id) / REPORTS_DIR
@@ -73,8 +83,17 @@ class CatalogEndpoints(Executor):
             run_id=run_id,
             metrics_before=_finite(metrics.get('before')),
             metrics_after=_finite(metrics.get('after')),
-            history=[finite_metrics(row) for row in self.store.history(run_id)],
-            examples=_read_json(reports / EXAMPLES_JSON),
+            history=DocList[EpochMetrics](
+                [EpochMetrics(metrics=finite_metrics(r)) for r in self.store.history(run_id)]
+            ),
+            examples=DocList[ExampleResult](
+                [
+                    ExampleResult(
+                        **e['query'], matches=DocList[ExampleMatch]([ExampleMatch(**m) for m in e['matches']])
+                    )
+                    for e in _read_json(reports / EXAMPLES_JSON) or []
+                ]
+            ),
             files=sorted(p.relative_to(reports).as_posix() for p in reports.rglob('*') if p.is_file()),
         )
 

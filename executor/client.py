@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import time
@@ -23,7 +24,16 @@ from jina.excepts import BadServer
 from rich.console import Console
 from rich.table import Table
 
-from executor.docs import EvaluationResult, FinetunerDoc, ModelInfo, RunArtifact, RunInfo, RunLogs, RunReport
+from executor.docs import (
+    EvaluationResult,
+    ExampleResult,
+    FinetunerDoc,
+    ModelInfo,
+    RunArtifact,
+    RunInfo,
+    RunLogs,
+    RunReport,
+)
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.finetuner_callbacks import (
     BestModelCheckpoint,
@@ -284,14 +294,15 @@ class Run:
         config, history, reports) as ``<directory>/<run_id>.zip`` and return its path. A service started with
         ``artifact=<that zip>`` serves it."""
         reply = self._client.post('/runs/artifact', None, {'run_id': self.name}, RunArtifact)[0]
-        if hashlib.sha256(reply.blob).hexdigest() != reply.sha256:
+        data = base64.b64decode(reply.blob)
+        if hashlib.sha256(data).hexdigest() != reply.sha256:
             raise ServiceError(
                 f'the artifact of run {self.name!r} arrived damaged (its sha256 differs); download it again'
             )
         path = Path(directory) / reply.name
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f'.{path.name}.{os.getpid()}.part')
-        partial.write_bytes(reply.blob)
+        partial.write_bytes(data)
         os.replace(partial, path)  # a zip in place is a whole one
         return path
 
@@ -325,7 +336,7 @@ class Run:
         """Finetuner's ``example_results``: print a few evaluation queries (one per label) with the fine-tuned
         model's top matches, each with its score and whether it shares the query's label (+ / -); returns them."""
         report, console = self.reports(), console or Console()
-        examples = list(report.examples or [])
+        examples = [_example(result) for result in report.examples]
         if not examples:
             console.print(f'run {self.name!r} has no example results: {self._why_no_report()}')
         for example in examples:
@@ -366,6 +377,17 @@ def _named(item: dict[str, Any]) -> str:
     """How an example shows an item: its text, else its name, and its label."""
     label = item.get('label')
     return f'{item.get("text") or item.get("name")}' + (f' (label {label})' if label is not None else '')
+
+
+def _example(result: ExampleResult) -> dict[str, Any]:
+    """An example result as reports/examples.json holds it: ``{'query': {...}, 'matches': [{...}, ...]}``."""
+    shown = ('name', 'text', 'uri', 'label')
+    query = {key: getattr(result, key) for key in shown if getattr(result, key) is not None}
+    matches = [
+        {key: getattr(m, key) for key in (*shown, 'score', 'relevant') if getattr(m, key) is not None}
+        for m in result.matches
+    ]
+    return {'query': query, 'matches': matches}
 
 
 def _model_params(run_id: str | None, model: str | None, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -28,8 +28,8 @@ MAX_UNPACKED_BYTES = 8 * 2**30  # a resnet50 artifact with its three ONNX export
 # Model weights, ONNX graphs and PNG reports compress 1-2x; a member over 1 MB that shrank more than this is a bomb.
 MAX_RATIO = 100
 RATIO_CHECKED_FROM = 2**20
-# What /runs/artifact sends in one reply. The zip is built in memory and a protobuf message carries at most 2 GiB; over
-# HTTP it travels as base64 in JSON, 4/3 of its size, built in memory too.
+# What /runs/artifact sends in one reply. The zip is built in memory and travels as base64 (4/3 of its size); a
+# protobuf message carries at most 2 GiB.
 MAX_PACKED_BYTES = 2**30
 STORED_SUFFIXES = ('.pt', '.onnx', '.data', '.png')  # weights and PNGs do not compress: stored as they are
 
