@@ -374,11 +374,6 @@ class EvaluateParams(ModelParams):
         return self
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the catalog
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 class ModelsParams(EndpointParams):
     """Parameters of ``/models``: every model, or those in ``names`` (each one's output_dim measured)."""
 
