@@ -19,7 +19,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY requirements.txt requirements.lock /tmp/
+COPY requirements.txt requirements-trackers.txt requirements.lock /tmp/
 RUN python -m venv /opt/venv \
     && pip install 'pip>=26' \
     && pip install --extra-index-url "https://download.pytorch.org/whl/${TORCH}" \

@@ -10,15 +10,30 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from docarray import BaseDoc, DocList
 from jina import Client
 from jina.excepts import BadServer
+from rich.console import Console
+from rich.table import Table
 
-from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs
+from executor.docs import (
+    EvaluationResult,
+    ExampleResult,
+    FinetunerDoc,
+    ModelInfo,
+    RunArtifact,
+    RunInfo,
+    RunLogs,
+    RunReport,
+)
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.finetuner_callbacks import (
     BestModelCheckpoint,
@@ -136,6 +151,22 @@ class FinetunerClient:
     def list_runs(self) -> list[Run]:
         return [Run(self, info) for info in self.post('/runs', None, None, RunInfo)]
 
+    def delete_run(self, run_id: str) -> RunInfo:
+        """Remove a FINISHED, FAILED or CANCELLED run and its files on the server (cancel a run in progress first);
+        returns the run as it was."""
+        return self.post('/runs/delete', None, {'run_id': run_id}, RunInfo)[0]
+
+    def describe_models(self, names: Sequence[str] | None = None, local_only: bool = False) -> list[ModelInfo]:
+        """Finetuner's ``describe_models``: every model the service can train and serve (``name``, ``modality``,
+        ``output_dim``, ``weights_local``, ``options``), those whose weights are on the server first. ``output_dim``
+        is measured for the local models and for each of ``names``."""
+        parameters: dict[str, Any] = {'local_only': local_only, **({'names': list(names)} if names else {})}
+        return list(self.post('/models', None, parameters, ModelInfo))
+
+    def list_models(self) -> list[str]:
+        """The names of every model the service takes, those whose weights are on the server first."""
+        return [model.name for model in self.describe_models()]
+
     # --- models in service -----------------------------------------------------------------------------------------
 
     def encode(
@@ -187,7 +218,8 @@ class FinetunerClient:
 
 class Run:
     """A training run, as Finetuner's ``Run``: ``status()``, ``logs()``, ``stream_logs()``, ``metrics()``,
-    ``wait()``, ``cancel()``, ``artifact``."""
+    ``wait()``, ``cancel()``, ``artifact``, ``save_artifact()``, ``display_metrics()``, ``example_results()``,
+    ``delete()``."""
 
     def __init__(self, client: FinetunerClient, info: RunInfo) -> None:
         self._client = client
@@ -257,6 +289,71 @@ class Run:
     def export(self, fp16: bool = False, quantize: bool = False) -> str:
         return self._client.export(self.name, fp16=fp16, quantize=quantize)
 
+    def save_artifact(self, directory: str | os.PathLike = 'artifacts') -> Path:
+        """Finetuner's ``save_artifact``: download the FINISHED run's artifact (model, ONNX exports, preprocessing,
+        config, history, reports) as ``<directory>/<run_id>.zip`` and return its path. A service started with
+        ``artifact=<that zip>`` serves it."""
+        reply = self._client.post('/runs/artifact', None, {'run_id': self.name}, RunArtifact)[0]
+        data = base64.b64decode(reply.blob)
+        if hashlib.sha256(data).hexdigest() != reply.sha256:
+            raise ServiceError(
+                f'the artifact of run {self.name!r} arrived damaged (its sha256 differs); download it again'
+            )
+        path = Path(directory) / reply.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f'.{path.name}.{os.getpid()}.part')
+        partial.write_bytes(data)
+        os.replace(partial, path)  # a zip in place is a whole one
+        return path
+
+    def delete(self) -> RunInfo:
+        """Remove the run and its files on the server (cancel it first if it is queued or training)."""
+        return self._client.delete_run(self.name)
+
+    def reports(self) -> RunReport:
+        """What the run's reports hold: metrics before and after fine-tuning, the history, example results."""
+        return self._client.post('/runs/reports', None, {'run_id': self.name}, RunReport)[0]
+
+    def display_metrics(self, console: Console | None = None) -> dict[str, dict[str, float]]:
+        """Finetuner's ``display_metrics``: print each evaluation metric of the model before and after fine-tuning
+        (from the run's reports: the final model's evaluation) and return ``{'before': {...}, 'after': {...}}``."""
+        report, console = self.reports(), console or Console()
+        before, after = dict(report.metrics_before or {}), dict(report.metrics_after or {})
+        if not after:
+            console.print(f'run {self.name!r} has no before/after metrics: {self._why_no_report()}')
+            return {'before': before, 'after': after}
+        table = Table(title=f'run {self.name}: pre-trained vs fine-tuned')
+        for column in ('metric', 'pre-trained', 'fine-tuned', 'change'):
+            table.add_column(column, justify='left' if column == 'metric' else 'right')
+        for name in dict.fromkeys([*before, *after]):
+            old, new = before.get(name), after.get(name)
+            change = f'{new - old:+.4f}' if old is not None and new is not None else ''
+            table.add_row(name, _shown(old), _shown(new), change)
+        console.print(table)
+        return {'before': before, 'after': after}
+
+    def example_results(self, console: Console | None = None) -> list[dict[str, Any]]:
+        """Finetuner's ``example_results``: print a few evaluation queries (one per label) with the fine-tuned
+        model's top matches, each with its score and whether it shares the query's label (+ / -); returns them."""
+        report, console = self.reports(), console or Console()
+        examples = [_example(result) for result in report.examples]
+        if not examples:
+            console.print(f'run {self.name!r} has no example results: {self._why_no_report()}')
+        for example in examples:
+            table = Table(title=f'query: {_named(example["query"])}', title_justify='left')
+            for column in ('rank', 'match', 'score', 'relevant'):
+                table.add_column(column, justify='left' if column == 'match' else 'right')
+            for rank, match in enumerate(example['matches'], start=1):
+                table.add_row(str(rank), _named(match), f'{match["score"]:.4f}', '+' if match['relevant'] else '-')
+            console.print(table)
+        return examples
+
+    def _why_no_report(self) -> str:
+        status = self.info().status
+        if status != 'FINISHED':
+            return f'it is {status} (reports are written when a run finishes)'
+        return 'it had no evaluation data (train with eval_data, or query_data and index_data)'
+
     def __repr__(self) -> str:
         return f'Run({self.name!r}, status={self._info.status!r})'
 
@@ -270,6 +367,27 @@ def _json_ready(options: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get('csv_options'), CSVOptions):
         out['csv_options'] = out['csv_options'].model_dump(exclude_unset=True)
     return out
+
+
+def _shown(value: float | None) -> str:
+    return '' if value is None else f'{value:.4f}'
+
+
+def _named(item: dict[str, Any]) -> str:
+    """How an example shows an item: its text, else its name, and its label."""
+    label = item.get('label')
+    return f'{item.get("text") or item.get("name")}' + (f' (label {label})' if label is not None else '')
+
+
+def _example(result: ExampleResult) -> dict[str, Any]:
+    """An example result as reports/examples.json holds it: ``{'query': {...}, 'matches': [{...}, ...]}``."""
+    shown = ('name', 'text', 'uri', 'label')
+    query = {key: getattr(result, key) for key in shown if getattr(result, key) is not None}
+    matches = [
+        {key: getattr(m, key) for key in (*shown, 'score', 'relevant') if getattr(m, key) is not None}
+        for m in result.matches
+    ]
+    return {'query': query, 'matches': matches}
 
 
 def _model_params(run_id: str | None, model: str | None, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import base64
 import binascii
 import os
 import urllib.parse
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 from docarray import BaseDoc, DocList
@@ -152,6 +152,71 @@ class EvaluationResult(BaseDoc):
     metrics: Optional[dict[str, float]] = None
     confusion_matrix: Optional[NdArray] = Field(None, description='(true class, predicted class) counts')
     class_names: Optional[list[str]] = None
+
+
+class RunArtifact(BaseDoc):
+    """A run's artifact as a zip (the reply of `/runs/artifact`), which `artifact=<the zip>` serves.
+
+    `blob` is the zip in base64 on every path: a Flow's gateway rebuilds document types from their JSON schema, in
+    which bytes are text, so raw bytes would not pass its HTTP side (docs/design-notes.md)."""
+
+    run_id: Optional[str] = None
+    name: Optional[str] = Field(None, description='a file name for the zip: <run_id>.zip')
+    blob: Optional[str] = Field(None, description="the zip's bytes in base64")
+    size: Optional[int] = Field(None, description='bytes in the zip')
+    sha256: Optional[str] = Field(None, description="hex digest of the zip's bytes (decoded)")
+
+
+class EpochMetrics(BaseDoc):
+    """One row of a run's history: the metrics of one epoch."""
+
+    metrics: Optional[dict[str, float]] = None
+
+
+class ExampleMatch(BaseDoc):
+    """An evaluation item matched to a query: its text, else its name (and uri), its label, how close, relevant."""
+
+    name: Optional[str] = None
+    text: Optional[str] = None
+    uri: Optional[str] = None
+    label: Optional[str] = None
+    score: Optional[float] = Field(None, description='cosine similarity to the query')
+    relevant: Optional[bool] = Field(None, description="it has the query's label")
+
+
+class ExampleResult(BaseDoc):
+    """An evaluation query (its text, else its name; uri; label) and the fine-tuned model's top matches."""
+
+    name: Optional[str] = None
+    text: Optional[str] = None
+    uri: Optional[str] = None
+    label: Optional[str] = None
+    matches: DocList[ExampleMatch] = Field(DocList[ExampleMatch](), description='best first')
+
+
+class RunReport(BaseDoc):
+    """What a finished run's reports hold (the reply of `/runs/reports`): the metrics of the model before and after
+    fine-tuning, the history (one row per epoch), and example results (a few queries and the final model's top
+    matches, each with its score and whether it shares the query's label). Rows are documents, not lists of dicts,
+    which a Flow's gateway cannot rebuild from the JSON schema."""
+
+    run_id: Optional[str] = None
+    metrics_before: Optional[dict[str, float]] = None
+    metrics_after: Optional[dict[str, float]] = None
+    history: DocList[EpochMetrics] = Field(DocList[EpochMetrics](), description='one row per epoch')
+    examples: DocList[ExampleResult] = Field(DocList[ExampleResult](), description='a query per label')
+    files: Optional[list[str]] = Field(None, description="the files in the run's reports/ (PNG figures, JSON)")
+
+
+class ModelInfo(BaseDoc):
+    """One model the service can train and serve (the reply of `/models`, local ones first)."""
+
+    name: Optional[str] = None
+    family: Optional[str] = Field(None, description="the backbone family: 'timm', 'torchvision', 'transformers'")
+    modality: Optional[Literal['image', 'text', 'image-text']] = None
+    output_dim: Optional[int] = Field(None, description='embedding size; None where not measured (see /models)')
+    weights_local: Optional[bool] = Field(None, description='its pretrained weights are on the server')
+    options: Optional[dict[str, Union[int, str]]] = Field(None, description='the options it uses when a run sets none')
 
 
 def items_of(docs: DocList, roots: list) -> list:

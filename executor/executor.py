@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from docarray import DocList
-from jina import Executor, requests
+from jina import requests
 
 from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
+from executor.catalog import CatalogEndpoints
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, drop_content, items_of
 from executor.params import (
     DATA_FIELDS,
@@ -59,9 +60,10 @@ logger = logging.getLogger(__name__)
 WAIT_POLL = 0.25  # seconds between status reads while /train waits for its run
 
 
-class FinetunerExecutor(Executor):
-    """Endpoints: /train, /runs, /runs/status, /runs/logs, /runs/cancel, /encode, /evaluate, /export, /classify, and
-    /index, /search, which embed documents for the VectorIndexer that follows in flows/search.yml."""
+class FinetunerExecutor(CatalogEndpoints):
+    """Endpoints: /train, /runs, /runs/status, /runs/logs, /runs/cancel, /encode, /evaluate, /export, /classify,
+    /index, /search (embedding for the VectorIndexer after it in flows/search.yml); CatalogEndpoints' /models,
+    /runs/artifact, /runs/reports, /runs/delete."""
 
     def __init__(
         self,

@@ -241,7 +241,7 @@ TrainParams = create_model(
 
 
 class RunParams(EndpointParams):
-    """Parameters of ``/runs/status`` and ``/runs/cancel``."""
+    """Parameters of ``/runs/status``, ``/runs/cancel``, ``/runs/artifact``, ``/runs/reports``, ``/runs/delete``."""
 
     run_id: str = Field(pattern=RUN_ID_PATTERN, description='the run, as /train and /runs return it')
 
@@ -374,9 +374,11 @@ class EvaluateParams(ModelParams):
         return self
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# uses_with
-# ---------------------------------------------------------------------------------------------------------------------
+class ModelsParams(EndpointParams):
+    """Parameters of ``/models``: every model, or those in ``names`` (each one's output_dim measured)."""
+
+    names: Optional[list[str]] = Field(None, min_length=1, description='describe these models only')
+    local_only: bool = Field(False, description='only the models whose pretrained weights are on the server')
 
 
 # Every endpoint's parameters, by path: what the endpoints validate with, and what the OpenAPI page shows
@@ -384,9 +386,9 @@ class EvaluateParams(ModelParams):
 ENDPOINT_PARAMS: dict[str, type[EndpointParams]] = {
     '/train': TrainParams,
     '/runs': EndpointParams,
-    '/runs/status': RunParams,
+    **dict.fromkeys(('/runs/status', '/runs/cancel', '/runs/artifact', '/runs/reports', '/runs/delete'), RunParams),
     '/runs/logs': LogsParams,
-    '/runs/cancel': RunParams,
+    '/models': ModelsParams,
     '/export': ExportParams,
     '/encode': EncodeParams,
     '/index': IndexParams,

@@ -1,5 +1,6 @@
 """Artifacts for serving: the model file to serve for a run id, an artifact folder, a ``.zip`` of one, or a model file;
-Finetuner's artifacts too (its zip or folder, rebuilt once by ``finetuner_artifact``).
+Finetuner's artifacts too (its zip or folder, rebuilt once by ``finetuner_artifact``); and a run's artifact packed as
+such a zip (``/runs/artifact``), for clients that do not share the server's disk.
 
 A zip is unpacked once, into a folder named by its name and a digest of its bytes, and served from there; one that
 would unpack to more than ``MAX_UNPACKED_BYTES``, or whose members compress like a zip bomb, is refused before a byte
@@ -9,6 +10,7 @@ is written.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from executor.service.finetuner_artifact import finetuner_models, rebuild
 from executor.service.store import RUN_ID_PATTERN, STATUS_FILE, RunStore
-from executor.tuning.artifact import MODEL_FILE, ONNX_FILE
+from executor.tuning.artifact import MODEL_FILE, ONNX_FILE, artifact_files
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,10 @@ MAX_UNPACKED_BYTES = 8 * 2**30  # a resnet50 artifact with its three ONNX export
 # Model weights, ONNX graphs and PNG reports compress 1-2x; a member over 1 MB that shrank more than this is a bomb.
 MAX_RATIO = 100
 RATIO_CHECKED_FROM = 2**20
+# What /runs/artifact sends in one reply. The zip is built in memory and travels as base64 (4/3 of its size); a
+# protobuf message carries at most 2 GiB.
+MAX_PACKED_BYTES = 2**30
+STORED_SUFFIXES = ('.pt', '.onnx', '.data', '.png')  # weights and PNGs do not compress: stored as they are
 
 
 def open_artifact(
@@ -70,6 +76,28 @@ def open_artifact(
     if onnx.is_file():
         return onnx
     raise FileNotFoundError(f'{str(folder)!r} holds neither {MODEL_FILE} nor {ONNX_FILE}: it is not a model artifact')
+
+
+def pack_artifact(folder: Path, name: str, limit: int = MAX_PACKED_BYTES) -> bytes:
+    """The artifact in ``folder`` (``artifact_files``: model, exports, preprocessing, config, history, reports) as the
+    bytes of a zip that ``open_artifact`` serves; ``name`` (the run) is for messages. Member times are the files'
+    own, so an unchanged artifact zips to the same bytes (and unpacks once where it is served)."""
+    files = artifact_files(folder)
+    if not any(path.name in (MODEL_FILE, ONNX_FILE) for path in files):
+        raise FileNotFoundError(f'{name} has no model file ({MODEL_FILE} or {ONNX_FILE}) to pack')
+    total = sum(path.stat().st_size for path in files)
+    if total > limit:
+        raise ValueError(
+            f'the artifact of {name} holds {_size(total)}, more than the {_size(limit)} /runs/artifact sends in '
+            f'one reply; copy its files from the server ({", ".join(p.name for p in files[:6])}, ...), or delete '
+            'the ONNX variants you do not serve and ask again'
+        )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as zf:
+        for path in files:
+            kind = zipfile.ZIP_STORED if path.suffix in STORED_SUFFIXES else zipfile.ZIP_DEFLATED
+            zf.write(path, path.relative_to(folder).as_posix(), compress_type=kind)
+    return buffer.getvalue()
 
 
 def _unpack(archive: Path, unpack_dir: Path) -> Path:

@@ -140,6 +140,22 @@ class JobQueue:
             time.sleep(0.05)  # the worker thread settles the run once the process is gone
         return self.store.get(run_id)
 
+    def delete(self, run_id: str) -> RunState:
+        """Remove a FINISHED, FAILED or CANCELLED run and its files; a run still queued or training is refused."""
+        with self._lock:  # no run starts, resumes or is cancelled meanwhile
+            state = self.store.get(run_id)
+            if not state.done:
+                raise ValueError(
+                    f'run {run_id!r} is {state.status} ({"queued" if state.status == "CREATED" else "training"}); '
+                    f'cancel it first with /runs/cancel run_id={run_id!r}, then delete it'
+                )
+            if self._current is not None and self._current[0] == run_id:
+                raise ValueError(
+                    f'run {run_id!r} is {state.status} but its training process is still exiting; delete it again '
+                    'in a few seconds'
+                )
+            return self.store.delete(run_id)
+
     def close(self) -> None:
         """Stop taking runs; a training run is stopped and marked FAILED (interrupted), resumable later."""
         self._closed = True
@@ -165,7 +181,7 @@ class JobQueue:
 
     def _run(self, run_id: str) -> None:
         with self._lock:
-            if self.store.get(run_id).status != 'CREATED':  # cancelled while it waited
+            if run_id not in self.store.ids() or self.store.get(run_id).status != 'CREATED':  # cancelled (deleted)
                 return
             folder = self.store.folder(run_id)
             try:

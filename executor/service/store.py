@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ STATUS_FILE = 'status.json'
 REQUEST_FILE = 'request.json'
 LOG_FILE = 'train.log'
 DOCS_DIR = 'train_docs'
+TRASH_DIR = '.deleted'  # runs being removed: out of the store at once, their files removed after
 
 
 class RunNotFoundError(LookupError):
@@ -145,6 +147,7 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._creating: set[str] = set()  # run ids being written by create()
+        shutil.rmtree(self.root / TRASH_DIR, ignore_errors=True)  # what a delete interrupted by a crash left
 
     # --- runs ------------------------------------------------------------------------------------------------------
 
@@ -208,6 +211,20 @@ class RunStore:
             except (OSError, ValueError) as err:  # one unreadable folder must not hide the others
                 logger.warning('skipping run folder %s: %s', run_id, err)
         return sorted(states, key=lambda s: (s.created_at, s.run_id))
+
+    def delete(self, run_id: str) -> RunState:
+        """Remove a run that has ended and all its files; returns its last state. The folder is first renamed out of
+        the store (at once, atomically: the run is gone for every reader), then removed. Whether a run may go is the
+        caller's decision (``JobQueue.delete`` refuses a run in progress)."""
+        with self._lock:
+            state = self.get(run_id)
+            trash = self.root / TRASH_DIR
+            trash.mkdir(exist_ok=True)
+            doomed = trash / f'{run_id}-{secrets.token_hex(4)}'
+            os.replace(self.root / run_id, doomed)
+        shutil.rmtree(doomed)
+        logger.info('deleted run %s', run_id)
+        return state
 
     def update(self, run_id: str, **changes: Any) -> RunState:
         """Read, change and write back a run's status atomically."""

@@ -8,7 +8,17 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 from executor.tuning.config import TrainConfig
-from executor.tuning.models import build_model, list_models, load_model, save_model
+from executor.tuning.models import build_model, describe_models, list_models, load_model, save_model
 from executor.tuning.trainer import FitResult, Trainer, fit
 
-__all__ = ['FitResult', 'TrainConfig', 'Trainer', 'build_model', 'fit', 'list_models', 'load_model', 'save_model']
+__all__ = [
+    'FitResult',
+    'TrainConfig',
+    'Trainer',
+    'build_model',
+    'describe_models',
+    'fit',
+    'list_models',
+    'load_model',
+    'save_model',
+]

@@ -8,6 +8,8 @@ An artifact folder (a run folder, or one unpacked from a zip) holds::
     config.json          the run's resolved configuration; history.jsonl one row of metrics per epoch
     checkpoints/last.pt  what a resume continues from; reports/ the curves and the before/after figures
 
+``artifact_files`` lists what a copy of the artifact carries (``/runs/artifact``'s zip, what the trackers log).
+
 The ONNX graph takes the model's inputs by the names its ``Inputs`` gives (``images`` ``(B, 3, H, W)`` for an image
 model), the batch axis dynamic, and gives ``embeddings`` ``(B, D)``, plus ``logits`` ``(B, C)`` when the model has a
 classifier head. ``preprocessing.json`` is written beside ``model.pt`` by the trainer and beside every export, and
@@ -34,6 +36,7 @@ CONFIG_FILE = 'config.json'
 HISTORY_FILE = 'history.jsonl'
 CHECKPOINT = 'checkpoints/last.pt'
 REPORTS_DIR = 'reports'
+EXTERNAL_DATA = '.data'  # an ONNX graph over 2 GiB keeps its weights in `<name>.onnx.data` beside it
 
 EMBEDDINGS = 'embeddings'
 LOGITS = 'logits'
@@ -41,6 +44,19 @@ ONNX_METADATA_KEY = 'finetuner_executor.preprocessing'
 PREPROCESSING_FORMAT = 'finetuner-executor/preprocessing-v2'
 # Written by releases before the input seam: an image model's `data_config` at the top level.
 PREPROCESSING_FORMAT_V1 = 'finetuner-executor/onnx-v1'
+
+
+def artifact_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of the artifact in ``folder`` that a copy of it carries: the model, its ONNX exports (with their
+    external data), ``preprocessing.json``, the configuration, the history and ``reports/``. Not the checkpoint (it
+    holds the optimizer's state too, 2-3x the model), nor what a run folder holds besides (the training documents,
+    the log, the trackers' files)."""
+    folder = Path(folder)
+    names = [MODEL_FILE, PREPROCESSING_FILE, CONFIG_FILE, HISTORY_FILE]
+    names += [name + suffix for name in EXPORT_FILES.values() for suffix in ('', EXTERNAL_DATA)]
+    files = [folder / name for name in names if (folder / name).is_file()]
+    reports = folder / REPORTS_DIR
+    return files + sorted(p for p in reports.rglob('*') if p.is_file() and not p.name.startswith('.'))
 
 
 def output_names(model: EmbeddingModel) -> tuple[str, ...]:

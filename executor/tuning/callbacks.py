@@ -1,9 +1,9 @@
-"""Training callbacks: evaluation, best model, early stopping, progress, TensorBoard.
+"""Training callbacks: evaluation, best model, early stopping, progress; the experiment trackers are in ``trackers``.
 
-A callback sees the trainer at five points (fit start, batch end, epoch end, checkpoint, fit end); ``logs`` is the
-epoch's row of the metrics history. Callbacks with state (best score, patience) save it in the checkpoint for exact
-resume. The trainer imports this module, never the reverse: what a callback may read of the trainer is
-``TrainerState``.
+A callback (``hooks.Callback``) sees the trainer at six points (fit start, batch end, epoch end, checkpoint, artifact,
+fit end); ``logs`` is the epoch's row of the metrics history. Callbacks with state (best score, patience) save it in
+the checkpoint for exact resume. The trainer imports this module, never the reverse: what a callback may read of the
+trainer is ``TrainerState``.
 """
 
 from __future__ import annotations
@@ -12,53 +12,30 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 
 from executor.tuning.config import TrainConfig
 from executor.tuning.evaluation import Evaluator, metric_mode
+from executor.tuning.hooks import Callback, TrainerState
+from executor.tuning.trackers import tracker_callbacks
+
+__all__ = [
+    'BestModel',
+    'Callback',
+    'EarlyStopping',
+    'EvaluationCallback',
+    'ProgressBar',
+    'TrainerState',
+    'run_callbacks',
+]
 
 logger = logging.getLogger(__name__)
 
 
-class TrainerState(Protocol):
-    """The trainer as callbacks see it."""
-
-    epoch: int
-    epochs: int
-    step: int
-    total_steps: int
-    should_stop: bool
-    metrics_before: dict[str, float] | None
-    raw_model: torch.nn.Module
-
-    def embedder(self, batch_size: int = 64) -> Any: ...
-
-
 def higher_is_better(metric: str) -> bool:
     return metric == 'epoch' or metric_mode(metric) == 'max'
-
-
-class Callback:
-    """Base class: override the hooks you need; ``state_dict``/``load_state_dict`` for what must survive a resume."""
-
-    def on_fit_start(self, trainer: TrainerState) -> None: ...
-
-    def on_batch_end(self, trainer: TrainerState, loss: float) -> None: ...
-
-    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None: ...
-
-    def on_checkpoint(self, trainer: TrainerState, logs: dict[str, float]) -> None:
-        """After the epoch's checkpoint is written (rank 0): what has been reported here can be resumed from."""
-
-    def on_fit_end(self, trainer: TrainerState) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class EvaluationCallback(Callback):
@@ -180,35 +157,10 @@ class ProgressBar(Callback):
             self.progress.stop()
 
 
-class TensorBoardLogger(Callback):
-    """Writes the batch loss and every epoch metric as TensorBoard scalars under ``<output_dir>/tensorboard``."""
-
-    def __init__(self, log_dir: str) -> None:
-        self.log_dir = log_dir
-        self.writer = None
-
-    def on_fit_start(self, trainer: TrainerState) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(self.log_dir)
-
-    def on_batch_end(self, trainer: TrainerState, loss: float) -> None:
-        self.writer.add_scalar('train/batch_loss', loss, trainer.step)
-
-    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None:
-        for key, value in logs.items():
-            if key != 'epoch' and np.isfinite(value):
-                self.writer.add_scalar(f'epoch/{key}', value, int(logs['epoch']))
-        self.writer.flush()
-
-    def on_fit_end(self, trainer: TrainerState) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str, output_dir: Path) -> list[Callback]:
     """A run's callbacks, in the order they run: evaluation first (the others watch its metrics), best model, early
-    stopping, the caller's own, TensorBoard, the progress bar (unless ``FINETUNER_PROGRESS=0``)."""
+    stopping, the caller's own, the trackers of ``loggers`` (TensorBoard, W&B, MLflow), the progress bar (unless
+    ``FINETUNER_PROGRESS=0``)."""
     callbacks: list[Callback] = [EvaluationCallback(evaluator)] if evaluator is not None else []
     if config.save_best and evaluator is not None:
         callbacks.append(BestModel(monitor))
@@ -222,8 +174,7 @@ def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str
             )
         )
     callbacks += list(config.callbacks)
-    if config.tensorboard:
-        callbacks.append(TensorBoardLogger(str(output_dir / 'tensorboard')))
+    callbacks += tracker_callbacks(config.active_loggers, output_dir)
     if os.environ.get('FINETUNER_PROGRESS', '1') != '0':
         callbacks.append(ProgressBar())
     return callbacks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -19,6 +21,9 @@ from executor.tuning.pair_losses import CLIP_LOSS, PAIR_LOSSES
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
 MAX_DEVICES = 64  # processes on one machine: past any machine's GPU count, and past what CPU training gains from
+LOGGERS = ('tensorboard', 'wandb', 'mlflow')
+# The experiment trackers besides TensorBoard are optional installs: the module each needs and its pip package.
+TRACKER_PACKAGES = {'wandb': ('wandb', 'wandb'), 'mlflow': ('mlflow', 'mlflow-skinny')}
 
 
 class SchedulerOptions(BaseModel):
@@ -152,6 +157,13 @@ class TrainConfig(BaseModel):
     )
     save_best: bool = True
     tensorboard: bool = True
+    loggers: list[str] = Field(
+        default_factory=lambda: ['tensorboard'],
+        description=(
+            "experiment trackers: 'tensorboard' (under tensorboard/), 'wandb' (offline unless WANDB_MODE says "
+            "otherwise), 'mlflow' (a file store under mlruns/ unless MLFLOW_TRACKING_URI is set)"
+        ),
+    )
     to_onnx: bool = False
     output_dir: Optional[Path] = None
     data_roots: Optional[list[str]] = None
@@ -186,6 +198,11 @@ class TrainConfig(BaseModel):
     def _known_optimizer(cls, value: str, info: ValidationInfo) -> str:
         return check_optimizer(value, info.field_name)
 
+    @field_validator('loggers')
+    @classmethod
+    def _known_loggers(cls, value: list[str]) -> list[str]:
+        return check_loggers(value)
+
     @field_validator('device')
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -216,6 +233,11 @@ class TrainConfig(BaseModel):
             and self.monitor not in (None, 'train_loss')
         ):
             raise ValueError(f'monitor={self.monitor!r} needs evaluation data (eval_data, or query_data + index_data)')
+        if not self.tensorboard and 'loggers' in self.model_fields_set and 'tensorboard' in self.loggers:
+            raise ValueError(
+                f'tensorboard=False and loggers={self.loggers} disagree; leave tensorboard out of loggers (and '
+                'tensorboard unset) to train without it'
+            )
         if self.num_devices > 1:
             self._check_devices()
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or []):
@@ -267,6 +289,11 @@ class TrainConfig(BaseModel):
                 f"{fewer}set device='cpu' to train with {n} CPU processes"
             )
 
+    @property
+    def active_loggers(self) -> list[str]:
+        """The trackers this run logs to (``tensorboard=False`` takes TensorBoard out of the default)."""
+        return [name for name in self.loggers if name != 'tensorboard' or self.tensorboard]
+
     def input_options(self) -> dict[str, Any]:
         """The options that shape a model's inputs, for ``Inputs.with_options`` (which refuses those that do not
         apply to its kind)."""
@@ -275,3 +302,21 @@ class TrainConfig(BaseModel):
     @property
     def has_evaluation(self) -> bool:
         return self.eval_data is not None or self.query_data is not None or self.val_split > 0
+
+
+def check_loggers(names: list[str]) -> list[str]:
+    """``names`` without repeats, each a known tracker whose package is installed here; else the error says what is
+    allowed or how to install it."""
+    for name in names:
+        if name not in LOGGERS:
+            close = difflib.get_close_matches(name, LOGGERS, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            raise ValueError(f'unknown logger {name!r}{hint}; allowed: {", ".join(map(repr, LOGGERS))}')
+        module, package = TRACKER_PACKAGES.get(name, (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ValueError(
+                f'logger {name!r} needs the {package!r} package, which is not installed where the run trains; install '
+                f'it (`pip install -r requirements-trackers.txt`, or `pip install {package}`), or leave {name!r} out '
+                'of loggers'
+            )
+    return list(dict.fromkeys(names))

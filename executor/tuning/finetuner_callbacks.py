@@ -110,8 +110,9 @@ CALLBACKS = {
     for cls in (EvaluationCallback, BestModelCheckpoint, TrainingCheckpoint, EarlyStopping, WandBLogger, WiSEFTCallback)
 }
 CALLBACK_REFUSALS = {
-    'WandBLogger': 'this service logs each run to TensorBoard (tensorboard=True: scalars under tensorboard/ in the '
-    'run folder; `tensorboard --logdir <workspace>`); drop WandBLogger from callbacks',
+    'WandBLogger': 'this service logs each run to TensorBoard by default, and to Weights & Biases with '
+    "loggers=['tensorboard', 'wandb'] (offline unless WANDB_MODE says otherwise): drop WandBLogger from callbacks and "
+    'pass loggers instead',
 }
 # EvaluationCallback fields this service has no counterpart for: each is taken at Finetuner's default only
 EVALUATION_DEFAULT_ONLY = {

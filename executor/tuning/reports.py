@@ -35,6 +35,7 @@ METRICS_JSON = 'metrics_before_after.json'
 CURVES_PNG = 'curves.png'
 BEFORE_AFTER_PNG = 'before_after.png'
 MATCHES_PNG = 'matches.png'
+EXAMPLES_JSON = 'examples.json'  # run_reports.example_results: queries and their matches, for every modality
 
 ImageLike = Image.Image | np.ndarray
 _X_KEYS = ('epoch', 'step')

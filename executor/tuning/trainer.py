@@ -289,10 +289,11 @@ class Trainer:
         try:
             while self.epoch < self.epochs and not self.should_stop:
                 self._run_epoch()
+            result = self._finish()
         finally:
             for callback in self.callbacks:
                 callback.on_fit_end(self)
-        return self._finish()
+        return result
 
     def _run_epoch(self) -> None:
         started = time.perf_counter()
@@ -328,6 +329,8 @@ class Trainer:
             dist.barrier()  # rank 0 is writing the artifact
             return FitResult(self.model, self.output_dir, self.output_dir / artifact.MODEL_FILE, self.history)
         result = self._save_artifact()
+        for callback in self.callbacks:
+            callback.on_artifact(self, self.output_dir)
         if self.world > 1:
             dist.barrier()
         return result

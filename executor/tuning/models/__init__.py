@@ -6,8 +6,10 @@ from executor.tuning.models.freezing import backbone_stages, freeze_layers
 from executor.tuning.models.heads import GeM, ProjectionHead
 from executor.tuning.models.registry import (
     DEFAULT_MODEL,
+    ModelDescription,
     build_model,
     build_two_tower,
+    describe_models,
     family_of,
     list_models,
     load_model,
@@ -23,6 +25,7 @@ __all__ = [
     'Backbone',
     'BackboneFamily',
     'EmbeddingModel',
+    'ModelDescription',
     'GeM',
     'TOWERS',
     'ProjectionHead',
@@ -31,6 +34,7 @@ __all__ = [
     'backbone_stages',
     'build_model',
     'build_two_tower',
+    'describe_models',
     'family_of',
     'freeze_layers',
     'list_models',

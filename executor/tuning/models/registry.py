@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import pkgutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import torch
 
@@ -24,6 +26,8 @@ from executor.tuning.models.family import BackboneFamily, Pooler
 from executor.tuning.models.freezing import freeze_layers
 from executor.tuning.models.heads import ProjectionHead
 from executor.tuning.models.two_tower import DEFAULT_OUTPUT_DIM, TwoTowerModel
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = 'efficientnet_lite0'
 DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
@@ -54,8 +58,54 @@ def families() -> tuple[BackboneFamily, ...]:
 
 @lru_cache(maxsize=1)
 def list_models() -> list[str]:
-    """Every name ``build_model`` takes, family by family (the offline default first)."""
-    return [name for family in families() for name in family.names()]
+    """Every name ``build_model`` takes, family by family (the offline default first), each once (timm has an
+    ``efficientnet_lite0`` of its own: the name is the offline default's)."""
+    return list(dict.fromkeys(name for family in families() for name in family.names()))
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """One model ``build_model`` takes: what it embeds, its embedding size, whether its pretrained weights are here.
+
+    ``output_dim`` is ``None`` where it was not measured (see ``describe_models``); ``options`` are the options it
+    trains and serves with when a run sets none.
+    """
+
+    name: str
+    family: str
+    modality: str  # 'image' | 'text' (| 'image-text' for two-tower models)
+    weights_local: bool
+    output_dim: int | None
+    options: dict[str, Any]
+
+
+def describe_models(names: Sequence[str] | None = None, local_only: bool = False) -> list[ModelDescription]:
+    """Every model ``build_model`` takes (or those in ``names``), the ones whose pretrained weights are on this machine
+    first, each group in ``list_models()`` order; ``local_only`` leaves out the others.
+
+    ``output_dim`` is measured (a build on the meta device: no weights read, ~0.1 s each) for the models with local
+    weights and for every name asked for in ``names``; for the rest of timm's ~1400 names it is ``None``, since
+    measuring them all would take minutes. Ask ``describe_models([name])`` for one of those.
+    """
+    described = []
+    for name in list_models() if names is None else names:
+        family = family_of(name)
+        local = family.weights_local(name)
+        if local_only and not local:
+            continue
+        dim = _output_dim(family, name) if local or names is not None else None
+        described.append(
+            ModelDescription(name, family.family, family.modality, local, dim, family.default_options(name))
+        )
+    return sorted(described, key=lambda model: not model.weights_local)
+
+
+def _output_dim(family: BackboneFamily, name: str) -> int | None:
+    try:
+        return family.output_dim(name)
+    except Exception as err:  # a model that does not build without weights still gets described
+        logger.warning('could not measure the output size of %r: %s', name, err)
+        return None
 
 
 def family_of(name: str) -> BackboneFamily:

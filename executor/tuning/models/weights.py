@@ -126,7 +126,10 @@ def cached_timm_file(model_name: str) -> Path | None:
     repo = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
     if not repo:
         return None
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not (Path(constants.HF_HUB_CACHE) / f'models--{repo.replace("/", "--")}').is_dir():
+        return None  # the common case, answered without the per-file lookups (describe_models asks ~1400 names)
 
     for filename in ('model.safetensors', 'pytorch_model.bin'):
         found = try_to_load_from_cache(repo, filename)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from executor.service.artifacts import check_sizes, open_artifact
+from executor.service.artifacts import check_sizes, open_artifact, pack_artifact
 from executor.service.store import RunStore
 
 
@@ -65,3 +65,39 @@ def test_a_zip_bomb_is_refused_before_anything_is_written(store: RunStore, tmp_p
     ):
         with zipfile.ZipFile(archive) as zf:
             check_sizes(archive, zf.infolist(), limit=2**20)
+
+
+def test_a_packed_artifact_holds_the_model_files_and_serves_from_its_zip(store: RunStore, tmp_path: Path):
+    folder = tmp_path / 'run'
+    (folder / 'reports').mkdir(parents=True)
+    (folder / 'checkpoints').mkdir()
+    files = {
+        'model.pt': b'pt' * 1000,
+        'model.onnx': b'onnx',
+        'model-int8.onnx': b'int8',
+        'preprocessing.json': b'{}',
+        'config.json': b'{"a": 1}',
+        'history.jsonl': b'{"epoch": 1}\n' * 50,
+        'reports/curves.png': b'png',
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    left_out = {'checkpoints/last.pt': b'ckpt', 'train.log': b'log', 'status.json': b'{}', 'reports/.x.tmp': b''}
+    for name, data in left_out.items():
+        (folder / name).write_bytes(data)
+    packed = pack_artifact(folder, "run 'r'")
+    assert packed == pack_artifact(folder, "run 'r'")  # the same bytes for the same files
+    archive = tmp_path / 'r.zip'
+    archive.write_bytes(packed)
+    with zipfile.ZipFile(archive) as zf:
+        assert {i.filename: zf.read(i) for i in zf.infolist()} == files
+        kinds = {i.filename: i.compress_type for i in zf.infolist()}
+    assert kinds['model.pt'] == zipfile.ZIP_STORED and kinds['history.jsonl'] == zipfile.ZIP_DEFLATED
+    served = open_artifact(archive, store, tmp_path / 'unpacked', 'onnx')
+    assert served.name == 'model.onnx' and served.parent.parent == tmp_path / 'unpacked'
+    assert open_artifact(archive, store, tmp_path / 'unpacked', 'torch').read_bytes() == files['model.pt']
+
+    with pytest.raises(ValueError, match=r"the artifact of run 'r' holds .* more than the 0 MiB /runs/artifact sends"):
+        pack_artifact(folder, "run 'r'", limit=1000)
+    with pytest.raises(FileNotFoundError, match=r"run 'e' has no model file"):
+        pack_artifact(tmp_path / 'reports-only', "run 'e'")

@@ -283,3 +283,18 @@ def test_workers_of_a_killed_torchrun_exit(store: RunStore, jobs: JobQueue, digi
     wait_for(lambda: not any(pid_alive(pid) for pid in processes), 30, 'the workers to notice and exit')
     state = wait_for(lambda: (s := store.get('headless')).done and s, 30, 'the run to end')
     assert state.status == 'FAILED' and 'killed by SIGKILL' in state.error, state.error
+
+
+def test_delete_refuses_a_run_in_progress_and_removes_one_that_ended(store: RunStore):
+    queue = JobQueue(store)  # not started: runs stay as the test sets them
+    for run_id, status in [('queued', 'CREATED'), ('training', 'STARTED'), ('done', 'FINISHED'), ('bad', 'FAILED')]:
+        store.create({'epochs': 1}, run_id=run_id)
+        store.update(run_id, status=status)
+    with pytest.raises(ValueError, match=r"run 'queued' is CREATED \(queued\); cancel it first with /runs/cancel"):
+        queue.delete('queued')
+    with pytest.raises(ValueError, match=r"run 'training' is STARTED \(training\); cancel it first"):
+        queue.delete('training')
+    assert queue.delete('done').status == 'FINISHED' and queue.delete('bad').status == 'FAILED'
+    assert store.ids() == ['queued', 'training']
+    queue.cancel('queued')
+    assert queue.delete('queued').status == 'CANCELLED'

@@ -168,3 +168,19 @@ def test_concurrent_creates_of_one_run_name_make_one_run_and_refuse_the_others(s
     assert len(created) == 1 and len(refused) == 2
     assert all("a run named 'race' exists already" in str(err) for err in refused)
     assert store.request('race') == {'epochs': created[0]}  # the run holds the request that was told CREATED
+
+
+def test_delete_removes_the_run_and_its_files_and_leaves_the_others(store: RunStore):
+    store.create({'epochs': 1}, run_id='gone', docs=[Item(id='a', text='x', label='1')])
+    store.create({'epochs': 1}, run_id='kept')
+    (store.root / 'gone' / 'reports').mkdir()
+    (store.root / 'gone' / 'reports' / 'curves.png').write_bytes(b'png')
+    store.update('gone', status='FINISHED')
+    assert store.delete('gone').status == 'FINISHED'
+    assert store.ids() == ['kept'] and not (store.root / 'gone').exists()
+    assert list((store.root / '.deleted').iterdir()) == []  # renamed out of the store, then removed
+    with pytest.raises(RunNotFoundError, match=r"unknown run_id 'gone'; known runs \(latest\): 'kept'"):
+        store.delete('gone')
+    store.create({'epochs': 1}, run_id='gone')  # the name is free again
+    (store.root / '.deleted' / 'gone-1234').mkdir()  # left by a delete that a crash interrupted
+    assert not (RunStore(store.root).root / '.deleted').exists()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
+import torchvision
 from skimage import data as skdata
 
 from executor.tuning.data import eval_transform
@@ -13,6 +16,7 @@ from executor.tuning.models import (
     WeightsNotFoundError,
     backbone_stages,
     build_model,
+    describe_models,
     list_models,
     load_model,
     save_model,
@@ -134,3 +138,37 @@ def test_load_model_rejects_foreign_files(tmp_path):
     torch.save({'w': torch.zeros(1)}, path)
     with pytest.raises(ValueError, match='not a model artifact'):
         load_model(path)
+
+
+def test_describe_models_puts_the_models_with_local_weights_first(tmp_path, monkeypatch):
+    # a torchvision checkpoint in torch hub's cache makes that model local (only the file's presence is read)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    url = torchvision.models.get_model_weights('resnet18').DEFAULT.url
+    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True)
+    (tmp_path / 'hub' / 'checkpoints' / url.rsplit('/', 1)[1]).write_bytes(b'')
+    started = time.perf_counter()
+    models = describe_models()
+    seconds = time.perf_counter() - started
+    local = [m for m in models if m.weights_local]
+    print(f'describe_models: {len(models)} models in {seconds:.2f} s; local: {[(m.name, m.output_dim) for m in local]}')
+    assert seconds < 10 and len(models) == len(list_models()) > 1000
+    assert models[: len(local)] == local  # the local ones first
+    by_name = {m.name: m for m in models}
+    assert (by_name['efficientnet_lite0'].modality, by_name['efficientnet_lite0'].output_dim) == ('image', 1280)
+    assert by_name['efficientnet_lite0'].options == {'pooler': 'avg', 'image_size': 224}
+    assert (by_name['all-MiniLM-L6-v2'].modality, by_name['all-MiniLM-L6-v2'].output_dim) == ('text', 384)
+    assert by_name['all-MiniLM-L6-v2'].options == {'pooler': 'mean', 'max_seq_length': 256}
+    assert by_name['torchvision/resnet18'].weights_local and by_name['torchvision/resnet18'].output_dim == 512
+    assert {'efficientnet_lite0', 'all-MiniLM-L6-v2', 'torchvision/resnet18'} <= {m.name for m in local}
+    # the others are listed without building them: their size is measured when asked for by name
+    assert not by_name['resnet50'].weights_local and by_name['resnet50'].output_dim is None
+    assert by_name['vit_base_patch16_384'].options['image_size'] == 384  # from timm's pretrained config
+    asked = describe_models(['resnet50', 'torchvision/mobilenet_v3_small', 'vit_base_patch16_224'])
+    assert [(m.name, m.output_dim) for m in asked] == [
+        ('resnet50', 2048),
+        ('torchvision/mobilenet_v3_small', build_model('torchvision/mobilenet_v3_small', pretrained=False).embed_dim),
+        ('vit_base_patch16_224', 768),
+    ]
+    assert [m.name for m in describe_models(local_only=True)] == [m.name for m in local]
+    with pytest.raises(ValueError, match="unknown model 'resnet5'; did you mean"):
+        describe_models(['resnet5'])

@@ -131,6 +131,15 @@ def test_evaluation_best_model_and_early_stopping(tmp_path, train_items):
     with Image.open(tmp_path / 'reports' / 'matches.png') as sprite:  # 6 rows (a query per digit): query + top 5
         width, height = sprite.size
         assert width > 6 * 96 and height > 6 * 96
+    # the same example results as JSON (for every modality): the final model's top 5 of a query per digit
+    examples = json.loads((tmp_path / 'reports' / 'examples.json').read_text())
+    assert sorted(e['query']['label'] for e in examples) == ['0', '1', '2', '3', '4', '5']
+    for example in examples:
+        matches = example['matches']
+        scores = [m['score'] for m in matches]
+        assert len(matches) == 5 and scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
+        assert [m['relevant'] for m in matches] == [m['label'] == example['query']['label'] for m in matches]
+        assert example['query']['name'] not in [m['name'] for m in matches]  # a query never matches itself
 
 
 def test_arcface_trains_its_own_parameters(tmp_path, train_items):

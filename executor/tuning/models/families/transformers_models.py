@@ -112,7 +112,8 @@ class TransformersFamily(BackboneFamily):
             net = _from_config(AutoConfig.from_pretrained(transformer, local_files_only=True).to_dict())
             offline.load_weights(net, name, weights, False, lambda: None)
         pooling = pooler or _folder_pooling(folder)
-        inputs = TextInputs(_read(transformer / 'tokenizer.json'), _max_seq_length(folder, transformer, net))
+        positions = getattr(net.config, 'max_position_embeddings', 512)
+        inputs = TextInputs(_read(transformer / 'tokenizer.json'), _max_seq_length(folder, transformer, positions))
         return self._backbone(net, pooling, inputs, net.config.to_dict())
 
     @staticmethod
@@ -124,6 +125,22 @@ class TransformersFamily(BackboneFamily):
 
     def feature_dim(self, backbone: Backbone) -> int:
         return int(backbone.module.module.config.hidden_size)
+
+    def weights_local(self, name: str) -> bool:
+        try:
+            return wheel_zip().is_file() if name in EMBEDDED else model_folder(name).is_dir()
+        except offline.WeightsNotFoundError:
+            return False
+
+    def output_dim(self, name: str) -> int:
+        folder = model_folder(name)
+        return int(_json(folder / _module_path(folder, 'Transformer') / 'config.json')['hidden_size'])
+
+    def default_options(self, name: str) -> dict[str, Any]:
+        folder = model_folder(name)
+        transformer = folder / _module_path(folder, 'Transformer')
+        positions = _json(transformer / 'config.json').get('max_position_embeddings', 512)
+        return {'pooler': _folder_pooling(folder), 'max_seq_length': _max_seq_length(folder, transformer, positions)}
 
 
 def _from_pretrained(folder: Path) -> nn.Module:
@@ -178,12 +195,12 @@ def _folder_pooling(folder: Path) -> str:
     return chosen[0] if chosen else 'mean'
 
 
-def _max_seq_length(folder: Path, transformer: Path, net: nn.Module) -> int:
+def _max_seq_length(folder: Path, transformer: Path, max_positions: int) -> int:
     for path in (transformer / 'sentence_bert_config.json', folder / 'sentence_bert_config.json'):
         if _json(path).get('max_seq_length'):
             return int(_json(path)['max_seq_length'])
     limits = [
-        getattr(net.config, 'max_position_embeddings', 512),
+        max_positions,
         _json(transformer / 'tokenizer_config.json').get('model_max_length', 512),
     ]
     return int(min(512, *(v for v in limits if isinstance(v, int) and v > 0)))
