@@ -50,8 +50,9 @@ test-slow: install  ## the slow tests
 test-all: install  ## every test (GPU tests need a GPU)
 	$(PY) -m pytest
 
+# DEMO=text-to-image: a two-tower model trained on captioned digits (or DEMO_DATA=captions.csv), searched by sentence
 demo: install  ## the search flow on real digits: fine-tune, export, index, search
-	$(PY) -m executor.demo
+	$(PY) -m $(if $(filter text-to-image,$(DEMO)),executor.demo_text_to_image,executor.demo)
 
 bench: install  ## the benchmarks under bench/, each printing side-by-side ratios
 	$(PY) bench/train_overhead.py

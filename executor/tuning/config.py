@@ -18,6 +18,7 @@ from executor.tuning.losses import list_losses, list_miners, unknown_name
 from executor.tuning.optim import check_optimizer
 from executor.tuning.pair_losses import CLIP_LOSS, PAIR_LOSSES
 
+OPEN_CLIP = 'open_clip/'  # the names of open_clip's CLIP models, which bring both towers
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
 MAX_DEVICES = 64  # processes on one machine: past any machine's GPU count, and past what CPU training gains from
@@ -247,14 +248,14 @@ class TrainConfig(BaseModel):
             )
         if self.matryoshka_dims is not None and min(self.matryoshka_dims) < 1:
             raise ValueError(f'matryoshka_dims must be positive, got {self.matryoshka_dims}')
-        if self.text_model is None and self.text_freeze is not False:
+        if not self.two_tower and self.text_freeze is not False:
             raise ValueError('text_freeze applies to the text tower of a two-tower model; set text_model too')
-        if self.text_model is None and self.loss == CLIP_LOSS:
+        if not self.two_tower and self.loss == CLIP_LOSS:
             raise ValueError(
                 "loss='CLIPLoss' trains a two-tower (text-to-image) model: set text_model (e.g. 'all-MiniLM-L6-v2') "
                 'beside the image model'
             )
-        if self.text_model is not None and self.loss not in (None, CLIP_LOSS):
+        if self.two_tower and self.loss not in (None, CLIP_LOSS):
             raise ValueError(f"a two-tower model trains with loss='CLIPLoss', not {self.loss!r}; leave loss out")
         return self
 
@@ -298,6 +299,11 @@ class TrainConfig(BaseModel):
         """The options that shape a model's inputs, for ``Inputs.with_options`` (which refuses those that do not
         apply to its kind)."""
         return {'image_size': self.image_size, 'max_seq_length': self.max_seq_length}
+
+    @property
+    def two_tower(self) -> bool:
+        """A text-to-image run: a text tower beside the image model, or a CLIP model that brings both."""
+        return self.text_model is not None or str(self.model).startswith(OPEN_CLIP)
 
     @property
     def has_evaluation(self) -> bool:

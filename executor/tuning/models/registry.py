@@ -268,7 +268,7 @@ def model_from_artifact(blob: dict) -> EmbeddingModel | TwoTowerModel:
 
 def build_two_tower(
     model: str = DEFAULT_MODEL,
-    text_model: str = DEFAULT_TEXT_MODEL,
+    text_model: str | None = None,
     output_dim: int | None = None,
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
@@ -279,7 +279,18 @@ def build_two_tower(
     """A text-to-image model: the image tower ``model`` and the text tower ``text_model``, each pre-trained and
     projected to ``output_dim`` (256 by default). ``freeze`` applies to the image tower, ``text_freeze`` to the text
     tower (``freeze=True`` alone locks the image tower, LiT style); ``weights`` and ``pooler`` to the image tower.
-    Either name may be a two-tower model file, whose tower of that side is then taken."""
+    Either name may be a two-tower model file, whose tower of that side is then taken. ``text_model`` defaults to
+    the offline text model, except for a CLIP model of open_clip (``'open_clip/ViT-B-32'``), which brings both towers
+    (``weights`` then holds both) and keeps its own projections and temperature unless ``output_dim`` is given."""
+    family = None if Path(str(model)).suffix in ('.pt', '.pth') else family_of(model)
+    if hasattr(family, 'towers'):  # one network, both towers
+        if text_model not in (None, model):
+            raise ValueError(
+                f'{model!r} brings its own text tower; leave text_model out (got {text_model!r}), or give an image '
+                'model as model= beside it'
+            )
+        return _both_towers(family, model, output_dim, weights, pretrained, freeze, text_freeze)
+    text_model = text_model or DEFAULT_TEXT_MODEL
     output_dim = output_dim or DEFAULT_OUTPUT_DIM
     if inputs_kind(model) not in ('image', 'image-text'):
         raise ValueError(f'model={model!r} is not an image model; a two-tower model takes an image model as model=')
@@ -296,6 +307,29 @@ def build_two_tower(
     config = dict(name=f'{image.config["name"]}+{text.config["name"]}', model=str(model), text_model=str(text_model))
     config.update(output_dim=output_dim, two_tower=True)
     return TwoTowerModel(image, text, config)
+
+
+def _both_towers(
+    family: BackboneFamily,
+    name: str,
+    output_dim: int | None,
+    weights: str | os.PathLike | None,
+    pretrained: bool,
+    freeze: Freeze,
+    text_freeze: Freeze,
+) -> TwoTowerModel:
+    backbones, logit_scale = family.towers(name, weights, pretrained)
+    towers = {}
+    for side, frozen in (('image', freeze), ('text', text_freeze)):
+        backbone = backbones[side]
+        config = dict(name=name, weights=str(weights) if weights else None, pretrained=pretrained, embedding_layer=None)
+        config.update(output_dim=None, pooler=None, freeze=False, family=family.family, backbone=backbone.saved)
+        tower = EmbeddingModel(backbone, family.feature_dim(backbone), 'avg', None, config)
+        towers[side] = _apply_options(tower, frozen, output_dim, None)
+    config = dict(name=name, model=name, text_model=name, output_dim=towers['image'].embed_dim, two_tower=True)
+    model = TwoTowerModel(towers['image'], towers['text'], config)
+    model.logit_scale.data.fill_(logit_scale)
+    return model
 
 
 def _tower(name: str, side: str, freeze: Freeze, **options) -> EmbeddingModel:

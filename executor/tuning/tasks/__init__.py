@@ -41,7 +41,7 @@ def decide_task(config: TrainConfig, items: Sequence[Item]) -> Task:
     training; cross-entropy is classification (a linear probe
     with ``freeze=True``); a self-supervised loss on unlabelled data is SimCLR (SimCSE for text); anything else is
     metric learning on labels (whose data check then asks for the labels)."""
-    if config.text_model is not None:
+    if config.two_tower:
         return TextToImage(config)
     shape = pair_shape(items)
     if shape is not None:
@@ -68,7 +68,7 @@ def check_training_data(config: TrainConfig, decode: bool = False) -> tuple[list
     The service calls it before it creates a run, so that bad input is an error of the request, not a FAILED run.
     """
     items, task = training_items(config)
-    inputs = inputs_class('image-text' if config.text_model is not None else inputs_kind(config.model))
+    inputs = inputs_class('image-text' if config.two_tower else inputs_kind(config.model))
     inputs.check_items(items, 'training items')
     if decode:
         for item in items:

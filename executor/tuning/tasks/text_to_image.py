@@ -63,8 +63,9 @@ class TextToImage(Task):
         )
 
     def build_heads(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The towers' projections: new, so trained at the heads' rate."""
-        return {'image_projection': model.image.projection, 'text_projection': model.text.projection}
+        """The towers' new projections, trained at the heads' rate (a CLIP model's own are part of its towers)."""
+        heads = {'image_projection': model.image.projection, 'text_projection': model.text.projection}
+        return {name: head for name, head in heads.items() if head is not None}
 
     def build_loss(self, model: nn.Module, class_names: list[str] | None, world: int) -> LossSpec:
         if self.config.loss_options:

@@ -202,3 +202,49 @@ def test_bad_captioned_data_is_named(captioned_digits, tmp_path):
     with pytest.raises(ValueError, match='holds both an image and a text'):
         encoder.items(items)
     assert isinstance(encoder.inputs.content_of(items[0]), Captioned)
+
+
+TINY_CLIP = {  # an open_clip CLIP small enough for a test: 64-wide towers of 2 layers, CLIP's vocabulary
+    'embed_dim': 32,
+    'vision_cfg': {'image_size': 64, 'layers': 2, 'width': 64, 'head_width': 32, 'patch_size': 16},
+    'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 64, 'heads': 2, 'layers': 2},
+}
+
+
+def test_an_open_clip_model_takes_both_towers_from_a_local_weights_file(tmp_path):
+    import json
+
+    import open_clip
+
+    from executor.tuning.models.weights import WeightsNotFoundError
+
+    (tmp_path / 'tiny-clip.json').write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / 'tiny-clip.json')
+    torch.manual_seed(0)
+    reference = open_clip.create_model('tiny-clip').eval()
+    reference.logit_scale.data.fill_(3.5)
+    torch.save(reference.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
+    model = build_two_tower('open_clip/tiny-clip', weights=str(tmp_path / 'open_clip_pytorch_model.bin')).eval()
+    assert model.embed_dim == 32 and model.logit_scale.item() == pytest.approx(3.5)  # CLIP's own size, temperature
+    sentences = ['a photo of a cat', "two dogs running on the beach, it's sunset!"]
+    tokens = open_clip.get_tokenizer('tiny-clip')(sentences)
+    ours = model.text.inputs.batch(sentences)['input_ids']  # padded to the longest sentence, not to 77
+    assert ours.shape[1] < 77 and torch.equal(ours, tokens[:, : ours.shape[1]])
+    _, _, preprocess = open_clip.create_model_and_transforms('tiny-clip')
+    photos = [Image.fromarray(p) for p in sample_photos()[:3]]
+    with torch.no_grad():
+        want_text = torch.nn.functional.normalize(reference.encode_text(tokens), dim=-1)
+        want_image = torch.nn.functional.normalize(
+            reference.encode_image(torch.stack([preprocess(p) for p in photos])), dim=-1
+        )
+        torch.testing.assert_close(model.text(model.text.inputs.batch(sentences)), want_text, atol=1e-5, rtol=0)
+        # resized by PIL here, by torchvision's transforms in open_clip: measured 2e-5 apart
+        torch.testing.assert_close(model.image(model.image.inputs.batch(photos)), want_image, atol=1e-4, rtol=0)
+    loaded = load_model(save_model(model, tmp_path / 'model.pt')).eval()
+    items = [Text(sentences[0]), photos[0]]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(loaded.inputs.batch(items)), model(model.inputs.batch(items)))
+    with pytest.raises(WeightsNotFoundError, match="pass weights='/path/to/open_clip_pytorch_model.bin'"):
+        build_two_tower('open_clip/tiny-clip')
+    with pytest.raises(ValueError, match='brings its own text tower'):
+        build_two_tower('open_clip/tiny-clip', 'all-MiniLM-L6-v2', pretrained=False)
