@@ -7,9 +7,11 @@ Run from the repository root: ``.venv/bin/python bench/encode.py --quick`` (5-8 
 ``--quick`` for steadier figures; ``--int8`` adds the int8 ONNX export of the default model; ``--no-serving`` skips
 the service measurements. ``--text`` adds the text rows: all-MiniLM-L6-v2 on onnxruntime vs torch over SICK test
 sentences at their real lengths, batch 1 and 32, and both against the GEMM peak (target onnx >= 1.5x torch at batch
-32; with ``--int8`` its int8 export too); ``--text-only`` runs those alone (3-4 minutes):
+32; with ``--int8`` its int8 export too); ``--text-only`` runs those alone (3-4 minutes); ``--two-tower-only``:
+each tower of a two-tower model (flickr8k-dev photos and captions), onnxruntime vs torch at batch 1 and 32:
 
     .venv/bin/python bench/encode.py --text-only [--quick] [--int8]
+    .venv/bin/python bench/encode.py --two-tower-only [--quick]
 """
 
 from __future__ import annotations
@@ -475,6 +477,50 @@ def registry_model_runtimes(photo: bytes, settings: Settings) -> None:
     )
 
 
+def two_tower_runtimes(settings: Settings) -> None:
+    """Items/s of each tower of a two-tower model (efficientnet_lite0 + all-MiniLM-L6-v2, 256-d projections) on
+    onnxruntime (the run's per-tower exports) vs torch, through ``TwoTowerEncoder.tower(...).encode``: flickr8k-dev
+    photos and captions (``../shared/data/flickr8k-dev``), batch 1 and 32."""
+    import csv
+    import random
+
+    from PIL import Image as PILImage
+
+    from executor.tuning.export import export_towers
+    from executor.tuning.models import build_two_tower
+
+    flickr = Path(__file__).resolve().parents[2] / 'shared/data/flickr8k-dev'
+    with (flickr / 'captions.csv').open(encoding='utf-8', newline='') as fh:
+        rows = random.Random(0).sample(list(csv.DictReader(fh)), 64)
+    contents = {
+        'clip-vision': [PILImage.open(flickr / 'images' / r['image']).convert('RGB') for r in rows],
+        'clip-text': [r['caption'] for r in rows],
+    }
+    model = build_two_tower().eval()
+    with tempfile.TemporaryDirectory(prefix='encode-two-tower-') as tmp:
+        exported = export_towers(model, tmp)
+        onnx = {name: OnnxEncoder(report.path, device='cpu') for name, report in exported.items()}
+    torch_towers = {name: TorchEncoder(model.tower(name), device='cpu') for name in onnx}
+    print(
+        '\ntwo-tower model (efficientnet_lite0 + all-MiniLM-L6-v2, 256-d): each tower, 64 flickr8k-dev items per call'
+    )
+    print(f'{"tower":>12}{"batch":>7}{"torch":>10}{"onnx":>10}{"onnx/torch":>12}   (items/s)')
+    for name in onnx:
+        items = contents[name]
+        for batch in TEXT_BATCHES:
+
+            def call(encoder, batch=batch, items=items):
+                if batch == 1:
+                    return lambda: [encoder.encode([c], batch_size=1) for c in items]
+                return lambda: encoder.encode(items, batch_size=batch)
+
+            rates = throughputs(
+                {'torch': (call(torch_towers[name]), len(items)), 'onnx': (call(onnx[name]), len(items))}, settings
+            )
+            ratio = rates['onnx'] / rates['torch']
+            print(f'{name:>12}{batch:>7}{rates["torch"]:>10.1f}{rates["onnx"]:>10.1f}{ratio:>11.2f}x')
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='fewer and shorter timed runs')
@@ -483,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--registry-only', action='store_true', help='only the registry model served onnx vs torch')
     parser.add_argument('--text', action='store_true', help='also the text model, onnxruntime vs torch')
     parser.add_argument('--text-only', action='store_true', help='only the text model, onnxruntime vs torch')
+    parser.add_argument('--two-tower-only', action='store_true', help="only a two-tower model's towers, onnx vs torch")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
@@ -496,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.text_only:
         text_runtimes(settings, args.int8)
+        return
+    if args.two_tower_only:
+        two_tower_runtimes(settings)
         return
     default = build_model()
     encoder = compare_runtimes('efficientnet_lite0 (default, ImageNet weights)', default, settings, args.int8)
