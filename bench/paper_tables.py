@@ -13,6 +13,10 @@
     cores (an epoch of the 4500 pairs at batch 32 is ~200 s per trainer; 50 minutes beside a test run), so
     ``--train-pairs N`` trains both on a seeded subset and ``--text-epochs 1`` halves it.
 
+(e) text -> image (``--only text-to-image``): flickr8k-dev (``../shared/data/flickr8k-dev``), a two-tower model of
+    the offline towers with only its projections trained vs fine-tuned, recall@1/5/10 and mrr@10 of caption queries
+    over 100 held-out images, settings chosen on validation images of the training part (bench/text_to_image.py).
+
 Data: ``../shared/data/tll-dev`` (1600 pairs; 1200 train, 400 evaluate: queries = left, index = right, relevant =
 same id). The model is the offline default (efficientnet_lite0): no other pretrained weights are reachable here.
 
@@ -247,13 +251,22 @@ def main() -> None:
         help='training augmentation of the supervised TLL runs (bench/tune_tll.py chose it)',
     )
     parser.add_argument('--text', action='store_true', help='also table (d), SICK text fine-tuning')
-    parser.add_argument('--only', choices=['image', 'text'], help='only the image tables (a)-(c), or only table (d)')
+    parser.add_argument(
+        '--only',
+        choices=['image', 'text', 'text-to-image'],
+        help='only the image tables (a)-(c), only table (d), or only table (e) (bench/text_to_image.py)',
+    )
     parser.add_argument(
         '--train-pairs', type=int, default=None, help='table (d) on a seeded subset of the 4500 SICK training pairs'
     )
     parser.add_argument('--text-epochs', type=int, default=None, help="override table (d)'s chosen epochs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.only == 'text-to-image':
+        from bench.text_to_image import table
+
+        table()
+        return
     if args.only != 'text':
         image_tables(args)
     if args.only == 'text' or (args.text and args.only is None):
