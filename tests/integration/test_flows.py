@@ -391,7 +391,7 @@ def test_dockerfile_runs_jina_as_a_non_root_user_and_copies_only_what_exists():
     assert image['cmd'] == ['--port', '8080', '--workspace', '/workspace']
     assert image['healthcheck'] == ['jina', 'ping', 'executor', 'localhost:8080']
     assert image['copies'] == [
-        (['requirements.txt', 'requirements.lock'], '/tmp/'),
+        (['requirements.txt', 'requirements-trackers.txt', 'requirements.lock'], '/tmp/'),
         (['executor/'], '/app/executor/'),
         (['config.yml'], '/app/config.yml'),
     ]
@@ -436,6 +436,10 @@ def _endpoints(port: int) -> set[str] | None:
                 '/runs/status',
                 '/runs/logs',
                 '/runs/cancel',
+                '/runs/artifact',
+                '/runs/reports',
+                '/runs/delete',
+                '/models',
                 '/encode',
                 '/index',
                 '/search',
