@@ -91,7 +91,8 @@ class EarlyStopping(_FinetunerCallback):
 
 @dataclass
 class WandBLogger(_FinetunerCallback):
-    """Weights & Biases logging (refused here: see ``CALLBACK_REFUSALS``)."""
+    """Weights & Biases logging: ``loggers=['tensorboard', 'wandb']`` here (offline unless ``WANDB_MODE`` says
+    otherwise); W&B's own settings come from its environment variables (``WANDB_PROJECT``, ``WANDB_ENTITY``...)."""
 
     metrics_logger_step: Literal['batch', 'epoch'] = 'epoch'
     wandb_args: Union[dict[str, Any], None] = None
@@ -109,11 +110,7 @@ CALLBACKS = {
     cls.__name__: cls
     for cls in (EvaluationCallback, BestModelCheckpoint, TrainingCheckpoint, EarlyStopping, WandBLogger, WiSEFTCallback)
 }
-CALLBACK_REFUSALS = {
-    'WandBLogger': 'this service logs each run to TensorBoard by default, and to Weights & Biases with '
-    "loggers=['tensorboard', 'wandb'] (offline unless WANDB_MODE says otherwise): drop WandBLogger from callbacks and "
-    'pass loggers instead',
-}
+CALLBACK_REFUSALS: dict[str, str] = {}
 # EvaluationCallback fields this service has no counterpart for: each is taken at Finetuner's default only
 EVALUATION_DEFAULT_ONLY = {
     'model': 'the run evaluates the model it trains; a text-to-image (CLIP) model is not trained here',
@@ -248,8 +245,19 @@ def _wise_ft(fields: dict[str, Any], where: str) -> dict[str, Any]:
     return {'wise_ft_alpha': float(alpha)}
 
 
+def _wandb(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    if fields.get('wandb_args'):
+        raise FinetunerArgumentError(
+            f"{where}: wandb_args={fields['wandb_args']!r} is not taken here: the run logs where W&B's environment "
+            'says (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE on the server; offline by default); drop wandb_args'
+        )
+    # both steps are logged here: the batch loss as it goes, the epoch metrics at each epoch's end
+    return {'loggers': ['tensorboard', 'wandb']}
+
+
 CALLBACK_OPTIONS = {
     'EvaluationCallback': _evaluation,
+    'WandBLogger': _wandb,
     'BestModelCheckpoint': _best,
     'EarlyStopping': _early_stopping,
     'TrainingCheckpoint': _training_checkpoint,

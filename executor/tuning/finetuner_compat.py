@@ -52,8 +52,9 @@ TEXT_MODELS = {
     'jina-embedding-t-en-v1': 'jinaai/jina-embedding-t-en-v1',
 }
 CLIP = (
-    'is a CLIP model (two towers, text-to-image), whose weights are not on this machine and which this service does '
-    'not load; train a two-tower model from the local towers instead (model=<an image model such as '
+    'is a CLIP model (two towers, text-to-image), whose weights are not on this machine; with an open_clip checkpoint '
+    "of it, name its open_clip model and give the file (model='open_clip/ViT-B-32', weights='/path/to/"
+    "open_clip_pytorch_model.bin'), or train a two-tower model from the local towers (model=<an image model such as "
     "'efficientnet_lite0'>, text_model='all-MiniLM-L6-v2', loss='CLIPLoss'), or an image or a text model alone: "
     f'{USE_LITE0}, or {USE_MINILM}'
 )

@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import requests
 import yaml
 from google.protobuf.empty_pb2 import Empty
 from jina import Flow
@@ -31,6 +30,7 @@ from jina.proto import jina_pb2_grpc
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
 from executor.tuning.data.samples import digits, write_digits_folder
+from tests.helpers import http
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWS = ROOT / 'flows'
@@ -54,15 +54,6 @@ def search_flow(workspace: Path, grpc_port: int, http_port: int) -> Iterator[Flo
     }
     with Flow.load_config(str(FLOWS / 'search.yml'), uses_with=overrides) as flow:
         yield flow
-
-
-def http(port: int, endpoint: str, data: list[dict] | None = None, parameters: dict | None = None) -> list[dict]:
-    """One request as plain JSON; the service's error as ServiceError."""
-    body = {'data': data or [], 'parameters': parameters or {}}
-    reply = requests.post(f'http://127.0.0.1:{port}{endpoint}', json=body, timeout=300)
-    if reply.status_code != 200:
-        raise ServiceError(f'{reply.status_code}: {reply.json()["detail"]}')
-    return reply.json()['data']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,6 +162,7 @@ def test_search_flow_finds_the_nearest_digits_and_keeps_its_index_across_restart
         )
 
 
+@pytest.mark.slow  # 40 s; test_bad_input's flow cases check a misspelt parameter over gRPC and HTTP in make test
 def test_a_misspelt_parameter_is_an_error_through_the_search_flow(tmp_path: Path, free_port: Callable[[], int]):
     """Both executors see every parameter: each accepts the other's, and a typo is reported whichever it reaches."""
     images, labels = digits(per_class=1, size=32)

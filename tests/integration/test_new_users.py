@@ -23,6 +23,7 @@ from executor.docs import FinetunerDoc
 from executor.tuning.data.samples import digits, write_digits_folder
 from executor.tuning.export import export_onnx
 from executor.tuning.models import build_model
+from tests.helpers import http
 
 CONFIG = Path(__file__).resolve().parents[2] / 'config.yml'
 TINY = {'model': 'resnet18', 'pretrained': False, 'image_size': 32, 'batch_size': 20}
@@ -60,15 +61,6 @@ def served(
     ports = [free_port(), free_port()]
     with deployment(tmp_path_factory.mktemp('ws'), ports, data_root, runtime='torch', model_cache=model_cache):
         yield ports[0], ports[1]
-
-
-def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = None) -> list[dict]:
-    reply = requests.post(
-        f'http://127.0.0.1:{port}{endpoint}', json={'data': data, 'parameters': parameters or {}}, timeout=300
-    )
-    if reply.status_code != 200:
-        raise ServiceError(f'{reply.status_code}: {reply.json()["detail"]}')
-    return reply.json()['data']
 
 
 def unit(rows: Any) -> np.ndarray:

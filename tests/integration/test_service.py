@@ -159,6 +159,7 @@ def png_bytes(doc: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # 90 s; the same lifecycle as test_lifecycle_grpc, and plain HTTP is driven by many fast tests
 def test_lifecycle_http(tmp_path: Path, free_port: Callable[[], int], data_root: Path, serve: Callable[..., Any]):
     queries = [as_json(d) for d in held_out()]
     train_docs = [as_json(d) for d in held_out(per_class=4, offset=60)]

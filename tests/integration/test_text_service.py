@@ -4,13 +4,11 @@ a run trained on sentence pairs, bad text input named; and a text search through
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from docarray import DocList
 from docarray.documents import ImageDoc, TextDoc
 from jina import Client, Deployment, Flow
@@ -18,6 +16,7 @@ from jina import Client, Deployment, Flow
 from executor.client import FinetunerClient, ServiceError
 from executor.tuning.inference import TorchEncoder
 from executor.tuning.models import build_model
+from tests.helpers import http, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = [
@@ -36,14 +35,6 @@ PAIRS = [
     ('A cat sleeps on the sofa.', 'A kitten naps on the couch.', 4.4),
     ('Someone is cooking pasta.', 'A child reads a book.', 0.5),
 ]
-
-
-def write_csv(path: Path, header: list[str], rows: list) -> Path:
-    with open(path, 'w', newline='', encoding='utf-8') as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope='module')
@@ -73,15 +64,6 @@ def served(
 @pytest.fixture(scope='module')
 def reference() -> TorchEncoder:
     return TorchEncoder(build_model('all-MiniLM-L6-v2'), device='cpu')
-
-
-def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = None) -> list[dict]:
-    reply = requests.post(
-        f'http://127.0.0.1:{port}{endpoint}', json={'data': data, 'parameters': parameters or {}}, timeout=600
-    )
-    if reply.status_code != 200:
-        raise ServiceError(f'{reply.status_code}: {reply.json()["detail"]}')
-    return reply.json()['data']
 
 
 def test_encode_text_over_grpc_and_http(served: tuple[int, int], reference: TorchEncoder):

@@ -14,49 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from docarray import DocList
 from docarray.documents import ImageDoc, TextDoc
 from jina import Client, Deployment, Flow
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from executor.client import ServiceError
 from executor.tuning.inference import create_encoder
 from executor.tuning.inputs import Text
 from executor.tuning.trainer import fit
+from tests.helpers import WORDS, captioned_digits, http
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = 'zero one two three four five six seven eight nine'.split()
-
-
-def write_csv(path: Path, header: list[str], rows: list) -> Path:
-    with open(path, 'w', newline='', encoding='utf-8') as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def make_digits(root: Path) -> Path:
-    """Digits 0-59 captioned to train on, 60-99 to search, and one caption per digit to search with."""
-    root.mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    names = []
-    for i in range(100):
-        image = (digits.images[i] / 16 * 255).astype(np.uint8)
-        Image.fromarray(image).resize((32, 32)).convert('RGB').save(root / f'digit-{i}.png')
-        names.append(f'digit-{i}.png')
-    captions = [f'a handwritten {WORDS[t]}' for t in digits.target[:60]]
-    write_csv(root / 'train.csv', ['image', 'caption'], list(zip(names[:60], captions)))
-    write_csv(root / 'query.csv', ['text', 'label'], [(f'a handwritten {w}', w) for w in WORDS])
-    write_csv(root / 'index.csv', ['uri', 'label'], [(n, WORDS[t]) for n, t in zip(names[60:], digits.target[60:100])])
-    return root
 
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_digits(tmp_path_factory.mktemp('captioned-digits'))
+    root = tmp_path_factory.mktemp('captioned-digits')
+    captioned_digits(root)
+    return root
 
 
 @pytest.fixture(scope='module')
@@ -97,15 +73,6 @@ def served(
         yield ports[0], ports[1]
 
 
-def http(port: int, endpoint: str, data: list[dict], parameters: dict | None = None) -> list[dict]:
-    reply = requests.post(
-        f'http://127.0.0.1:{port}{endpoint}', json={'data': data, 'parameters': parameters or {}}, timeout=600
-    )
-    if reply.status_code != 200:
-        raise ServiceError(f'{reply.status_code}: {reply.json()["detail"]}')
-    return reply.json()['data']
-
-
 def png(path: Path) -> str:
     buffer = io.BytesIO()
     Image.open(path).save(buffer, format='PNG')
@@ -140,6 +107,7 @@ def test_evaluate_gives_text_to_image_retrieval(served):
     assert result['metrics']['mrr@10'] > 0.3 and 0 <= result['metrics']['recall@10'] <= 1
 
 
+@pytest.mark.slow  # a second Deployment, 40 s; the tower alone is tested in test_two_tower.py
 def test_select_model_serves_one_tower(run_folder: Path, data_root: Path, tmp_path: Path, free_port: Callable[[], int]):
     ports = [free_port(), free_port()]
     reference = create_encoder(run_folder / 'model.pt', 'torch', device='cpu').tower('clip-text')
@@ -155,7 +123,8 @@ def test_search_flow_trains_indexes_digits_and_finds_them_by_sentence(
 ):
     monkeypatch.chdir(ROOT)  # the flow names its executors' configs relative to the repository root
     workspace = tmp_path / 'ws'
-    data = make_digits(workspace / 'FinetunerExecutor' / '0' / 'data')  # the encoder's own data root
+    data = workspace / 'FinetunerExecutor' / '0' / 'data'  # the encoder's own data root
+    captioned_digits(data)
     http_port = free_port()
     overrides = {'host': '127.0.0.1', 'port': [free_port(), http_port], 'protocol': ['grpc', 'http']}
     with Flow.load_config(str(ROOT / 'flows' / 'search.yml'), uses_with={**overrides, 'workspace': str(workspace)}):

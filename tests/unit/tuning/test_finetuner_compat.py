@@ -83,7 +83,10 @@ def test_every_torch_optimizer_by_name(name):
         ({'optimizer': 'SparseAdam'}, "optimizer='SparseAdam' cannot train here: it takes sparse gradients"),
         ({'loss_optimizer': 'Muon'}, "loss_optimizer='Muon' cannot train here: it optimizes 2-D"),
         ({'optimizer': 'Adamm'}, "unknown optimizer 'Adamm' \\(did you mean 'Adam'\\?\\)"),
-        ({'callbacks': [WandBLogger()]}, r'callbacks\[0\] \(WandBLogger\): this service logs each run to TensorBoard'),
+        (
+            {'callbacks': [WandBLogger(wandb_args={'project': 'p'})]},
+            r'callbacks\[0\] \(WandBLogger\): wandb_args=.*WANDB_PROJECT',
+        ),
         ({'callbacks': [{'name': 'EarlyStoping'}]}, "unknown callback 'EarlyStoping' \\(did you mean 'EarlyStopping'"),
         ({'callbacks': [{'name': 'EarlyStopping', 'patiense': 2}]}, "unknown argument 'patiense' .*'patience'"),
         (

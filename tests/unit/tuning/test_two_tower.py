@@ -4,7 +4,6 @@ parity, save and load, and bad captioned data named."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import DataError, load_items
@@ -22,8 +20,7 @@ from executor.tuning.models import TwoTowerModel, build_two_tower, load_model, s
 from executor.tuning.pair_losses import CLIPLoss
 from executor.tuning.tasks import check_training_data
 from executor.tuning.trainer import fit
-
-WORDS = 'zero one two three four five six seven eight nine'.split()
+from tests.helpers import captioned_digits, write_csv
 
 
 @pytest.fixture(scope='module')
@@ -32,33 +29,10 @@ def model() -> TwoTowerModel:
     return build_two_tower('efficientnet_lite0', 'all-MiniLM-L6-v2', output_dim=64).eval()
 
 
-def write_csv(path: Path, header: list[str], rows: list) -> Path:
-    with open(path, 'w', newline='', encoding='utf-8') as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 @pytest.fixture(scope='module')
-def captioned_digits(tmp_path_factory) -> dict[str, Path]:
-    """scikit-learn's digits as PNG files captioned from their labels ('a handwritten seven'): 60 to train, the next
-    40 to search, and one caption per digit as the queries."""
-    root = tmp_path_factory.mktemp('captioned-digits')
-    digits = load_digits()
-    names = []
-    for i in range(100):
-        image = (digits.images[i] / 16 * 255).astype(np.uint8)
-        Image.fromarray(image).resize((32, 32)).convert('RGB').save(root / f'digit-{i}.png')
-        names.append(f'digit-{i}.png')
-    caption = [f'a handwritten {WORDS[t]}' for t in digits.target[:100]]
-    return {
-        'train': write_csv(root / 'train.csv', ['image', 'caption'], list(zip(names[:60], caption[:60]))),
-        'query': write_csv(root / 'query.csv', ['text', 'label'], [(f'a handwritten {w}', w) for w in WORDS]),
-        'index': write_csv(
-            root / 'index.csv', ['uri', 'label'], [(n, WORDS[t]) for n, t in zip(names[60:], digits.target[60:100])]
-        ),
-    }
+def digits_csvs(tmp_path_factory) -> dict[str, Path]:
+    """Captioned digits: 60 to train, the next 40 to search, one caption per digit as the queries."""
+    return captioned_digits(tmp_path_factory.mktemp('captioned-digits'))
 
 
 def test_one_batch_routes_each_item_to_its_tower(model):
@@ -113,14 +87,14 @@ def test_clip_loss_equals_a_plain_loop_and_masks_captions_of_one_image():
         CLIPLoss()(images, texts[:3], scale)
 
 
-def test_a_short_run_lowers_the_loss_and_raises_text_to_image_recall(captioned_digits, tmp_path):
+def test_a_short_run_lowers_the_loss_and_raises_text_to_image_recall(digits_csvs, tmp_path):
     result = fit(
         model='efficientnet_lite0',
         text_model='all-MiniLM-L6-v2',
         text_freeze=True,  # the text tower locked: the image tower and both projections learn
-        train_data=str(captioned_digits['train']),
-        query_data=str(captioned_digits['query']),
-        index_data=str(captioned_digits['index']),
+        train_data=str(digits_csvs['train']),
+        query_data=str(digits_csvs['query']),
+        index_data=str(digits_csvs['index']),
         image_size=32,
         batch_size=20,
         epochs=2,
@@ -171,8 +145,8 @@ def test_saved_model_keeps_both_towers_and_the_temperature(model, tmp_path):
         )
 
 
-def test_bad_captioned_data_is_named(captioned_digits, tmp_path):
-    root = captioned_digits['train'].parent
+def test_bad_captioned_data_is_named(digits_csvs, tmp_path):
+    root = digits_csvs['train'].parent
     empty = write_csv(
         root / 'empty-caption.csv', ['image', 'caption'], [('digit-0.png', 'a zero'), ('digit-1.png', '')]
     )
@@ -198,7 +172,7 @@ def test_bad_captioned_data_is_named(captioned_digits, tmp_path):
         build_two_tower('efficientnet_lite0', 'efficientnet_lite0')
     # a captioned pair is the content of training; served, each half goes on its own
     encoder = create_encoder(build_two_tower(output_dim=8), 'torch', device='cpu')
-    items = load_items(str(captioned_digits['train']))[:1]
+    items = load_items(str(digits_csvs['train']))[:1]
     with pytest.raises(ValueError, match='holds both an image and a text'):
         encoder.items(items)
     assert isinstance(encoder.inputs.content_of(items[0]), Captioned)
