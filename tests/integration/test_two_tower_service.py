@@ -137,7 +137,9 @@ def test_search_flow_trains_indexes_digits_and_finds_them_by_sentence(
             index = [{'id': row['uri'], 'uri': row['uri'], 'label': row['label']} for row in csv.DictReader(fh)]
         http(http_port, '/index', index, chosen)
         found = http(http_port, '/search', [{'text': f'a handwritten {w}'} for w in WORDS], {**chosen, 'limit': 5})
+        (by_image,) = http(http_port, '/search', [{'uri': index[0]['uri']}], chosen)  # an image query, too
     shutil.rmtree(workspace, ignore_errors=True)
+    assert by_image['matches'][0]['id'] == index[0]['id']  # the indexed image finds itself first
     assert all(m['uri'].endswith('.png') for q in found for m in q['matches'])  # sentences find images
     hits = [sum(m['label'] == word for m in q['matches']) for q, word in zip(found, WORDS)]
     assert sum(hits) / (5 * len(WORDS)) > 0.3, hits  # chance is 0.1

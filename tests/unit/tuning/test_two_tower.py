@@ -14,6 +14,8 @@ from PIL import Image
 
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import DataError, load_items
+from executor.tuning.data.sources import from_records
+from executor.tuning.evaluation import evaluator_for
 from executor.tuning.inference import TwoTowerEncoder, create_encoder
 from executor.tuning.inputs import Captioned, Text, sample_photos
 from executor.tuning.models import TwoTowerModel, build_two_tower, load_model, save_model
@@ -107,6 +109,20 @@ def test_a_short_run_lowers_the_loss_and_raises_text_to_image_recall(digits_csvs
     loaded = load_model(result.artifact)
     assert isinstance(loaded, TwoTowerModel) and loaded.inputs.image.config() == result.model.inputs.image.config()
     assert (tmp_path / 'run' / 'reports' / 'matches.png').is_file()  # captions and the digits they found
+    # image -> text: the two evaluation sets swapped (each digit searches the ten captions)
+    images, captions = load_items(str(digits_csvs['index'])), load_items(str(digits_csvs['query']))
+    embedder = create_encoder(result.artifact, 'torch', device='cpu').embedder()
+    image_to_text = evaluator_for(images, captions, 10, None)(embedder).metrics
+    assert image_to_text['hit@1'] > 0.1 and 0 < image_to_text['mrr@10'] <= 1  # chance: 0.1
+
+
+def test_documents_that_pair_an_image_with_a_text_train_a_two_tower_model(digits_csvs):
+    folder = digits_csvs['train'].parent
+    records = [{'id': f'd{i}', 'uri': str(folder / f'digit-{i}.png'), 'text': f'digit {i % 3}'} for i in range(6)]
+    config = TrainConfig(model='efficientnet_lite0', text_model='all-MiniLM-L6-v2', train_data=from_records(records))
+    items, task = check_training_data(config, decode=True)
+    assert type(task).__name__ == 'TextToImage' and [it.label for it in items] == [r['uri'] for r in records]
+    assert isinstance(create_encoder(build_two_tower(output_dim=8), 'torch').inputs.content_of(items[0]), Captioned)
 
 
 def test_both_towers_export_with_parity_and_serve_on_onnxruntime(model, tmp_path):
