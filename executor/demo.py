@@ -29,6 +29,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from jina import Flow  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -142,9 +143,7 @@ def main() -> int:
         console.print(f'indexed {len(indexed)} evaluation images; searching with training images of 6 classes')
         queries = list({doc.label: doc for doc in image_docs(data_root / 'demo' / 'train')}.values())[:6]
         for query in client.post('/search', queries, {'run_id': run.name, 'limit': 5}):
-            marks = ' '.join(
-                f'[green]{m.label}[/]' if m.label == query.label else f'[red]{m.label}[/]' for m in query.matches
-            )
+            marks = marked(query.matches, query.label)
             console.print(
                 f'{query.id} (label {query.label}) -> top-5 labels: {marks}   best score {query.matches[0].score:.3f}'
             )
@@ -164,6 +163,11 @@ def main() -> int:
             console.print(f'  {name}')
     console.print(f'flow stopped; done in {time.perf_counter() - started:.0f} s')
     return 0
+
+
+def marked(matches: Any, relevant: str) -> str:
+    """The matches' labels, green where relevant, red elsewhere (rich markup)."""
+    return ' '.join(f'[green]{m.label}[/]' if m.label == relevant else f'[red]{m.label}[/]' for m in matches)
 
 
 def image_docs(folder: Path) -> list[FinetunerDoc]:

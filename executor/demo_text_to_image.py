@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from executor.demo import REPO, FinetunerClient, Flow, console, follow, free_port  # the image demo's set-up
+from executor.demo import REPO, FinetunerClient, Flow, console, follow, free_port, marked  # the image demo's set-up
 from executor.docs import FinetunerDoc
 from executor.tuning.data import load_items
 from executor.tuning.data.samples import digits_items
@@ -114,9 +114,7 @@ def main() -> int:
         console.print(f'indexed {len(index)} images with the image tower (ONNX)')
         docs = [FinetunerDoc(id=f'q{i}', text=sentence) for i, (sentence, _) in enumerate(queries)]
         for (sentence, relevant), query in zip(queries, client.post('/search', docs, {'run_id': run.name, 'limit': 5})):
-            marks = ' '.join(
-                f'[green]{m.label}[/]' if m.label == relevant else f'[red]{m.label}[/]' for m in query.matches
-            )
+            marks = marked(query.matches, relevant)
             console.print(f'{sentence!r} -> top-5: {marks}')
         console.print(
             f'run {run.name}: {Path(info.artifact).parent} (clip-vision/ and clip-text/ hold the ONNX towers)'

@@ -112,3 +112,9 @@ def read_preprocessing(onnx_path: str | os.PathLike) -> dict[str, Any]:
             f'{PREPROCESSING_FORMAT!r}; export the model again with export_onnx'
         )
     return record
+
+
+def tower_onnx_file(folder: str | os.PathLike, tower: str) -> Path:
+    """Where a two-tower run keeps one tower's ONNX export: ``<folder>/<tower>/model.onnx`` (``tower``:
+    'clip-vision' or 'clip-text'), with its own ``preprocessing.json`` beside it."""
+    return Path(folder) / tower / ONNX_FILE

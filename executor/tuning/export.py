@@ -128,9 +128,7 @@ def export_onnx(
 def export_towers(model: TwoTowerModel, folder: str | os.PathLike, **options: Any) -> dict[str, ExportReport]:
     """Each tower of a two-tower model exported alone to ``folder/<clip-vision|clip-text>/model.onnx`` (its
     ``preprocessing.json`` beside it) and parity-checked, as ``export_onnx`` does (``options`` are its)."""
-    return {
-        name: export_onnx(model.tower(name), Path(folder) / name / artifact.ONNX_FILE, **options) for name in TOWERS
-    }
+    return {name: export_onnx(model.tower(name), artifact.tower_onnx_file(folder, name), **options) for name in TOWERS}
 
 
 def _export_variant(

@@ -319,7 +319,7 @@ def create_encoder(
         return OnnxEncoder(path, device=device, **options)
     model = source if path is None else load_model(path)
     if isinstance(model, TwoTowerModel):  # on 'onnx', each tower from the file its run exported, where there is one
-        exported = {name: None if path is None else path.parent / name / artifact.ONNX_FILE for name in TOWERS}
+        exported = {name: None if path is None else artifact.tower_onnx_file(path.parent, name) for name in TOWERS}
         towers = {
             name: OnnxEncoder(exported[name], device=device, **options)
             if runtime == 'onnx' and exported[name] is not None and exported[name].is_file()

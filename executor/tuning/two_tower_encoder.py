@@ -76,5 +76,5 @@ def runtime_for(path: Path, runtime: str) -> str:
     two-tower model's on ``runtime`` 'onnx' when its run exported both towers (``<tower>/model.onnx`` beside it)."""
     if path.suffix == '.onnx':
         return 'onnx'
-    exported = all((path.parent / name / artifact.ONNX_FILE).is_file() for name in TOWERS)
+    exported = all(artifact.tower_onnx_file(path.parent, name).is_file() for name in TOWERS)
     return 'onnx' if runtime == 'onnx' and exported else 'torch'

@@ -133,11 +133,12 @@ class TwoTowerInputs(Inputs):
         texts = [s for kind, s in samples if kind == TEXT]
         batch = self._stack(images, texts)
         if images and texts:  # rows come out images first: where each item's row is
-            places = iter(range(len(samples)))
-            image_rows = [next(places) for kind, _ in samples if kind == IMAGE]
-            text_rows = [next(places) for kind, _ in samples if kind == TEXT]
-            rows = iter(image_rows), iter(text_rows)
-            batch[ORDER] = torch.tensor([next(rows[kind == TEXT]) for kind, _ in samples])
+            next_row = {IMAGE: 0, TEXT: len(images)}
+            order = []
+            for kind, _ in samples:
+                order.append(next_row[kind])
+                next_row[kind] += 1
+            batch[ORDER] = torch.tensor(order)
         return batch
 
     def _stack(self, images: list[Any], texts: list[Any]) -> Batch:

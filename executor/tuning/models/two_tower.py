@@ -36,7 +36,6 @@ class TwoTowerModel(nn.Module):
             )
         image.normalize = text.normalize = True  # both towers' embeddings meet on the unit sphere
         self.image, self.text = image, text
-        self.inputs = TwoTowerInputs(image.inputs, text.inputs)
         self.embed_dim = image.embed_dim
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
         self.config = dict(config)
