@@ -38,8 +38,11 @@ COPY ${EXECUTOR} config.yml
 USER finetuner
 VOLUME /workspace
 EXPOSE 8080
-# The port of the default CMD; Kubernetes probes the executor itself (jina writes its probes into the manifests).
+# --native: the executor runs in the container's main process, so an executor that dies (the kernel's OOM killer)
+# ends the container, and `docker run --restart unless-stopped` (or Kubernetes, whose manifests jina writes with
+# --native and a liveness probe) starts a new one; without it jina's parent process outlives its worker and the
+# container stays up, answering nothing. The health check catches a worker that hangs: the port of the default CMD.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["jina", "ping", "executor", "localhost:8080"]
-ENTRYPOINT ["jina", "executor", "--uses", "config.yml"]
+ENTRYPOINT ["jina", "executor", "--native", "--uses", "config.yml"]
 CMD ["--port", "8080", "--workspace", "/workspace"]

@@ -80,6 +80,9 @@ class ServiceError(RuntimeError):
     """The service answered a request with an error; the message is the service's."""
 
 
+WHOLE_REQUESTS = ('/train', '/evaluate')  # endpoints whose documents make one whole (a data set)
+
+
 class FinetunerClient:
     """Talks to one FinetunerExecutor (a Deployment, or a Flow's gateway) over gRPC, HTTP or WebSocket.
 
@@ -98,12 +101,12 @@ class FinetunerClient:
         return_type: type[BaseDoc] = FinetunerDoc,
     ) -> DocList:
         """One request; the service's error is raised as ``ServiceError``."""
+        docs = as_finetuner_docs(docs or [])
+        # jina's Client sends 100 documents per request; a run's training data, or an evaluation's, is one request
+        whole = {'request_size': max(1, len(docs))} if endpoint in WHOLE_REQUESTS else {}
         try:
             return self._client.post(
-                endpoint,
-                inputs=as_finetuner_docs(docs or []),
-                parameters=parameters or {},
-                return_type=DocList[return_type],
+                endpoint, inputs=docs, parameters=parameters or {}, return_type=DocList[return_type], **whole
             )
         except BadServer as err:  # args[0] is the reply's header, which holds the executor's error
             raise ServiceError(err.args[0].status.description) from None

@@ -9,6 +9,7 @@ documents. Training runs in child processes (``service.jobs``); runs live in ``<
 import asyncio
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -16,9 +17,10 @@ import numpy as np
 from docarray import DocList
 from jina import requests
 
-from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
+from executor import rest
 from executor.catalog import CatalogEndpoints
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, drop_content, items_of
+from executor.guards import check_request, make_public, use_private_tmp
 from executor.params import (
     DATA_FIELDS,
     ClassifyParams,
@@ -48,6 +50,7 @@ from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
+from executor.tuning.errors import DataError
 from executor.tuning.evaluation import evaluator_for
 from executor.tuning.models import TOWERS, family_of, list_models, load_model, unknown_model
 from executor.tuning.tasks import check_training_data
@@ -72,6 +75,9 @@ class FinetunerExecutor(CatalogEndpoints):
         batch_size: int = 32,
         max_batch_size: int = 128,
         max_image_pixels: int = 40_000_000,
+        max_request_docs: int = 10_000,
+        max_request_bytes: int = 64 * 2**20,
+        max_artifact_bytes: int = 8 * 2**30,
         select_model: Optional[str] = None,
         device: str = 'auto',
         runtime: str = 'onnx',
@@ -86,6 +92,9 @@ class FinetunerExecutor(CatalogEndpoints):
         :param batch_size: images per forward pass of /encode, /classify and /evaluate.
         :param max_batch_size: the most a request's `batch_size` may ask for (a larger one is refused, naming it).
         :param max_image_pixels: the most pixels an image may have; a larger one is refused from its header.
+        :param max_request_docs: the most documents one request may carry.
+        :param max_request_bytes: the most bytes of document content one request may carry (and HTTP body size).
+        :param max_artifact_bytes: the most bytes an `artifact` zip may unpack to.
         :param select_model: the model file inside `artifact` (default: model.onnx with runtime 'onnx', else model.pt);
             for a two-tower model, 'clip-text' or 'clip-vision' serves that tower alone (the Hub executor's names).
         :param device: 'auto', 'cpu', 'cuda' or 'cuda:N', for serving and (by default) for training.
@@ -95,23 +104,14 @@ class FinetunerExecutor(CatalogEndpoints):
         :param model_cache: folder of the registry models' ONNX exports (default `<workspace>/models`); replicas and
             restarts that share it export each model once (under a file lock).
         """
+        given = {name: value for name, value in locals().items() if name in ServiceConfig.model_fields}
         super().__init__(**kwargs)
         self.names = executor_names(self)  # what per-executor parameters address it by
-        self.settings = ServiceConfig(
-            model=model,
-            artifact=artifact,
-            batch_size=batch_size,
-            max_batch_size=max_batch_size,
-            max_image_pixels=max_image_pixels,
-            select_model=select_model,
-            device=device,
-            runtime=runtime,
-            data_roots=list(data_roots or []),
-            max_cached_models=max_cached_models,
-            model_cache=model_cache,
-        )
+        self.settings = ServiceConfig(**{**given, 'data_roots': list(data_roots or [])})  # checked: bounds, device
         limit_pixels(self.settings.max_image_pixels)
+        rest.set_body_limit(self.settings.max_request_bytes)
         workspace = Path(self.workspace)
+        self.tmp = use_private_tmp(workspace / 'tmp')
         (workspace / 'data').mkdir(parents=True, exist_ok=True)
         extra_roots = [str(Path(root).expanduser().resolve()) for root in self.settings.data_roots]
         self.data_roots = [str(workspace / 'data'), *extra_roots]
@@ -130,17 +130,27 @@ class FinetunerExecutor(CatalogEndpoints):
             self.unpack_dir.mkdir(parents=True, exist_ok=True)
             file = None if self.served_tower else self.settings.select_model
             self.served = open_artifact(
-                self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, file
+                self.settings.artifact,
+                self.store,
+                self.unpack_dir,
+                self.settings.runtime,
+                file,
+                self.settings.max_artifact_bytes,
             )
             self._encoder(ModelParams())  # loaded now: a broken artifact stops the start, not the first request
         self.jobs = JobQueue(self.store)
         self.jobs.start()
-        logger.info(
-            'FinetunerExecutor: serving %s, runs in %s, data roots %s',
-            self.served or self.settings.model,
-            self.store.root,
-            self.data_roots,
-        )
+        served, root = self.served or self.settings.model, self.store.root
+        logger.info('FinetunerExecutor: serving %s, runs in %s, data roots %s', served, root, self.data_roots)
+
+    async def __acall__(self, req_endpoint: str, **kwargs):
+        """jina's one entry for every request: the request's bounds first, and its error without server paths."""
+        try:
+            check_request(kwargs.get('docs'), self.settings.max_request_docs, self.settings.max_request_bytes)
+            return await super().__acall__(req_endpoint, **kwargs)
+        except Exception as err:
+            make_public(err, self.workspace)
+            raise
 
     # --- training and runs -----------------------------------------------------------------------------------------
 
@@ -232,6 +242,7 @@ class FinetunerExecutor(CatalogEndpoints):
     def close(self) -> None:
         self.jobs.close()
         super().close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     # --- the work, off the event loop ------------------------------------------------------------------------------
 
@@ -263,7 +274,10 @@ class FinetunerExecutor(CatalogEndpoints):
         """What a run starts from: a model file under the data roots, a finished run's model, or a registry name
         (checked now, so that a typo is an error of the request)."""
         if Path(model).suffix in ('.pt', '.pth'):
-            return resolve_path(model, self.data_roots, 'model')
+            path = resolve_path(model, self.data_roots, 'model')
+            if not Path(path).is_file():
+                raise DataError(f'model: the model file {model!r} does not exist; give the path of a .pt file')
+            return path
         if model not in list_models() and model in self.store.ids():
             return str(self.store.model_file(model, 'torch'))
         return self._model_name(model)

@@ -16,7 +16,9 @@ exception's ``repr`` as ``detail``, so the status is chosen from the exception's
 from __future__ import annotations
 
 import logging
+import os
 import re
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +38,14 @@ STATUS_BY_ERROR = {
     'ValueError': 400,  # a request the executor refuses as it stands (a run in the wrong state, both run_id and model)
     'WeightsNotFoundError': 400,  # a model asked for pretrained whose weights are not on the server
     'RunNotFoundError': 404,
+    'RequestTooLarge': 413,  # over max_request_docs or max_request_bytes
 }
+# The largest body an HTTP port reads. The executor sets it from its max_request_bytes (its worker's port); a Flow's
+# gateway, which runs no executor, reads FINETUNER_MAX_REQUEST_BYTES (default: the executor's default, 64 MiB).
+body_limit = int(os.environ.get('FINETUNER_MAX_REQUEST_BYTES', 64 * 2**20))
+# jina's HTTP load balancer (a Deployment's HTTP port) reads bodies with aiohttp's default bound and, above it, sends
+# the request on with no body at all: the executor behind it sees an empty POST.
+LOAD_BALANCER_BODY_LIMIT = 2**20
 _ERROR_NAME = re.compile(r'^(\w+)\(')
 _PARAMETERS_NOTE = (
     "The endpoint's own parameters; an object under the name of an executor of the Flow "
@@ -69,11 +78,70 @@ def typed_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def set_body_limit(limit: int) -> None:
+    """The largest body this process's HTTP ports read (the executor's ``max_request_bytes``)."""
+    global body_limit
+    body_limit = limit
+
+
+def too_large(size: int | None) -> str:
+    got = 'more' if size is None else f'{size}'
+    return (
+        f'the request body holds {got} bytes, more than the {body_limit} this HTTP port reads (max_request_bytes '
+        "in uses_with; FINETUNER_MAX_REQUEST_BYTES for a Flow's gateway); send fewer documents per request, paths "
+        '(uri) of files under the data roots instead of their bytes, or use gRPC'
+    )
+
+
+EMPTY_BODY = (
+    'the request arrived with no body; send JSON {"data": [...], "parameters": {...}}. Behind the HTTP port of a jina '
+    f'Deployment (its load balancer), a body of more than {LOAD_BALANCER_BODY_LIMIT} bytes, or one that is not JSON, '
+    'arrives empty: send fewer documents per request, use gRPC, or serve HTTP without the load balancer '
+    "(`jina executor --protocol http`, `Deployment(..., include_gateway=False)` or a Flow's gateway)"
+)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``body_limit`` is answered 413, from its Content-Length before it is read, or
+    as soon as the bytes read pass the bound (a chunked body); an empty POST is answered with ``EMPTY_BODY``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        if scope['type'] != 'http' or scope['method'] != 'POST':
+            return await self.app(scope, receive, send)
+        headers = dict(scope['headers'])
+        length = headers.get(b'content-length')
+        if length is not None and length.isdigit() and int(length) > body_limit:
+            return await JSONResponse({'detail': too_large(int(length))}, 413)(scope, receive, send)
+        if length == b'0' and scope['path'] in ENDPOINT_PARAMS:
+            via_balancer = b'aiohttp' in headers.get(b'user-agent', b'')
+            return await JSONResponse({'detail': EMPTY_BODY}, 413 if via_balancer else 422)(scope, receive, send)
+        read = 0
+
+        async def counted() -> dict:
+            nonlocal read
+            message = await receive()
+            read += len(message.get('body', b''))
+            if read > body_limit:  # FastAPI passes an HTTPException raised while it reads the body on as it is
+                raise HTTPException(413, too_large(None))
+            return message
+
+        return await self.app(scope, counted, send)
+
+
 def extend(app: FastAPI, then: Callable[[FastAPI], FastAPI]) -> FastAPI:
-    """Typed OpenAPI and 4xx answers on ``app``; ``then`` is the hook that was set before (jina's, or a user's)."""
+    """Typed OpenAPI, 4xx answers and the body bound on ``app``; ``then`` is the hook that was set before (jina's, or
+    a user's)."""
     from fastapi.exception_handlers import http_exception_handler
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
+
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(HTTPException)
     async def bad_input_is_4xx(request, exc: HTTPException):
@@ -95,6 +163,10 @@ def extend(app: FastAPI, then: Callable[[FastAPI], FastAPI]) -> FastAPI:
 
 def install() -> None:
     """Set the hook in this process (once): jina calls it on every FastAPI app it builds from now on."""
+    # FastAPI checks each reply against jina's response model, where docarray declares tensors (NdArray) as bytes:
+    # pydantic then warns once per document (2052 log lines for one request of 2000 images) that a tensor or an
+    # embedding is a list, and writes it as the list it is (tests/integration compare HTTP's embeddings to gRPC's).
+    warnings.filterwarnings('ignore', message='Pydantic serializer warnings', category=UserWarning)
     current = jina.helper.extend_rest_interface
     if getattr(current, 'finetuner_executor', False):
         return

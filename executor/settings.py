@@ -8,6 +8,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from executor.params import Runtime
+from executor.service.artifacts import MAX_UNPACKED_BYTES
 from executor.tuning.devices import check_device
 
 
@@ -35,6 +36,23 @@ class ServiceConfig(BaseModel):
         ge=1,
         description='the most pixels an image may have to be decoded, read from its header first (a 17 KB PNG of '
         '12000 x 12000 took 700 MB to decode)',
+    )
+    max_request_docs: int = Field(
+        10_000,
+        ge=1,
+        description='the most documents one request may carry; send more in several requests, or train from a CSV '
+        'file or folder under the data roots',
+    )
+    max_request_bytes: int = Field(
+        64 * 2**20,
+        ge=1,
+        description="the most bytes of documents' content (blobs, tensors, texts, data: URIs) one request may carry, "
+        'and the largest HTTP body the executor reads (413 above it)',
+    )
+    max_artifact_bytes: int = Field(
+        MAX_UNPACKED_BYTES,
+        ge=1,
+        description='the most bytes an `artifact` zip may unpack to (a 1 MB zip unpacked to 1 GiB at start-up)',
     )
     select_model: Optional[str] = Field(None, description="the model file inside `artifact`, e.g. 'model-int8.onnx'")
     device: str = Field('auto', description="'auto', 'cpu', 'cuda' or 'cuda:N'; for serving and training")

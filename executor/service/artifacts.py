@@ -3,8 +3,8 @@ Finetuner's artifacts too (its zip or folder, rebuilt once by ``finetuner_artifa
 such a zip (``/runs/artifact``), for clients that do not share the server's disk.
 
 A zip is unpacked once, into a folder named by its name and a digest of its bytes, and served from there; one that
-would unpack to more than ``MAX_UNPACKED_BYTES``, or whose members compress like a zip bomb, is refused before a byte
-is written.
+would unpack to more than the executor's ``max_artifact_bytes`` (default ``MAX_UNPACKED_BYTES``), or whose members
+compress like a zip bomb, is refused before a byte is written.
 """
 
 from __future__ import annotations
@@ -35,12 +35,18 @@ STORED_SUFFIXES = ('.pt', '.onnx', '.data', '.png')  # weights and PNGs do not c
 
 
 def open_artifact(
-    artifact: str | os.PathLike, store: RunStore, unpack_dir: Path, runtime: str, select_model: str | None = None
+    artifact: str | os.PathLike,
+    store: RunStore,
+    unpack_dir: Path,
+    runtime: str,
+    select_model: str | None = None,
+    max_unpacked: int = MAX_UNPACKED_BYTES,
 ) -> Path:
     """The model file to serve for ``artifact``: a run id, an artifact folder, a ``.zip`` of one, or a model file.
 
     In a folder, ``select_model`` names the file; by default ``model.onnx`` when ``runtime='onnx'`` and it exists,
-    else ``model.pt``. A zip is unpacked once into ``unpack_dir/<name>-<hash>/``.
+    else ``model.pt``. A zip is unpacked once into ``unpack_dir/<name>-<hash>/``, if it unpacks to at most
+    ``max_unpacked`` bytes (the executor's ``max_artifact_bytes``).
     """
     text = str(artifact)
     if _RUN_ID.match(text) and (store.root / text / STATUS_FILE).is_file():
@@ -55,7 +61,7 @@ def open_artifact(
                 "give a run id, an artifact folder (with model.pt / model.onnx) or a .zip of one (or Finetuner's)"
             )
         if path.is_file() and path.suffix == '.zip':
-            path = _unpack(path, unpack_dir)
+            path = _unpack(path, unpack_dir, max_unpacked)
         if path.is_file():
             return path
         folder = path
@@ -100,13 +106,13 @@ def pack_artifact(folder: Path, name: str, limit: int = MAX_PACKED_BYTES) -> byt
     return buffer.getvalue()
 
 
-def _unpack(archive: Path, unpack_dir: Path) -> Path:
+def _unpack(archive: Path, unpack_dir: Path, limit: int) -> Path:
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:12]
     target = unpack_dir / f'{archive.stem}-{digest}'
     if not target.is_dir():
         tmp = unpack_dir / f'.{target.name}.{os.getpid()}.tmp'
         with zipfile.ZipFile(archive) as zf:
-            check_sizes(archive, zf.infolist())
+            check_sizes(archive, zf.infolist(), limit)
             zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
         os.replace(tmp, target)
     # a zip of a folder holds the folder: serve the one that has the model
@@ -121,8 +127,9 @@ def check_sizes(archive: Path, members: list[zipfile.ZipInfo], limit: int = MAX_
     total = sum(member.file_size for member in members)
     if total > limit:
         raise ValueError(
-            f'artifact {archive.name!r} would unpack to {_size(total)}, more than the {_size(limit)} allowed; serve '
-            'the artifact folder itself instead of a zip of it'
+            f'artifact {archive.name!r} would unpack to {_size(total)}, more than the {_size(limit)} allowed '
+            f'(max_artifact_bytes={limit}); serve the artifact folder itself instead of a zip of it, or raise '
+            'max_artifact_bytes in uses_with'
         )
     for member in members:
         ratio = member.file_size / max(1, member.compress_size)
