@@ -1,23 +1,31 @@
-"""Soak test of FinetunerExecutor: concurrent clients send /encode and /runs/status while a run trains.
+"""Soak test of FinetunerExecutor: concurrent clients send /encode and /runs/status while a run trains, and hostile
+clients send what should be refused.
 
 Starts the service as users do (`jina executor --uses config.yml`, in a temporary workspace), starts a training run
 on scikit-learn's digits that outlasts the soak, then runs `--clients` client threads for `--seconds`, each
-alternating an /encode of one image (the served default model) and a /runs/status of the training run. Prints the
-request rate, latencies, errors (by message) and the serving processes' RSS at the start and at the end (the
-training process is apart and not counted), then cancels the run and stops the service.
+alternating an /encode of one image (the served default model) and a /runs/status of the training run, and
+`--hostile` threads cycling through issue 21's hostile requests: an oversized batch_size, a decompression bomb
+(a 17 KB PNG of 12000 x 12000), a folder whose class folder links outside the data roots, a /train reusing the
+training run's name, a NUL byte in a uri, bytes that are no image, a CSV naming URLs. Prints the request rate,
+latencies, errors of the good requests (by message), how each hostile kind was answered, whether the worker
+process is the one that started, and the serving processes' RSS at the start and at the end (the training process
+is apart and not counted), then cancels the run and stops the service.
 
-    .venv/bin/python bench/soak.py                  # 10 minutes, 16 clients (the acceptance run)
+    .venv/bin/python bench/soak.py                  # 10 minutes, 16 good clients, 4 hostile (the acceptance run)
     .venv/bin/python bench/soak.py --seconds 90     # a short one
 
-Targets: 0 errors, RSS growth under 5 %.
+Targets: 0 failed good requests, every hostile request refused, the same worker throughout, RSS growth under 5 %.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,9 +33,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,11 +52,13 @@ def main() -> None:
     parser.add_argument('--seconds', type=float, default=600, help='how long the clients send requests')
     parser.add_argument('--clients', type=int, default=16, help='concurrent client threads')
     parser.add_argument('--image-size', type=int, default=64, help='pixels of the images sent to /encode')
+    parser.add_argument('--hostile', type=int, default=4, help='client threads sending requests to be refused')
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix='soak-') as tmp:
         workspace, data = Path(tmp) / 'ws', Path(tmp) / 'data'
         write_digits_folder(data / 'digits', per_class=20, size=64)
+        hostile_data(data, Path(tmp) / 'outside')
         port = free_port()
         service = start_service(workspace, data, port)
         try:
@@ -74,7 +86,11 @@ def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None
     while run.status()['status'] != 'STARTED':
         time.sleep(0.5)
     client.encode([FinetunerDoc(tensor=images[0])])  # load the model before the first RSS reading
+    warm_up = Stats()
+    for kind, call in hostile_calls(client):  # each kind once before the first RSS reading
+        hostile_call(kind, call, warm_up)
     rss_start = serving_rss(service.pid)
+    workers = serving_pids(service.pid)
 
     stats = Stats()
     stop = time.monotonic() + args.seconds
@@ -82,6 +98,7 @@ def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None
         threading.Thread(target=client_loop, args=(port, images[i % len(images)], stop, stats))
         for i in range(args.clients)
     ]
+    threads += [threading.Thread(target=hostile_loop, args=(port, i, stop, stats)) for i in range(args.hostile)]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -108,6 +125,11 @@ def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None
         print(f'  {endpoint:12s} {len(ms):6d} ok  p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  max {ms.max():7.1f} ms')
     for message, count in stats.errors.most_common(5):
         print(f'  error x{count}: {message[:200]}')
+    print(f'hostile requests: {sum(stats.hostile.values())}, by kind and answer:')
+    for (kind, answer), count in sorted(stats.hostile.items()):
+        print(f'  {kind:14s} x{count:5d}  {answer[:150]}')
+    same = serving_pids(service.pid) == workers
+    print(f'serving processes: {workers} at the start, {"the same" if same else serving_pids(service.pid)} at the end')
     growth = 100 * (rss_end - rss_start) / rss_start
     print(
         f'service RSS: {rss_start / 2**20:.0f} MiB at the start, {rss_end / 2**20:.0f} MiB at the end '
@@ -122,6 +144,7 @@ class Stats:
         self.lock = threading.Lock()
         self.latency: dict[str, list[float]] = collections.defaultdict(list)
         self.errors: collections.Counter[str] = collections.Counter()
+        self.hostile: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @property
     def error_count(self) -> int:
@@ -150,6 +173,53 @@ def client_loop(port: int, image: np.ndarray, stop: float, stats: Stats) -> None
         except (ServiceError, ConnectionError, OSError) as err:
             error = f'{type(err).__name__}: {err}'
         stats.record(endpoint, time.monotonic() - started, error)
+
+
+def hostile_data(data: Path, outside: Path) -> None:
+    """A folder whose class folder links outside the data roots, and a CSV naming URLs."""
+    write_digits_folder(outside / 'elsewhere', per_class=2, size=32)
+    write_digits_folder(data / 'linked', per_class=2, size=32)
+    shutil.rmtree(data / 'linked' / '9')
+    (data / 'linked' / '9').symlink_to(outside / 'elsewhere' / '9')
+    (data / 'urls.csv').write_text('uri,label\nhttp://example.com/a.png,1\nhttp://example.com/b.png,2\n')
+
+
+def hostile_calls(client: FinetunerClient) -> list[tuple[str, Callable[[], object]]]:
+    buffer = io.BytesIO()
+    Image.new('1', (12000, 12000)).save(buffer, format='PNG')
+    bomb = buffer.getvalue()
+    tiny = np.zeros((3, 3), np.uint8)
+    train = {'model': 'resnet18', 'pretrained': False, 'image_size': 32, 'epochs': 1}
+    return [
+        ('batch_size', lambda: client.encode([FinetunerDoc(tensor=tiny)] * 100, batch_size=4096)),
+        ('bomb', lambda: client.encode([FinetunerDoc(blob=bomb)] * 4)),
+        ('symlink', lambda: client.fit(train_data='linked', **train)),
+        ('run_name', lambda: client.fit(train_data='digits', run_name='soak', **train)),
+        ('nul_uri', lambda: client.encode([FinetunerDoc(uri='digits/\x00.png')])),
+        ('not_an_image', lambda: client.encode([FinetunerDoc(blob=b'GIF89a junk')])),
+        ('url_csv', lambda: client.fit(train_data='urls.csv', **train)),
+    ]
+
+
+def hostile_call(kind: str, call: Callable[[], object], stats: Stats) -> None:
+    try:
+        call()
+        answer = 'ACCEPTED (should have been refused)'
+    except ServiceError as err:
+        answer = f'refused: {str(err)[:120]}'
+    except (ConnectionError, OSError) as err:
+        answer = f'NO ANSWER: {type(err).__name__}: {err}'
+    with stats.lock:
+        stats.hostile[kind, re.sub(r"'[0-9a-f]{32}'", "'<id>'", answer)] += 1
+
+
+def hostile_loop(port: int, offset: int, stop: float, stats: Stats) -> None:
+    calls = hostile_calls(FinetunerClient(f'grpc://127.0.0.1:{port}'))
+    i = offset
+    while time.monotonic() < stop:
+        kind, call = calls[i % len(calls)]
+        i += 1
+        hostile_call(kind, call, stats)
 
 
 def start_service(workspace: Path, data: Path, port: int) -> subprocess.Popen:
@@ -202,6 +272,19 @@ def serving_rss(group: int) -> int:
         except (OSError, KeyError, IndexError, ValueError):  # the process ended meanwhile
             continue
     return total
+
+
+def serving_pids(group: int) -> list[int]:
+    """The service's processes (its process group), training processes left out: a restarted worker changes it."""
+    pids = []
+    for proc in Path('/proc').iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / 'stat').read_text().rsplit(')', 1)[1].split()[2]) == group:
+                if b'executor.service.worker' not in (proc / 'cmdline').read_bytes():
+                    pids.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(pids)
 
 
 def free_port() -> int:

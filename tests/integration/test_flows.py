@@ -245,6 +245,10 @@ def test_kubernetes_export_replicates_the_encoder_and_shards_the_index(tmp_path:
     assert container['image'] == 'finetuner-executor:latest'
     assert (_arg(container, '--uses'), _arg(container, '--port')) == ('config.yml', '8080')
     assert container['ports'] == [{'containerPort': 8080}]
+    # the executor is the container's process (--native) and a liveness probe pings it: a worker that dies or stops
+    # answering gets its container restarted
+    assert '--native' in container['args']
+    assert container['livenessProbe']['exec']['command'][:4] == ['jina', 'ping', 'executor', 'grpc://127.0.0.1:8080']
 
     for shard in (0, 1):
         manifests = _manifests(tmp_path / 'indexer' / f'indexer-{shard}.yml')
@@ -378,7 +382,7 @@ def _build_files(image: dict[str, Any], root: Path) -> None:
 
 def test_dockerfile_runs_jina_as_a_non_root_user_and_copies_only_what_exists():
     image = _image({})
-    assert image['entrypoint'] == ['jina', 'executor', '--uses', 'config.yml']
+    assert image['entrypoint'] == ['jina', 'executor', '--native', '--uses', 'config.yml']  # its death ends it
     assert image['user'] not in ('root', '0') and image['env']['PYTHONPATH'] == '/app'
     assert image['cmd'] == ['--port', '8080', '--workspace', '/workspace']
     assert image['healthcheck'] == ['jina', 'ping', 'executor', 'localhost:8080']
