@@ -9,7 +9,6 @@ documents. Training runs in child processes (``service.jobs``); runs live in ``<
 import asyncio
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -20,7 +19,7 @@ from jina import requests
 from executor import rest
 from executor.catalog import CatalogEndpoints
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, drop_content, items_of
-from executor.guards import check_request, make_public, use_private_tmp
+from executor.guards import PrivateTmp, check_request, make_public
 from executor.params import (
     DATA_FIELDS,
     ClassifyParams,
@@ -111,37 +110,39 @@ class FinetunerExecutor(CatalogEndpoints):
         limit_pixels(self.settings.max_image_pixels)
         rest.set_body_limit(self.settings.max_request_bytes)
         workspace = Path(self.workspace)
-        self.tmp = use_private_tmp(workspace / 'tmp')
+        self.tmp = PrivateTmp(workspace / 'tmp')
         (workspace / 'data').mkdir(parents=True, exist_ok=True)
         extra_roots = [str(Path(root).expanduser().resolve()) for root in self.settings.data_roots]
         self.data_roots = [str(workspace / 'data'), *extra_roots]
-        self.store = RunStore(workspace / 'runs')
-        self.unpack_dir = workspace / 'artifacts'
+        self.store, self.unpack_dir = RunStore(workspace / 'runs'), workspace / 'artifacts'
         self.model_cache = Path(self.settings.model_cache or workspace / 'models').expanduser()
         os.environ.setdefault('FINETUNER_EXECUTOR_CACHE', str(self.model_cache))  # where the text default unpacks
         self.encoders = EncoderCache(self.settings.max_cached_models)
         self.batcher = RequestBatcher()
-        self.served = None
         # a two-tower artifact's one tower, served alone (the Hub executor's select_model names)
         self.served_tower = self.settings.select_model if self.settings.select_model in TOWERS else None
-        if self.settings.artifact is None:
-            family_of(self.settings.model)  # the operator's choice: a registry name or a model folder anywhere
-        else:
-            self.unpack_dir.mkdir(parents=True, exist_ok=True)
-            file = None if self.served_tower else self.settings.select_model
-            self.served = open_artifact(
-                self.settings.artifact,
-                self.store,
-                self.unpack_dir,
-                self.settings.runtime,
-                file,
-                self.settings.max_artifact_bytes,
-            )
-            self._encoder(ModelParams())  # loaded now: a broken artifact stops the start, not the first request
+        try:
+            self.served = self._open_served()
+        except BaseException:  # a start that fails gives tempfile its folder back
+            self.tmp.close()
+            raise
         self.jobs = JobQueue(self.store)
         self.jobs.start()
         served, root = self.served or self.settings.model, self.store.root
         logger.info('FinetunerExecutor: serving %s, runs in %s, data roots %s', served, root, self.data_roots)
+
+    def _open_served(self) -> Optional[Path]:
+        """The artifact's model file, loaded now: a broken artifact stops the start, not the first request."""
+        if self.settings.artifact is None:
+            family_of(self.settings.model)  # the operator's choice: a registry name or a model folder anywhere
+            return None
+        self.unpack_dir.mkdir(parents=True, exist_ok=True)
+        file, limit = None if self.served_tower else self.settings.select_model, self.settings.max_artifact_bytes
+        self.served = open_artifact(
+            self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, file, limit
+        )
+        self._encoder(ModelParams())
+        return self.served
 
     async def __acall__(self, req_endpoint: str, **kwargs):
         """jina's one entry for every request: the request's bounds first, and its error without server paths."""
@@ -242,7 +243,7 @@ class FinetunerExecutor(CatalogEndpoints):
     def close(self) -> None:
         self.jobs.close()
         super().close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.close()
 
     # --- the work, off the event loop ------------------------------------------------------------------------------
 

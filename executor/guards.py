@@ -79,18 +79,27 @@ def make_public(err: BaseException, workspace: str | Path) -> BaseException:
     return err
 
 
-def use_private_tmp(parent: Path) -> Path:
-    """Make ``parent/<pid>`` this process's temporary folder (``tempfile``'s, so jina's and the libraries' too), removed
-    when the process ends; folders left there by processes that have ended (a killed worker's) are removed now.
+class PrivateTmp:
+    """``tempfile``'s folder for this process (so jina's and the libraries' too) set to a new folder under ``parent``
+    (``<pid>-...``) while the executor lives; ``close()`` removes it and gives ``tempfile`` back the folder it had.
+    Folders left there by processes that have ended (a killed worker's) are removed at the start.
 
     jina's worker makes an empty folder in /tmp on every start and never removes it, as do wandb's imports (timm
     imports wandb when it is installed); with this they land here and go."""
-    parent.mkdir(parents=True, exist_ok=True)
-    for old in parent.iterdir():
-        if old.name.isdigit() and int(old.name) != os.getpid() and not pid_alive(int(old.name)):
-            shutil.rmtree(old, ignore_errors=True)
-    mine = parent / str(os.getpid())
-    mine.mkdir(exist_ok=True)
-    tempfile.tempdir = str(mine)
-    atexit.register(shutil.rmtree, mine, True)
-    return mine
+
+    def __init__(self, parent: Path) -> None:
+        parent.mkdir(parents=True, exist_ok=True)
+        for old in parent.iterdir():
+            pid = old.name.partition('-')[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=f'{os.getpid()}-', dir=parent))
+        self.previous = tempfile.tempdir
+        tempfile.tempdir = str(self.folder)
+        atexit.register(shutil.rmtree, self.folder, True)
+
+    def close(self) -> None:
+        if tempfile.tempdir == str(self.folder):
+            previous = self.previous
+            tempfile.tempdir = previous if previous is None or Path(previous).is_dir() else None
+        shutil.rmtree(self.folder, ignore_errors=True)

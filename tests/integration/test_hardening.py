@@ -111,7 +111,8 @@ def hostile_data(root: Path, outside: Path) -> None:
     (root / 'bomb.png').write_bytes(png(Image.new('1', (12000, 12000))))  # 17 KB, 144 Mpx
     first = sorted((root / 'digits' / '3').iterdir())[0]
     write_csv(root / 'urls.csv', ['uri', 'label'], [['http://example.com/a.png', '1'], ['https://e.com/b.png', '2']])
-    write_csv(root / 'local.csv', ['uri', 'label'], [[str(p), p.parent.name] for p in sorted(root.glob('digits/*/*'))])
+    rows = [[str(p.relative_to(root)), p.parent.name] for p in sorted(root.glob('digits/*/*'))]
+    write_csv(root / 'linked.csv', ['uri', 'label'], [*rows, ['linked-file/5/passwd.png', '5']])  # a row's link
     (root / 'junk.pt').write_bytes(b'not a checkpoint')
     torch.save({'call': os.system}, root / 'evil.pt')  # a pickle naming a function: weights_only refuses it
     (root / 'first.txt').write_text(str(first.relative_to(root)))
@@ -179,6 +180,9 @@ def test_2_links_in_a_folder_data_set_are_checked_against_the_data_roots(service
         [],
         {'train_data': 'linked-file', **TINY},
         r"linked-file/5/passwd.png: .* resolves to '/etc/passwd', outside",
+    )
+    service.refused(
+        '/train', [], {'train_data': 'linked.csv', **TINY}, r"linked.csv line 32: .*resolves to '/etc/passwd'"
     )
     assert service.client.list_runs() == []
 
