@@ -49,7 +49,6 @@ from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
-from executor.tuning.errors import DataError
 from executor.tuning.evaluation import evaluator_for
 from executor.tuning.models import TOWERS, family_of, list_models, load_model, unknown_model
 from executor.tuning.tasks import check_training_data
@@ -123,6 +122,8 @@ class FinetunerExecutor(CatalogEndpoints):
         self.served_tower = self.settings.select_model if self.settings.select_model in TOWERS else None
         try:
             self.served = self._open_served()
+            if self.served is not None:
+                self._encoder(ModelParams())  # loaded now: a broken artifact stops the start, not the first request
         except BaseException:  # a start that fails gives tempfile its folder back
             self.tmp.close()
             raise
@@ -132,17 +133,13 @@ class FinetunerExecutor(CatalogEndpoints):
         logger.info('FinetunerExecutor: serving %s, runs in %s, data roots %s', served, root, self.data_roots)
 
     def _open_served(self) -> Optional[Path]:
-        """The artifact's model file, loaded now: a broken artifact stops the start, not the first request."""
+        """The model file of `artifact`, or None (and the registry `model` checked) when there is none."""
         if self.settings.artifact is None:
             family_of(self.settings.model)  # the operator's choice: a registry name or a model folder anywhere
             return None
         self.unpack_dir.mkdir(parents=True, exist_ok=True)
         file, limit = None if self.served_tower else self.settings.select_model, self.settings.max_artifact_bytes
-        self.served = open_artifact(
-            self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, file, limit
-        )
-        self._encoder(ModelParams())
-        return self.served
+        return open_artifact(self.settings.artifact, self.store, self.unpack_dir, self.settings.runtime, file, limit)
 
     async def __acall__(self, req_endpoint: str, **kwargs):
         """jina's one entry for every request: the request's bounds first, and its error without server paths."""
@@ -275,10 +272,7 @@ class FinetunerExecutor(CatalogEndpoints):
         """What a run starts from: a model file under the data roots, a finished run's model, or a registry name
         (checked now, so that a typo is an error of the request)."""
         if Path(model).suffix in ('.pt', '.pth'):
-            path = resolve_path(model, self.data_roots, 'model')
-            if not Path(path).is_file():
-                raise DataError(f'model: the model file {model!r} does not exist; give the path of a .pt file')
-            return path
+            return resolve_path(model, self.data_roots, 'model')
         if model not in list_models() and model in self.store.ids():
             return str(self.store.model_file(model, 'torch'))
         return self._model_name(model)

@@ -122,7 +122,7 @@ def _unpack(archive: Path, unpack_dir: Path, limit: int) -> Path:
     return target
 
 
-def check_sizes(archive: Path, members: list[zipfile.ZipInfo], limit: int = MAX_UNPACKED_BYTES) -> None:
+def check_sizes(archive: Path, members: list[zipfile.ZipInfo], limit: int) -> None:
     """Refuse a zip that would unpack to more than ``limit`` bytes, or holds a member compressed like a bomb."""
     total = sum(member.file_size for member in members)
     if total > limit:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, Union
 
 import torch
 
+from executor.tuning.errors import DataError
 from executor.tuning.files import atomic_torch_save
 from executor.tuning.inputs import inputs_from_config
 from executor.tuning.models.embedding import ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1, EmbeddingModel
@@ -112,6 +113,8 @@ def family_of(name: str) -> BackboneFamily:
     for family in families():
         if family.owns(name):
             return family
+    if Path(str(name)).suffix in ('.pt', '.pth'):  # a model file, where one that exists is loaded instead
+        raise DataError(f'model: the model file {Path(str(name)).name!r} does not exist; give the path of a .pt file')
     raise unknown_model(name)
 
 
