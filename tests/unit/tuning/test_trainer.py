@@ -111,12 +111,14 @@ def test_evaluation_best_model_and_early_stopping(tmp_path, train_items):
         epochs=4,
         limit=5,
         early_stopping_patience=1,
+        early_stopping_min_delta=1.0,  # hit@1 lies in [0, 1]: no epoch can better the first by more than 1
         monitor='hit@1',
         output_dir=tmp_path,
         **SMALL,
     )
     assert all('ndcg@10' in h and 'hit@1' in h for h in result.history)
-    assert 1 <= len(result.history) <= 4
+    # epoch 1 sets the best, epoch 2 fails to better it: patience 1 is spent, so 2 of the 4 epochs ran
+    assert [h['epoch'] for h in result.history] == [1, 2]
     best = max(h['hit@1'] for h in result.history)
     # the one evaluator, on the saved artifact through the serving encoder, finds what the epoch's evaluation found
     served = TorchEncoder(load_model(result.artifact), device='cpu')
@@ -140,6 +142,19 @@ def test_evaluation_best_model_and_early_stopping(tmp_path, train_items):
         assert len(matches) == 5 and scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
         assert [m['relevant'] for m in matches] == [m['label'] == example['query']['label'] for m in matches]
         assert example['query']['name'] not in [m['name'] for m in matches]  # a query never matches itself
+
+
+def test_early_stopping_with_a_baseline_stops_when_its_patience_is_spent(tmp_path, caplog):
+    """A baseline no epoch can better (a loss below 0): every epoch counts against the patience, from the first."""
+    small = {**SMALL, 'batch_size': 10, 'num_items_per_class': 2}  # 20 digits, 2 steps an epoch
+    options = dict(epochs=10, early_stopping_patience=2, early_stopping_baseline=0.0, monitor='train_loss')
+    with caplog.at_level('INFO', logger='executor.tuning.callbacks'):
+        result = fit(train_data=digits_items(per_class=2, size=32), output_dir=tmp_path, **options, **small)
+    assert [h['epoch'] for h in result.history] == [1, 2] and all(h['train_loss'] > 0 for h in result.history)
+    assert 'early stopping: train_loss did not improve for 2 epochs' in caplog.text
+    history = [json.loads(line) for line in (tmp_path / 'history.jsonl').read_text().splitlines()]
+    assert [row['epoch'] for row in history] == [1, 2]
+    assert torch.load(tmp_path / 'checkpoints' / 'last.pt', weights_only=False)['epoch'] == 2
 
 
 def test_arcface_trains_its_own_parameters(tmp_path, train_items):
