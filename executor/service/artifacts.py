@@ -19,7 +19,7 @@ from pathlib import Path
 
 from executor.service.finetuner_artifact import finetuner_models, rebuild
 from executor.service.store import RUN_ID_PATTERN, STATUS_FILE, RunStore
-from executor.tuning.artifact import MODEL_FILE, ONNX_FILE, artifact_files
+from executor.tuning.artifact import MODEL_FILE, ONNX_FILE, Runtime, artifact_files, served_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,15 @@ def open_artifact(
     artifact: str | os.PathLike,
     store: RunStore,
     unpack_dir: Path,
-    runtime: str,
+    runtime: Runtime,
     select_model: str | None = None,
     max_unpacked: int = MAX_UNPACKED_BYTES,
 ) -> Path:
     """The model file to serve for ``artifact``: a run id, an artifact folder, a ``.zip`` of one, or a model file.
 
     In a folder, ``select_model`` names the file; by default ``model.onnx`` when ``runtime='onnx'`` and it exists,
-    else ``model.pt``. A zip is unpacked once into ``unpack_dir/<name>-<hash>/``, if it unpacks to at most
-    ``max_unpacked`` bytes (the executor's ``max_artifact_bytes``).
+    else ``model.pt`` (``artifact.served_file`` chooses). A zip is unpacked once into ``unpack_dir/<name>-<hash>/``,
+    if it unpacks to at most ``max_unpacked`` bytes (the executor's ``max_artifact_bytes``).
     """
     text = str(artifact)
     if _RUN_ID.match(text) and (store.root / text / STATUS_FILE).is_file():
@@ -68,20 +68,7 @@ def open_artifact(
         models = finetuner_models(folder) if not (folder / MODEL_FILE).is_file() else {}
         if models:
             return rebuild(folder, models, select_model, unpack_dir)
-    if select_model is not None:
-        chosen = folder / select_model
-        if not chosen.is_file():
-            present = sorted(p.name for p in folder.iterdir() if p.suffix in ('.pt', '.onnx'))
-            raise FileNotFoundError(f'select_model={select_model!r} is not in {str(folder)!r}; it holds {present}')
-        return chosen
-    onnx = folder / ONNX_FILE
-    if runtime == 'onnx' and onnx.is_file():
-        return onnx
-    if (folder / MODEL_FILE).is_file():
-        return folder / MODEL_FILE
-    if onnx.is_file():
-        return onnx
-    raise FileNotFoundError(f'{str(folder)!r} holds neither {MODEL_FILE} nor {ONNX_FILE}: it is not a model artifact')
+    return served_file(folder, runtime, select_model)
 
 
 def pack_artifact(folder: Path, name: str, limit: int = MAX_PACKED_BYTES) -> bytes:

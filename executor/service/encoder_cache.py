@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from executor.tuning.artifact import Runtime, served_file
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,14 +62,16 @@ class EncoderCache:
             return list(self._items)
 
 
-def file_encoder(path: Path, runtime: str, device: str, tower: str | None = None) -> Any:
+def file_encoder(path: Path, runtime: Runtime, device: str, tower: str | None = None) -> Any:
     """A model file's encoder; a two-tower model's runs its towers' ONNX exports on 'onnx' where its run wrote them,
-    and serves one tower alone when ``tower`` names it ('clip-text' or 'clip-vision')."""
+    and serves one tower alone when ``tower`` names it ('clip-text' or 'clip-vision'): from that tower's own export
+    where ``served_file`` finds one, else from the model."""
     from executor.tuning.inference import create_encoder  # onnxruntime: loaded on first use
     from executor.tuning.two_tower_encoder import TwoTowerEncoder, runtime_for
 
-    encoder = create_encoder(path, runtime_for(path, runtime), device=device)
-    if tower is not None:
+    served = served_file(path, runtime, tower=tower)
+    encoder = create_encoder(served, runtime_for(served, runtime), device=device)
+    if tower is not None and served == path:  # the tower is taken from the model
         if not isinstance(encoder, TwoTowerEncoder):
             raise ValueError(
                 f'select_model={tower!r} names a tower of a two-tower model, but {str(path)!r} holds a model of '

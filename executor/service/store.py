@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from executor.tuning.artifact import HISTORY_FILE, MODEL_FILE, ONNX_FILE
+from executor.tuning.artifact import HISTORY_FILE, Runtime, served_file
 from executor.tuning.data.images import array_to_image
 from executor.tuning.data.sources import Item
 from executor.tuning.files import atomic_write_text
@@ -296,10 +296,9 @@ class RunStore:
             return []
         return [json.loads(line) for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
 
-    def model_file(self, run_id: str, runtime: str) -> Path:
-        """The model file of a FINISHED run: ``model.onnx`` for ``runtime='onnx'`` when it was exported, else
-        ``model.pt``."""
-        folder = self.folder(run_id)
+    def model_file(self, run_id: str, runtime: Runtime) -> Path:
+        """The model file of a FINISHED run (``artifact.served_file``): ``model.onnx`` for ``runtime='onnx'`` when it
+        was exported, else ``model.pt``."""
         state = self.get(run_id)
         if state.status != 'FINISHED':
             hint = (
@@ -310,8 +309,7 @@ class RunStore:
                 else ''
             )
             raise ValueError(f'run {run_id!r} is {state.status}, it has no model to serve yet; {hint}'.rstrip('; '))
-        onnx = folder / ONNX_FILE
-        return onnx if runtime == 'onnx' and onnx.is_file() else folder / MODEL_FILE
+        return served_file(self.folder(run_id), runtime)
 
     # --- documents sent with /train -------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ An artifact folder (a run folder, or one unpacked from a zip) holds::
     config.json          the run's resolved configuration; history.jsonl one row of metrics per epoch
     checkpoints/last.pt  what a resume continues from; reports/ the curves and the before/after figures
 
-``artifact_files`` lists what a copy of the artifact carries (``/runs/artifact``'s zip, what the trackers log).
+``artifact_files`` lists what a copy of the artifact carries (``/runs/artifact``'s zip, what the trackers log);
+``served_file`` is the one choice of the file a runtime serves from it.
 
 The ONNX graph takes the model's inputs by the names its ``Inputs`` gives (``images`` ``(B, 3, H, W)`` for an image
 model), the batch axis dynamic, and gives ``embeddings`` ``(B, D)``, plus ``logits`` ``(B, C)`` when the model has a
@@ -21,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from executor.tuning.files import atomic_write_json
 
 if TYPE_CHECKING:
     from executor.tuning.models import EmbeddingModel
 
+Runtime = Literal['onnx', 'torch']
 MODEL_FILE = 'model.pt'
 ONNX_FILE = 'model.onnx'
 EXPORT_FILES = {'fp32': ONNX_FILE, 'fp16': 'model-fp16.onnx', 'int8': 'model-int8.onnx'}
@@ -118,3 +120,35 @@ def tower_onnx_file(folder: str | os.PathLike, tower: str) -> Path:
     """Where a two-tower run keeps one tower's ONNX export: ``<folder>/<tower>/model.onnx`` (``tower``:
     'clip-vision' or 'clip-text'), with its own ``preprocessing.json`` beside it."""
     return Path(folder) / tower / ONNX_FILE
+
+
+def served_file(source: str | os.PathLike, runtime: Runtime, file: str | None = None, tower: str | None = None) -> Path:
+    """The model file that ``runtime`` serves from ``source``, an artifact folder or a model file in one.
+
+    ``file`` names a file of the folder (``select_model``, e.g. 'model-int8.onnx'). Otherwise 'onnx' serves the ONNX
+    export where there is one, else ``model.pt``: the folder's ``model.onnx``, or for ``tower`` (a two-tower
+    artifact's 'clip-vision' or 'clip-text') that tower's own (``tower_onnx_file``). A model file is served as it
+    is, unless ``tower`` asks for its tower's export beside it. A folder with neither model file is not an artifact.
+    """
+    source = Path(source)
+    folder = source.parent if source.is_file() else source
+    if tower is not None:
+        exported = tower_onnx_file(folder, tower)
+        if runtime == 'onnx' and exported.is_file():
+            return exported
+    if source.is_file():
+        return source
+    if file is not None:
+        chosen = folder / file
+        if not chosen.is_file():
+            present = sorted(p.name for p in folder.iterdir() if p.suffix in ('.pt', '.onnx'))
+            raise FileNotFoundError(f'select_model={file!r} is not in {str(folder)!r}; it holds {present}')
+        return chosen
+    onnx, weights = folder / ONNX_FILE, folder / MODEL_FILE
+    if runtime == 'onnx' and onnx.is_file():
+        return onnx
+    if weights.is_file():
+        return weights
+    if onnx.is_file():
+        return onnx
+    raise FileNotFoundError(f'{str(folder)!r} holds neither {MODEL_FILE} nor {ONNX_FILE}: it is not a model artifact')

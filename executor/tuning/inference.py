@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from torch import nn
 import onnxruntime as ort
 
 from executor.tuning import artifact
+from executor.tuning.artifact import Runtime
 from executor.tuning.data.sources import Item
 from executor.tuning.devices import resolve_device, usable_cores, usable_cpus
 from executor.tuning.evaluation.evaluator import ItemEmbedder, to_device
@@ -38,7 +39,6 @@ from executor.tuning.two_tower_encoder import TwoTowerEncoder
 
 logger = logging.getLogger(__name__)
 
-Runtime = Literal['torch', 'onnx']
 Contents = Sequence[Any] | Batch | torch.Tensor  # items' contents, or a batch preprocessed already
 ONNX_DTYPES = {
     'tensor(float)': np.float32,
@@ -319,10 +319,10 @@ def create_encoder(
         return OnnxEncoder(path, device=device, **options)
     model = source if path is None else load_model(path)
     if isinstance(model, TwoTowerModel):  # on 'onnx', each tower from the file its run exported, where there is one
-        exported = {name: None if path is None else artifact.tower_onnx_file(path.parent, name) for name in TOWERS}
+        served = {name: None if path is None else artifact.served_file(path, runtime, tower=name) for name in TOWERS}
         towers = {
-            name: OnnxEncoder(exported[name], device=device, **options)
-            if runtime == 'onnx' and exported[name] is not None and exported[name].is_file()
+            name: OnnxEncoder(served[name], device=device, **options)
+            if served[name] is not None and served[name].suffix == '.onnx'
             else create_encoder(model.tower(name), runtime, device, **options)
             for name in TOWERS
         }

@@ -71,10 +71,10 @@ class TwoTowerEncoder:
         return f'TwoTowerEncoder({self.towers!r})'
 
 
-def runtime_for(path: Path, runtime: str) -> str:
+def runtime_for(path: Path, runtime: artifact.Runtime) -> artifact.Runtime:
     """The runtime a served model file runs on: an ``.onnx`` file on onnxruntime; a ``model.pt`` on torch, except a
-    two-tower model's on ``runtime`` 'onnx' when its run exported both towers (``<tower>/model.onnx`` beside it)."""
+    two-tower model's on ``runtime`` 'onnx' when ``artifact.served_file`` serves both towers from their exports."""
     if path.suffix == '.onnx':
         return 'onnx'
-    exported = all(artifact.tower_onnx_file(path.parent, name).is_file() for name in TOWERS)
-    return 'onnx' if runtime == 'onnx' and exported else 'torch'
+    exported = all(artifact.served_file(path, runtime, tower=name).suffix == '.onnx' for name in TOWERS)
+    return 'onnx' if exported else 'torch'

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from executor.service.encoder_cache import EncoderCache
+from executor.service.encoder_cache import EncoderCache, file_encoder
 
 
 def test_encoder_cache_is_lru_and_builds_once():
@@ -45,3 +45,39 @@ def test_encoder_cache_is_lru_and_builds_once():
     for t in threads:
         t.join()
     assert counted == [1]
+
+
+def test_a_tower_served_alone_comes_from_its_own_export_on_onnx_else_from_the_model(tmp_path, monkeypatch):
+    from executor.tuning import inference
+    from executor.tuning.two_tower_encoder import TwoTowerEncoder
+
+    class Tower:
+        embed_dim, runtime, device = 8, 'onnx', 'cpu'
+
+    built = []
+
+    def create_encoder(path, runtime, device):  # records the file each encoder is built from, and its runtime
+        built.append((path.relative_to(tmp_path).as_posix(), runtime))
+        if path.suffix == '.onnx' or path.parent.name == 'one':
+            return Tower()
+        return TwoTowerEncoder({'clip-vision': Tower(), 'clip-text': Tower()}, inputs=None)
+
+    monkeypatch.setattr(inference, 'create_encoder', create_encoder)
+    for name in ('one/model.pt', 'two/model.pt', 'two/clip-vision/model.onnx', 'two/clip-text/model.onnx'):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b'x')
+    two = tmp_path / 'two' / 'model.pt'
+
+    assert isinstance(file_encoder(two, 'onnx', 'cpu', 'clip-text'), Tower)
+    assert isinstance(file_encoder(two, 'torch', 'cpu', 'clip-text'), Tower)
+    assert isinstance(file_encoder(two, 'onnx', 'cpu'), TwoTowerEncoder)
+    (tmp_path / 'two' / 'clip-vision' / 'model.onnx').unlink()
+    file_encoder(two, 'onnx', 'cpu')  # one tower exported only: both from the model, on torch
+    assert built == [
+        ('two/clip-text/model.onnx', 'onnx'),
+        ('two/model.pt', 'torch'),
+        ('two/model.pt', 'onnx'),
+        ('two/model.pt', 'torch'),
+    ]
+    with pytest.raises(ValueError, match="select_model='clip-text' names a tower of a two-tower model"):
+        file_encoder(tmp_path / 'one' / 'model.pt', 'onnx', 'cpu', 'clip-text')

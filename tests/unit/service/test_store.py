@@ -124,6 +124,9 @@ def test_model_file_of_unfinished_runs_says_why(store: RunStore):
     with pytest.raises(ValueError, match="resume it with /train resume='r'"):
         store.model_file('r', 'torch')
     store.update('r', status='FINISHED')
+    with pytest.raises(FileNotFoundError, match='holds neither model.pt nor model.onnx'):
+        store.model_file('r', 'torch')
+    (store.root / 'r' / 'model.pt').write_bytes(b'pt')
     assert store.model_file('r', 'onnx').name == 'model.pt'  # no export yet
     (store.root / 'r' / 'model.onnx').write_bytes(b'onnx')
     assert store.model_file('r', 'onnx').name == 'model.onnx'
