@@ -7,8 +7,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from executor.params import Runtime
 from executor.service.artifacts import MAX_UNPACKED_BYTES
+from executor.tuning.artifact import Runtime
 from executor.tuning.devices import check_device
 
 
