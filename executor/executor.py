@@ -38,6 +38,7 @@ from executor.params import (
     executor_names,
     parse,
     resolve_path,
+    train_config,
 )
 from executor.service.artifacts import open_artifact
 from executor.service.batcher import RequestBatcher
@@ -46,12 +47,11 @@ from executor.service.jobs import JobQueue
 from executor.service.store import RunState, RunStore
 from executor.settings import ServiceConfig
 from executor.tuning.artifact import EXPORT_FILES
-from executor.tuning.config import TrainConfig
 from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
 from executor.tuning.evaluation import evaluator_for
 from executor.tuning.models import TOWERS, family_of, list_models, load_model, unknown_model
-from executor.tuning.tasks import check_training_data
+from executor.tuning.plan import plan_run
 
 if TYPE_CHECKING:
     from executor.tuning.inference import Encoder
@@ -261,10 +261,10 @@ class FinetunerExecutor(CatalogEndpoints):
             if request.get('train_data') is not None:
                 raise ParameterError('/train got documents and train_data: send the training data one way')
             items = self._items(docs)
-        config = TrainConfig(**request, train_data=items) if items else TrainConfig(**request)
+        config = train_config({**request, 'train_data': items} if items else request)
         # documents are decoded now too: a bad image is an error of this request, not a failed run
-        check_training_data(config, decode=items is not None)
-        state = self.store.create(request, run_id=params.run_name, docs=items)
+        plan = plan_run(config, decode=items is not None)
+        state = self.store.create(request, plan, run_id=params.run_name)
         self.jobs.submit(state.run_id)
         return state
 

@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from executor.service.store import RUN_ID_PATTERN
+from executor.tuning.artifact import Runtime
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import check_under_roots
 from executor.tuning.finetuner_compat import translate
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 EXECUTOR_SET = ('output_dir', 'callbacks', 'data_roots')  # TrainConfig fields the executor fills in
 DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')
 JINA_RESULTS = '__results__'  # jina's own key in every request's parameters, never a user's
-Runtime = Literal['onnx', 'torch']
 
 
 class ParameterError(ValueError):
@@ -137,14 +137,19 @@ def parse(model: type[P], parameters: dict[str, Any] | None, endpoint: str, exec
     try:
         return model.model_validate(parameters)
     except ValidationError as err:
-        problems = []
-        for error in err.errors(include_url=False):
-            where = '.'.join(str(part) for part in error['loc'])
-            message = error['msg'].removeprefix('Value error, ')
-            value = error.get('input')
-            shown = f' (got {value!r})' if where and 'input' in error and not isinstance(value, dict) else ''
-            problems.append(f"parameter '{where}': {message}{shown}" if where else message)
-        raise ParameterError(f'invalid parameters for {endpoint}: ' + '; '.join(problems)) from None
+        raise ParameterError(f'invalid parameters for {endpoint}: {describe_errors(err)}') from None
+
+
+def describe_errors(err: ValidationError) -> str:
+    """Every problem of a validation, each named by its parameter (``parameter 'a.b': ... (got ...)``)."""
+    problems = []
+    for error in err.errors(include_url=False):
+        where = '.'.join(str(part) for part in error['loc'])
+        message = error['msg'].removeprefix('Value error, ')
+        value = error.get('input')
+        shown = f' (got {value!r})' if where and 'input' in error and not isinstance(value, dict) else ''
+        problems.append(f"parameter '{where}': {message}{shown}" if where else message)
+    return '; '.join(problems)
 
 
 def resolve_path(value: str, roots: Sequence[str | os.PathLike], what: str) -> str:
@@ -206,16 +211,21 @@ class _TrainOptions(EndpointParams):
                     f'resume={self.resume!r} continues that run with its own options; drop {extra}, or '
                     'start a new run with them (only epochs may change on resume)'
                 )
-        else:
-            self.config_dict()  # TrainConfig's own checks (known loss and miner, device, data pairs)
         return self
 
     def config_dict(self) -> dict[str, Any]:
-        """The ``TrainConfig`` fields the request gave, as JSON-able values, checked by ``TrainConfig``."""
+        """The ``TrainConfig`` fields the request gave, as JSON-able values (``train_config`` checks them as one)."""
         names = {name for name in self.model_fields_set if name in TrainConfig.model_fields}
-        given = self.model_dump(mode='json', include=names)
-        TrainConfig.model_validate(given)
-        return given
+        return self.model_dump(mode='json', include=names)
+
+
+def train_config(options: dict[str, Any]) -> TrainConfig:
+    """The run's ``TrainConfig``: ``/train``'s options with what the service fills in (paths resolved, its model and
+    device), validated once as a whole (known loss and miner, device, data pairs...), errors named by parameter."""
+    try:
+        return TrainConfig.model_validate(options)
+    except ValidationError as err:
+        raise ParameterError(f'invalid parameters for /train: {describe_errors(err)}') from None
 
 
 def _train_fields() -> dict[str, Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from executor.service.store import RESUMABLE, RunState, RunStore, now, pid_alive
 from executor.tuning.artifact import CHECKPOINT
 from executor.tuning.config import TrainConfig
+from executor.tuning.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ def _check_resumed_epochs(run_id: str, state: RunState, epochs: int, extends: bo
         raise ValueError(
             f'run {run_id!r} finished its {state.epoch} epochs: give epochs > {state.epoch} to train it further'
         )
+
+
+def planned_devices(folder: Path, request: dict) -> int:
+    """How many processes the run in ``folder`` trains with, its GPUs checked again: they may be gone since the run was
+    planned (a restart with other CUDA_VISIBLE_DEVICES). A run from before plans were saved: from its request."""
+    config = RunPlan.saved_config(folder) if RunPlan.exists(folder) else TrainConfig(**request)
+    config.check_devices()
+    return config.num_devices
 
 
 class JobQueue:
@@ -104,6 +113,8 @@ class JobQueue:
                         f'run with model={run_id!r} instead'
                     )
                 self.store.update_request(run_id, epochs=epochs)
+                if RunPlan.exists(self.store.folder(run_id)):
+                    RunPlan.update(self.store.folder(run_id), epochs=epochs)
             changes = {'epochs': epochs} if epochs is not None else {}
             state = self.store.update(run_id, status='CREATED', finished_at=None, error=None, resume=True, **changes)
             if extends:  # its ONNX exports are of the model it had: serving them after it trains on would be stale
@@ -185,7 +196,7 @@ class JobQueue:
                 return
             folder = self.store.folder(run_id)
             try:
-                num_devices = TrainConfig(**self.store.request(run_id)).num_devices
+                num_devices = planned_devices(folder, self.store.request(run_id))
             except ValueError as err:  # valid when queued, but e.g. the GPUs it asks for are gone since a restart
                 self.store.update(run_id, status='FAILED', finished_at=now(), error=str(err))
                 return

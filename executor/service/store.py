@@ -2,10 +2,11 @@
 
 Layout of ``<root>/<run_id>/``::
 
-    request.json      the training options the run was started with (``TrainConfig`` fields)
+    request.json      the training options the run was started with (``TrainConfig`` fields), as sent
+    plan.json, plan/  the run as the service planned it (``executor.tuning.plan``: resolved config, task, items)
     status.json       ``RunState``: status, timestamps, progress, latest metrics, error, artifact
     train.log         the training process's output (its log records and any traceback)
-    train_docs/       documents sent with the request: ``records.jsonl`` and their image files
+    train_docs/       documents sent with the request, in runs created before plans were saved
     config.json       the resolved configuration (the trainer writes it: task, class names, device)
     history.jsonl     one row of metrics per epoch (the trainer writes it)
     checkpoints/      ``last.pt``, what ``resume`` continues from
@@ -29,18 +30,20 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from executor.tuning.artifact import HISTORY_FILE, Runtime, served_file
-from executor.tuning.data.images import array_to_image
 from executor.tuning.data.sources import Item
 from executor.tuning.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from executor.tuning.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +167,9 @@ class RunStore:
     def ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / STATUS_FILE).is_file())
 
-    def create(
-        self, request: dict[str, Any], run_id: str | None = None, docs: Sequence[Item] | None = None
-    ) -> RunState:
-        """A new CREATED run with its request (and the documents sent with it) written before its status.
+    def create(self, request: dict[str, Any], plan: RunPlan | None = None, run_id: str | None = None) -> RunState:
+        """A new CREATED run with its request and its plan (the items it trains on) written before its status; a run
+        without a plan (made by hand) is planned from its request when it starts.
 
         ``run_id`` defaults to a fresh time-ordered id. A run's status file is written last, so a run that was
         half-created (a crash while the documents were written) is not a run and never shows up.
@@ -187,8 +189,8 @@ class RunStore:
             self._creating.add(run_id)
             folder.mkdir(parents=True, exist_ok=True)
         try:
-            if docs:
-                self._write_docs(folder / DOCS_DIR, docs)
+            if plan is not None:
+                plan.save(folder)
             atomic_write_text(folder / REQUEST_FILE, json.dumps(request, indent=2))
             state = RunState(run_id)
             self._write(state)
@@ -313,30 +315,9 @@ class RunStore:
 
     # --- documents sent with /train -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _write_docs(folder: Path, docs: Sequence[Item]) -> None:
-        """Images as files (blobs as sent, arrays as PNG, decoded the way training would), the rest in JSON lines."""
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i, item in enumerate(docs):
-            record: dict[str, Any] = {'id': item.id, 'label': item.label, 'name': item.name}
-            if item.tensor is not None:
-                name = f'{i:06d}.png'
-                array_to_image(item.tensor, item.name).save(folder / name)
-                record['file'] = name
-            elif item.blob is not None:
-                name = f'{i:06d}.bin'
-                (folder / name).write_bytes(item.blob)
-                record['file'] = name
-            elif item.uri is not None:
-                record['uri'] = item.uri
-            else:
-                record['text'] = item.text
-            lines.append(json.dumps(record))
-        atomic_write_text(folder / 'records.jsonl', '\n'.join(lines) + '\n')
-
     def train_docs(self, run_id: str) -> list[Item] | None:
-        """The documents sent with the run's request, as items (``None`` when it named its data by path)."""
+        """The documents sent with the request of a run created before plans were saved, as items (``None`` when it
+        named its data by path)."""
         folder = self.folder(run_id) / DOCS_DIR
         index = folder / 'records.jsonl'
         if not index.is_file():

@@ -25,6 +25,7 @@ from executor.tuning.artifact import CHECKPOINT
 from executor.tuning.callbacks import Callback
 from executor.tuning.config import TrainConfig
 from executor.tuning.files import atomic_write_text
+from executor.tuning.plan import RunPlan, plan_run
 
 if TYPE_CHECKING:
     from executor.tuning.trainer import Trainer
@@ -89,16 +90,12 @@ def train_run(folder: Path) -> int:
     else:
         state = store.get(run_id)
     try:
-        request = store.request(run_id)
-        docs = store.train_docs(run_id)
         # the trainer calls back on rank 0 only, so the status is written by one process
-        config = TrainConfig(**request, output_dir=folder, callbacks=[StatusCallback(store, run_id)])
-        if docs is not None:
-            config = config.model_copy(update={'train_data': docs})
+        plan = _load_plan(store, folder, StatusCallback(store, run_id))
         resume = state.resume and (folder / CHECKPOINT).is_file()
         if state.resume and not resume:
             logger.warning('run %s has no checkpoint (it never finished an epoch): training from the start', run_id)
-        result = Trainer(config).fit(resume=resume)
+        result = Trainer(plan).fit(resume=resume)
     except Exception as err:
         logger.exception('run %s failed', run_id)
         if world > 1:  # the other ranks fail in turn (a peer closed); the service reports the first of them
@@ -120,6 +117,17 @@ def train_run(folder: Path) -> int:
         )
         logger.info('run %s finished: %s', run_id, result.artifact)
     return 0
+
+
+def _load_plan(store: RunStore, folder: Path, status: StatusCallback) -> RunPlan:
+    """The plan the service saved when it created the run, loaded as it was (nothing validated or decided again);
+    a run created before plans were saved is planned here from its request."""
+    if RunPlan.exists(folder):
+        return RunPlan.load(folder, output_dir=folder, callbacks=[status])
+    logger.info('run %s has no saved plan (created by an older version): planning it from its request', folder.name)
+    request, docs = store.request(folder.name), store.train_docs(folder.name)
+    config = TrainConfig(**request, output_dir=folder, callbacks=[status])
+    return plan_run(config.model_copy(update={'train_data': docs}) if docs is not None else config)
 
 
 def _record_failure(folder: Path, rank: int, world: int, err: BaseException) -> None:

@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from executor.tuning import TrainConfig, fit
+from executor.tuning import fit
+from executor.tuning.finetuner_compat import finetuner_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = yaml.safe_load(text)
     else:
         fields = json.loads(text)
-    result = fit(TrainConfig(**fields), resume=args.resume)
+    result = fit(finetuner_config(**fields), resume=args.resume)
     print(result.artifact)
     return 0
 

@@ -13,11 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.devices import check_device
-from executor.tuning.finetuner_compat import translate
 from executor.tuning.losses import list_losses, list_miners, unknown_name
 from executor.tuning.optim import check_optimizer
 from executor.tuning.pair_losses import CLIP_LOSS, PAIR_LOSSES
 
+DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')  # a run's data: a path, or items
 OPEN_CLIP = 'open_clip/'  # the names of open_clip's CLIP models, which bring both towers
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
@@ -42,7 +42,9 @@ class SchedulerOptions(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """Everything a run needs. Field names are Finetuner's ``fit`` arguments where it had them."""
+    """Everything a run needs. Field names are Finetuner's ``fit`` arguments where it had them; Finetuner's other
+    arguments (``model_options``, its callbacks, ...) are translated before, at the API's edge
+    (``finetuner_compat.translate``), never here."""
 
     model_config = ConfigDict(extra='forbid', arbitrary_types_allowed=True, protected_namespaces=())
 
@@ -174,11 +176,6 @@ class TrainConfig(BaseModel):
     )
     callbacks: list[Any] = Field(default_factory=list, exclude=True)
 
-    @model_validator(mode='before')
-    @classmethod
-    def _finetuner_arguments(cls, data: Any) -> Any:
-        return translate(data, core=True) if isinstance(data, dict) else data
-
     @field_validator('loss')
     @classmethod
     def _known_loss(cls, value: str | None) -> str | None:
@@ -239,8 +236,7 @@ class TrainConfig(BaseModel):
                 f'tensorboard=False and loggers={self.loggers} disagree; leave tensorboard out of loggers (and '
                 'tensorboard unset) to train without it'
             )
-        if self.num_devices > 1:
-            self._check_devices()
+        self.check_devices()
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or []):
             raise ValueError(
                 f'matryoshka_weights has {len(self.matryoshka_weights)} entries for matryoshka_dims '
@@ -259,9 +255,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"a two-tower model trains with loss='CLIPLoss', not {self.loss!r}; leave loss out")
         return self
 
-    def _check_devices(self) -> None:
+    def check_devices(self) -> None:
         """``num_devices`` processes must each find a GPU of their own (or, on CPU, the batch must divide)."""
         n = self.num_devices
+        if n == 1:
+            return
         if self.batch_size is not None and self.batch_size % n:
             raise ValueError(
                 f'batch_size={self.batch_size} is the global batch and must divide among num_devices={n} '
@@ -289,6 +287,17 @@ class TrainConfig(BaseModel):
                 f'num_devices={n} with device={self.device!r} needs {n} GPUs, but {visible}{where}; '
                 f"{fewer}set device='cpu' to train with {n} CPU processes"
             )
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TrainConfig:
+        """A config from its JSON values (``plan.config_record``), not validated again: it was when it was made."""
+        values = dict(record)
+        values['scheduler_options'] = SchedulerOptions.model_construct(**values['scheduler_options'])
+        if values.get('csv_options') is not None:
+            values['csv_options'] = CSVOptions.model_construct(**values['csv_options'])
+        if values.get('output_dir') is not None:
+            values['output_dir'] = Path(values['output_dir'])
+        return cls.model_construct(**values)
 
     @property
     def active_loggers(self) -> list[str]:

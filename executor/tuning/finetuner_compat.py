@@ -1,6 +1,7 @@
 """Finetuner 0.6-0.8's ``fit()`` arguments, translated into this project's options (or refused, saying what to use).
 
-``translate`` runs before the training options are validated (``TrainConfig`` and ``/train``'s parameters), so a
+``translate`` runs at the edges, before the training options are validated: ``fit()`` and ``finetuner_config`` (the
+Python API) and ``/train``'s parameters (the service); ``TrainConfig`` itself knows only this project's names. So a
 Finetuner call works unchanged: ``model_options`` become the top-level model options, Finetuner's callbacks (as the
 classes below, or as dicts ``{'name': 'EarlyStopping', 'patience': 2}``) become options, ``model_artifact`` the
 model to start from, ``scheduler_step`` a scheduler option, and Finetuner's model names local models where their
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from executor.tuning.config import TrainConfig
 
 from executor.tuning.finetuner_callbacks import FinetunerArgumentError, callback_options, merge
 
@@ -113,6 +117,14 @@ def _torchvision_weights_cached(local: str) -> bool:
 
     arch = local.removeprefix('torchvision/')
     return cached_torchvision_file(torchvision.models.get_model_weights(arch).DEFAULT.url) is not None
+
+
+def finetuner_config(**arguments: Any) -> TrainConfig:
+    """The ``TrainConfig`` of Finetuner's ``fit()`` keyword arguments (this project's own names pass as they are):
+    the Python API's edge, as ``/train``'s parameters are the service's."""
+    from executor.tuning.config import TrainConfig
+
+    return TrainConfig(**translate(arguments, core=True))
 
 
 # --- the translation --------------------------------------------------------------------------------------------

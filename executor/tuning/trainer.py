@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,16 +29,15 @@ from executor.tuning.distributed import agree_on_minimum, check_local_world, ini
 from executor.tuning.evaluation import ModelEmbedder
 from executor.tuning.evaluation.evaluator import to_device
 from executor.tuning.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from executor.tuning.finetuner_compat import finetuner_config
 from executor.tuning.inputs import Batch
 from executor.tuning.models import EmbeddingModel, TwoTowerModel, save_model
 from executor.tuning.optim import build_optimizer, parameter_groups
+from executor.tuning.plan import RunPlan, config_record, plan_run
 from executor.tuning.schedulers import build_scheduler
-from executor.tuning.tasks import evaluation_items, training_items
 from executor.tuning.wise_ft import WiSEFT
 
 logger = logging.getLogger(__name__)
-
-DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')
 
 
 @dataclass
@@ -55,24 +53,19 @@ class FitResult:
     metrics_after: dict[str, float] | None = None
 
 
-def describe_data(data: Any) -> Any:
-    """A JSON-able description of a data argument (paths as they are, documents as a count)."""
-    if data is None or isinstance(data, (str, os.PathLike)):
-        return None if data is None else str(data)
-    return f'<{len(data)} documents>'
-
-
 class Trainer:
-    """Trains one run described by a ``TrainConfig``; see ``fit`` for the usual entry point."""
+    """Trains one run as its ``RunPlan`` describes it; see ``fit`` for the usual entry point."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, plan: RunPlan | TrainConfig) -> None:
+        """``plan``: the run as ``plan_run`` decided it (a ``TrainConfig`` is planned here first)."""
+        plan = plan if isinstance(plan, RunPlan) else plan_run(plan)
+        config = plan.config
         torch.manual_seed(config.seed)  # before the model exists: random heads and inits are part of the run
         self.device = training_device(config.device)
         self.world, self.rank = init_distributed(self.device)
         check_local_world(config.num_devices)
-        self.items, self.task = training_items(config)
-        self.config = config = self.task.config
-        self.class_names = self.task.check_data(self.items)
+        self.plan, self.config, self.task = plan, config, plan.task
+        self.items, self.class_names = plan.items, plan.class_names
         self.output_dir = Path(config.output_dir or Path('runs') / time.strftime('run-%Y%m%d-%H%M%S'))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.model = self._build_model()
@@ -211,8 +204,7 @@ class Trainer:
         return agree_on_minimum(found, self.device, self.world)  # every rank takes a batch that fitted everywhere
 
     def _callbacks(self) -> list[Callback]:
-        config = self.config
-        evaluation = evaluation_items(config)
+        config, evaluation = self.config, self.plan.evaluation
         evaluator = self.task.evaluator(*evaluation, config.limit) if evaluation is not None else None
         watched = getattr(evaluator, 'monitor', None) or self.task.monitor  # correlations watch spearman_cosine
         self.monitor = config.monitor or (watched if evaluator is not None else 'train_loss')
@@ -372,9 +364,7 @@ class Trainer:
         logger.info('resumed from %s at epoch %d, step %d', path, self.epoch, self.step)
 
     def _write_config(self) -> None:
-        config = self.config.model_dump(mode='json', exclude=set(DATA_FIELDS))
-        for key in DATA_FIELDS:
-            config[key] = describe_data(getattr(self.config, key))
+        config = config_record(self.config)
         config.update(task=self.task.name, class_names=self.class_names, device=str(self.device))
         atomic_write_json(self.output_dir / artifact.CONFIG_FILE, config)
 
@@ -393,5 +383,5 @@ def fit(config: TrainConfig | None = None, *, resume: bool = False, **kwargs: An
     """
     if config is not None and kwargs:
         raise TypeError(f'pass a TrainConfig or keyword arguments, not both (got config and {sorted(kwargs)})')
-    config = config if config is not None else TrainConfig(**kwargs)
-    return Trainer(config).fit(resume=resume)
+    config = config if config is not None else finetuner_config(**kwargs)
+    return Trainer(plan_run(config)).fit(resume=resume)

@@ -47,6 +47,11 @@ class Task(ABC):
     def __repr__(self) -> str:
         return f'{type(self).__name__}(loss={self.config.loss!r})'
 
+    def spec(self) -> dict[str, Any]:
+        """The task's arguments besides the config, as JSON values: what a saved plan rebuilds it from
+        (``TASKS[name](config, **spec)``), including what ``check_data`` learnt of the data."""
+        return {}
+
     # --- data -------------------------------------------------------------------------------------------------------
 
     def prepare(self, items: Sequence[Item]) -> list[Item]:

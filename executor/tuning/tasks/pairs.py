@@ -4,6 +4,7 @@ in one batch (every first column, then every second...), and a pair loss compare
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,11 +41,16 @@ class PairTraining(Task):
     name = 'pairs'
     defaults = {'learning_rate': 2e-5, 'epochs': 1, 'batch_size': 32}
 
-    def __init__(self, config: TrainConfig, columns: int, scored: bool) -> None:
+    def __init__(
+        self, config: TrainConfig, columns: int, scored: bool, score_range: Sequence[float] = (0.0, 1.0)
+    ) -> None:
         default = 'CoSENTLoss' if scored else 'MultipleNegativesRankingLoss'
         super().__init__(config.model_copy(update={'loss': config.loss or default}))
         self.views, self.scored = columns, scored
-        self.score_range = (0.0, 1.0)
+        self.score_range = tuple(score_range)
+
+    def spec(self) -> dict[str, Any]:
+        return {'columns': self.views, 'scored': self.scored, 'score_range': list(self.score_range)}
 
     def check_data(self, items: Sequence[Item]) -> None:
         """No classes; the score range, which CosineSimilarityLoss's targets are scaled from to [0, 1]."""

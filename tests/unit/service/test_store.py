@@ -11,8 +11,6 @@ import pytest
 from PIL import Image
 
 from executor.service.store import RunNotFoundError, RunStore, finite_metrics, pid_alive
-from executor.tuning.data.images import load_image
-from executor.tuning.data.sources import Item
 
 
 @pytest.fixture
@@ -94,24 +92,20 @@ def test_read_log_pages_through_lines(store: RunStore):
     assert store.read_log('r', since=9) == ([], 9)
 
 
-def test_documents_round_trip_as_files(store: RunStore, tmp_path: Path):
-    rng = np.random.default_rng(0)
-    tensor = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
-    png = tmp_path / 'blob.png'
-    Image.fromarray(tensor[::-1].copy()).save(png)
-    uri = tmp_path / 'on-disk.png'
-    Image.fromarray(tensor[:, ::-1].copy()).save(uri)
-    items = [
-        Item('t', tensor=tensor, label='a'),
-        Item('b', blob=png.read_bytes(), label='b'),
-        Item('u', uri=str(uri), label=None),
+def test_documents_of_runs_from_before_plans_still_read(store: RunStore, tmp_path: Path):
+    """Runs created before plans were saved keep their documents in train_docs/ (their worker plans them)."""
+    store.create({}, run_id='old')
+    folder = store.root / 'old' / 'train_docs'
+    folder.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / '000000.png')
+    records = [
+        {'id': 't', 'label': 'a', 'name': 'doc t', 'file': '000000.png'},
+        {'id': 'x', 'label': None, 'text': 'hi'},
     ]
-    store.create({}, run_id='docs', docs=items)
-
-    back = store.train_docs('docs')
-    assert [(it.id, it.label) for it in back] == [('t', 'a'), ('b', 'b'), ('u', None)]
-    for original, restored in zip(items, back):
-        assert np.array_equal(np.asarray(load_image(restored.content)), np.asarray(load_image(original.content)))
+    (folder / 'records.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    back = store.train_docs('old')
+    assert [(it.id, it.label, it.text) for it in back] == [('t', 'a', None), ('x', None, 'hi')]
+    assert back[0].uri == str(folder / '000000.png') and back[0].name == 'doc t'
     store.create({}, run_id='paths')
     assert store.train_docs('paths') is None
 
@@ -145,19 +139,15 @@ def test_concurrent_creates_of_one_run_name_make_one_run_and_refuse_the_others(s
     import threading
     import time
 
-    written = RunStore._write_docs
+    class SlowPlan:
+        def save(self, folder):  # writing a request's documents takes a while: the others arrive meanwhile
+            time.sleep(0.3)
 
-    def slow(folder, docs):  # writing a request's documents takes a while: the others arrive meanwhile
-        time.sleep(0.3)
-        written(folder, docs)
-
-    monkeypatch.setattr(RunStore, '_write_docs', staticmethod(slow))
-    docs = [Item(id='a', tensor=np.zeros((4, 4, 3), np.uint8), label='x')]
     outcomes: dict[int, object] = {}
 
     def create(epochs: int) -> None:
         try:
-            outcomes[epochs] = store.create({'epochs': epochs}, run_id='race', docs=docs).status
+            outcomes[epochs] = store.create({'epochs': epochs}, SlowPlan(), run_id='race').status
         except ValueError as err:
             outcomes[epochs] = err
 
@@ -174,7 +164,7 @@ def test_concurrent_creates_of_one_run_name_make_one_run_and_refuse_the_others(s
 
 
 def test_delete_removes_the_run_and_its_files_and_leaves_the_others(store: RunStore):
-    store.create({'epochs': 1}, run_id='gone', docs=[Item(id='a', text='x', label='1')])
+    store.create({'epochs': 1}, run_id='gone')
     store.create({'epochs': 1}, run_id='kept')
     (store.root / 'gone' / 'reports').mkdir()
     (store.root / 'gone' / 'reports' / 'curves.png').write_bytes(b'png')

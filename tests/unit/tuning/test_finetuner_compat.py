@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from executor.params import ParameterError, TrainParams, parse
+from executor.params import ParameterError, TrainParams, parse, train_config
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import DataError, load_items
 from executor.tuning.data.finetuner_csv import CSVOptions
@@ -23,12 +23,16 @@ from executor.tuning.finetuner_callbacks import (
     WandBLogger,
     WiSEFTCallback,
 )
+from executor.tuning.finetuner_compat import finetuner_config
 from executor.tuning.optim import OPTIMIZERS, REFUSED
-from executor.tuning.tasks import evaluation_items, training_items
+from executor.tuning.plan import evaluation_items, plan_run
 
 
 def train(**params):
-    return parse(TrainParams, {'train_data': 'train.csv', **params}, '/train').config_dict()
+    """What the service makes of /train's parameters: parsed (Finetuner's names translated), then one TrainConfig."""
+    given = parse(TrainParams, {'train_data': 'train.csv', **params}, '/train').config_dict()
+    train_config(given)
+    return given
 
 
 def refused(message: str, **params) -> None:
@@ -37,7 +41,7 @@ def refused(message: str, **params) -> None:
 
 
 def test_model_options_callbacks_and_renamed_arguments_map_to_the_options_here():
-    config = TrainConfig(
+    config = finetuner_config(
         train_data='train.csv',
         model_options={'freeze': 2, 'pooler': 'GeM', 'output_dim': 128},
         callbacks=[
@@ -202,14 +206,19 @@ def test_val_split_holds_out_a_share_of_each_class(tmp_path):
     rows = [[f'sentence {i}', f'c{i % 3}'] for i in range(30)]
     path = write(tmp_path / 'train.csv', rows)
     config = TrainConfig(
-        train_data=str(path), val_split=0.2, csv_options={'is_labeled': True}, loss='TripletMarginLoss'
+        train_data=str(path),
+        model='all-MiniLM-L6-v2',
+        val_split=0.2,
+        csv_options={'is_labeled': True},
+        loss='TripletMarginLoss',
     )
-    train_items, _ = training_items(config)
-    held, index = evaluation_items(config)
+    plan = plan_run(config)
+    train_items, (held, index) = plan.items, plan.evaluation
     assert index is None and len(train_items) == 24 and len(held) == 6
     assert sorted(i.label for i in held) == ['c0', 'c0', 'c1', 'c1', 'c2', 'c2']
     assert not {i.id for i in held} & {i.id for i in train_items}
-    assert [i.id for i in evaluation_items(config)[0]] == [i.id for i in held]  # the same split every time
+    assert [i.id for i in plan_run(config).evaluation[0]] == [i.id for i in held]  # the same split every time
+    assert evaluation_items(config) is None  # the held-out items come from train_data, given no evaluation data
     with pytest.raises(ValidationError, match='val_split'):
         TrainConfig(train_data='x.csv', val_split=-0.1)
 

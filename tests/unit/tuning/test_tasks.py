@@ -125,21 +125,21 @@ def test_what_can_be_checked_before_a_run_is_checked_there(tmp_path):
     from executor.tuning.config import TrainConfig
     from executor.tuning.data import DataError
     from executor.tuning.data.samples import write_digits_folder
-    from executor.tuning.tasks import check_training_data
+    from executor.tuning.plan import plan_run
 
     folder = write_digits_folder(tmp_path / 'digits', per_class=2, size=8)
     junk = tmp_path / 'junk.pt'
     junk.write_bytes(b'\x80\x04not a pickle at all')
     good = dict(train_data=str(folder), data_roots=[str(tmp_path)])
-    assert len(check_training_data(TrainConfig(**good))[0]) == 20
+    assert len(plan_run(TrainConfig(**good)).items) == 20
     with pytest.raises(ValueError, match=r"'junk.pt' cannot be read as a model artifact \(\w+\)"):
-        check_training_data(TrainConfig(**good, model=str(junk)))
+        plan_run(TrainConfig(**good, model=str(junk)))
     with pytest.raises(ValueError, match=r"weights file 'junk.pt' cannot be read"):
-        check_training_data(TrainConfig(**good, weights=str(junk)))
+        plan_run(TrainConfig(**good, weights=str(junk)))
     with pytest.raises(ValueError, match=r'TripletMarginLoss has no option \[.margn.\]'):
-        check_training_data(TrainConfig(**good, loss_options={'margn': 0.1}))
+        plan_run(TrainConfig(**good, loss_options={'margn': 0.1}))
     with pytest.raises(ValueError, match=r'optimizer Adam rejected its options'):
-        check_training_data(TrainConfig(**good, optimizer_options={'betas': 3}))
+        plan_run(TrainConfig(**good, optimizer_options={'betas': 3}))
     with pytest.raises(ValueError, match=r'optimizer_options holds lr=0.5, which learning_rate would override'):
         TrainConfig(**good, optimizer_options={'lr': 0.5})
     csv = tmp_path / 'remote.csv'
@@ -151,4 +151,4 @@ def test_what_can_be_checked_before_a_run_is_checked_there(tmp_path):
     with pytest.raises(
         DataError, match=r"remote.csv line 6: uri 'https://example.com/cat.jpg' is a URL.*never downloads"
     ):
-        check_training_data(TrainConfig(train_data=str(csv), data_roots=[str(tmp_path)]))
+        plan_run(TrainConfig(train_data=str(csv), data_roots=[str(tmp_path)]))
