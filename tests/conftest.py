@@ -32,3 +32,28 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One `model_cache` for the Deployments of a test session: the default model is exported to ONNX (about 20 s)
     once, on the first request that serves it, rather than once per Deployment."""
     return str(tmp_path_factory.mktemp('model-cache'))
+
+
+class ValidationCounter:
+    """Stands in for TrainConfig's pydantic validator and counts the validations (``TrainConfig(...)``,
+    ``model_validate``); ``model_construct`` and ``model_copy`` do not validate and are not counted."""
+
+    def __init__(self, validator) -> None:
+        self.validator, self.count = validator, 0
+
+    def validate_python(self, *args, **kwargs):
+        self.count += 1
+        return self.validator.validate_python(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.validator, name)
+
+
+@pytest.fixture
+def validations(monkeypatch) -> ValidationCounter:
+    """How many times TrainConfig is validated in this process while the test runs."""
+    from executor.tuning.config import TrainConfig
+
+    counter = ValidationCounter(TrainConfig.__pydantic_validator__)
+    monkeypatch.setattr(TrainConfig, '__pydantic_validator__', counter)
+    return counter
