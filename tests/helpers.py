@@ -1,8 +1,11 @@
-"""What several test modules share: plain-JSON requests to a server's HTTP port, CSV files, captioned digits."""
+"""What several test modules share: plain-JSON requests to a server's HTTP port, CSV files, captioned digits, and
+retrieval metrics computed by hand to check the service's against."""
 
 from __future__ import annotations
 
 import csv
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +54,42 @@ def captioned_digits(root: Path) -> dict[str, Path]:
             root / 'index.csv', ['uri', 'label'], [(n, WORDS[t]) for n, t in zip(names[60:], digits.target[60:100])]
         ),
     }
+
+
+def retrieval_by_hand(
+    queries: np.ndarray,
+    query_labels: Sequence[str],
+    index: np.ndarray | None = None,
+    index_labels: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """hit@1, mrr@10, recall@10 and ndcg@10 of `queries` searched by cosine similarity in `index` (relevant: the
+    query's label), one query at a time in plain loops; without an index the queries search among themselves, a query
+    never finding itself. Queries with no relevant candidate are left out, as the service leaves them out."""
+    alone = index is None
+    index, index_labels = (queries, query_labels) if alone else (index, index_labels)
+    totals = {'hit@1': 0.0, 'mrr@10': 0.0, 'recall@10': 0.0, 'ndcg@10': 0.0}
+    counted = 0
+    for i, (query, label) in enumerate(zip(queries, query_labels)):
+        candidates = [j for j in range(len(index)) if not (alone and j == i)]
+        scores = {
+            j: float(np.dot(query, index[j]) / (np.linalg.norm(query) * np.linalg.norm(index[j]))) for j in candidates
+        }
+        ranked = sorted(candidates, key=lambda j: -scores[j])[:10]
+        relevant = sum(index_labels[j] == label for j in candidates)
+        if relevant == 0:
+            continue
+        counted += 1
+        flags = [index_labels[j] == label for j in ranked]
+        totals['hit@1'] += float(flags[0])
+        totals['mrr@10'] += next((1 / rank for rank, flag in enumerate(flags, 1) if flag), 0.0)
+        totals['recall@10'] += sum(flags) / relevant
+        ideal = sum(1 / math.log2(rank + 1) for rank in range(1, min(relevant, 10) + 1))
+        totals['ndcg@10'] += sum(1 / math.log2(rank + 1) for rank, flag in enumerate(flags, 1) if flag) / ideal
+    return {name: total / counted for name, total in totals.items()}
+
+
+def chance_mrr(num_candidates: int, num_relevant: int, cutoff: int = 10) -> float:
+    """The expected reciprocal rank of the first relevant result (0 beyond `cutoff`) when the `num_candidates` are
+    ranked at random: the first of the R relevant ones is at rank k with probability C(N - k, R - 1) / C(N, R)."""
+    n, r = num_candidates, num_relevant
+    return sum(math.comb(n - k, r - 1) / math.comb(n, r) / k for k in range(1, min(cutoff, n) + 1))
