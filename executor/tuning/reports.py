@@ -1,9 +1,12 @@
-"""Evaluation reports written into a run's folder: the before/after metrics table, curves, bars and match sprites.
+"""A run's ``reports/``: the before/after metrics table, curves, bars, example results and their match sprite.
+
+- `write_reports`: all of them for a finished run, from a plain record of it (history, metrics, its evaluator)
 
 - `display_metrics`: pre-trained vs fine-tuned table (rich, plus a plain-text render) -> ``metrics_before_after.json``
 - `plot_curves`: loss and metric curves from the training history -> ``curves.png``
 - `plot_before_after`: before/after bars per metric -> ``before_after.png``
 - `plot_matches`: each query then its top matches, relevant framed green, others red -> ``matches.png``
+- `example_results`: a few queries and their matches (Finetuner's) -> ``examples.json`` (and ``matches.png``)
 
 Plots use matplotlib's object API (a `Figure` rendered by Agg, no pyplot state), so they work headless and in threads.
 """
@@ -15,19 +18,22 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from executor.tuning.evaluation import metric_mode
-from executor.tuning.files import atomic_write_bytes
+from executor.tuning.data.sources import Item
+from executor.tuning.evaluation import Evaluator, knn, metric_mode
+from executor.tuning.files import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +41,7 @@ METRICS_JSON = 'metrics_before_after.json'
 CURVES_PNG = 'curves.png'
 BEFORE_AFTER_PNG = 'before_after.png'
 MATCHES_PNG = 'matches.png'
-EXAMPLES_JSON = 'examples.json'  # run_reports.example_results: queries and their matches, for every modality
+EXAMPLES_JSON = 'examples.json'  # example_results: queries and their matches, for every modality
 
 ImageLike = Image.Image | np.ndarray
 _X_KEYS = ('epoch', 'step')
@@ -322,3 +328,86 @@ def _write_bytes(path: Path, data: bytes) -> Path:
     atomic_write_bytes(path, data)
     logger.info('wrote %s', path)
     return path
+
+
+# --- a finished run's reports/ -------------------------------------------------------------------------------------
+
+
+def write_reports(
+    folder: Path,
+    history: Sequence[Mapping[str, float]],
+    metrics_before: dict[str, float] | None = None,
+    evaluator: Callable[[Any], Any] | None = None,
+    embedder: Any = None,
+    inputs: Any = None,
+) -> dict[str, float] | None:
+    """A finished run's ``reports/`` in ``folder``: its curves from ``history``; with an ``evaluator`` (the per-epoch
+    evaluation, run once more on the final model's ``embedder``) and the ``metrics_before`` training, the before/after
+    table and bars, and example results (their images from ``inputs``). Returns the metrics after training.
+
+    The evaluator's embeddings also rank the examples' matches, so the evaluation data is embedded once.
+    """
+    folder.mkdir(exist_ok=True)
+    if history:
+        plot_curves(history, folder)
+    if evaluator is None or metrics_before is None:
+        return None
+    evaluation = evaluator(embedder)
+    if evaluation.query_embeddings is not None and isinstance(evaluator, Evaluator):  # labelled items' matches
+        example_results(
+            inputs, evaluator.query, evaluator.index, evaluation.query_embeddings, evaluation.index_embeddings, folder
+        )
+    report = display_metrics(metrics_before, evaluation.metrics, folder)
+    plot_before_after(metrics_before, evaluation.metrics, folder)
+    logger.info('retrieval metrics before/after fine-tuning:\n%s', report.text)
+    return evaluation.metrics
+
+
+def example_results(
+    inputs: Any,
+    query_items: Sequence[Item],
+    index_items: Sequence[Item] | None,
+    q_emb: torch.Tensor,
+    i_emb: torch.Tensor,
+    folder: Path,
+    queries: int = 6,
+    k: int = 5,
+) -> list[dict[str, Any]]:
+    """Finetuner's example results: a few queries (one per label, first seen first) and their top ``k`` by the final
+    model's embeddings ``q_emb`` ``(Q, D)`` and ``i_emb`` ``(I, D)``, written to ``examples.json`` (each match with its
+    score and whether it shares the query's label); a query never matches itself when queries and index are the same
+    set. For inputs that have a preview (images), ``matches.png`` shows them, relevant matches framed green."""
+    same = index_items is None
+    index_items = query_items if same else index_items
+    chosen = list({it.label: row for row, it in enumerate(query_items)}.values())[:queries]
+    scores, neighbours = knn(q_emb[chosen], i_emb, min(k + same, len(index_items)))  # (len(chosen), k + same)
+    examples, ranked_rows = [], []
+    for q, row in enumerate(chosen):
+        ranked = [(col, score) for col, score in zip(neighbours[q].tolist(), scores[q].tolist())]
+        ranked = [(col, score) for col, score in ranked if not (same and col == row)][:k]
+        query = query_items[row]
+        matches = [
+            {**_shown(index_items[col]), 'score': round(score, 6), 'relevant': index_items[col].label == query.label}
+            for col, score in ranked
+        ]
+        examples.append({'query': _shown(query), 'matches': matches})
+        ranked_rows.append([col for col, _ in ranked])
+    atomic_write_json(folder / EXAMPLES_JSON, examples)
+    picked = [query_items[row] for row in chosen]
+    if inputs.preview(inputs.content_of(picked[0]), picked[0].name) is not None:
+        previews = [
+            [inputs.preview(inputs.content_of(index_items[col]), index_items[col].name) for col in r]
+            for r in ranked_rows
+        ]
+        relevant = [[m['relevant'] for m in example['matches']] for example in examples]
+        shown = [inputs.preview(inputs.content_of(it), it.name) for it in picked]
+        plot_matches(shown, previews, relevant, folder)
+    return examples
+
+
+def _shown(item: Item) -> dict[str, Any]:
+    """How an example names an item: its text, else its name (the uri it came with, or its id); its uri; its label."""
+    shown: dict[str, Any] = {'text': item.text} if item.text is not None else {'name': item.name}
+    if item.uri is not None and not item.uri.startswith('data:'):
+        shown['uri'] = item.uri
+    return {**shown, 'label': item.label}

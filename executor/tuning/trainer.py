@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from executor.tuning import artifact, checkpoint
-from executor.tuning.callbacks import BestModel, Callback, run_callbacks
+from executor.tuning import artifact
+from executor.tuning.callbacks import BestModel, Callback, EvaluationCallback, run_callbacks
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import BatchSampler, Collate, ItemDataset
 from executor.tuning.distributed import agree_on_minimum, check_local_world, init_distributed, training_device
@@ -34,6 +34,7 @@ from executor.tuning.inputs import Batch
 from executor.tuning.models import EmbeddingModel, TwoTowerModel, save_model
 from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.plan import RunPlan, config_record, plan_run
+from executor.tuning.reports import write_reports
 from executor.tuning.schedulers import build_scheduler
 from executor.tuning.wise_ft import WiSEFT
 
@@ -328,8 +329,6 @@ class Trainer:
         return result
 
     def _save_artifact(self) -> FitResult:
-        from executor.tuning.run_reports import write_reports
-
         best = next((c for c in self.callbacks if isinstance(c, BestModel)), None)
         if best is not None and best.best_state is not None:
             self.model.load_state_dict(best.best_state)
@@ -339,7 +338,15 @@ class Trainer:
         self.device = torch.device('cpu')  # where the final evaluation runs, beside the model
         model_file = save_model(self.model, self.output_dir / artifact.MODEL_FILE)
         artifact.write_preprocessing(self.output_dir, self.model)
-        write_reports(self)
+        evaluation = next((c for c in self.callbacks if isinstance(c, EvaluationCallback)), None)
+        self.metrics_after = write_reports(
+            self.output_dir / artifact.REPORTS_DIR,
+            self.history,
+            self.metrics_before,
+            evaluation and evaluation.evaluator,
+            evaluation and self.embedder(evaluation.batch_size),
+            self.model.inputs,
+        )
         onnx_path = None
         if self.config.to_onnx:
             from executor.tuning.export import export_onnx, export_towers
@@ -354,13 +361,55 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs after an epoch: weights, optimizers, schedule, scaler, heads, RNG states,
+        the callbacks' state, the history and the pre-training metrics."""
+        return {
+            'epoch': self.epoch,
+            'step': self.step,
+            'history': self.history,
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'loss': self.loss.module.state_dict(),
+            'loss_optimizer': self.loss_optimizer.state_dict() if self.loss_optimizer else None,
+            'scheduler': self.scheduler.state_dict() if self.scheduler else None,
+            'scaler': self.scaler.state_dict(),
+            'heads': {name: head.state_dict() for name, head in self.task.heads.items()},
+            'rng': torch.get_rng_state(),
+            'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            'callbacks': [c.state_dict() for c in self.callbacks],
+            'metrics_before': self.metrics_before,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Back where ``state`` was taken, RNG included, so the run continues bit for bit."""
+        self.model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.loss.module.load_state_dict(state['loss'])
+        if self.loss_optimizer is not None:
+            self.loss_optimizer.load_state_dict(state['loss_optimizer'])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state['scheduler'])
+        # checkpoints written before tasks were classes kept the SimCLR head as `ssl_head`
+        heads = state.get('heads') or {'ssl_head': state.get('ssl_head')}
+        for name, head in self.task.heads.items():
+            head.load_state_dict(heads[name])
+        self.scaler.load_state_dict(state['scaler'])
+        for callback, callback_state in zip(self.callbacks, state['callbacks']):
+            callback.load_state_dict(callback_state)
+        self.epoch, self.step, self.history = state['epoch'], state['step'], list(state['history'])
+        self.metrics_before = state['metrics_before']
+        torch.set_rng_state(state['rng'].cpu())
+        if state['cuda_rng'] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
+
     def save_checkpoint(self, path: Path) -> None:
-        atomic_torch_save(checkpoint.state_of(self), path)
+        atomic_torch_save(self.state_dict(), path)
 
     def load_checkpoint(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f'no checkpoint at {str(path)!r} to resume from; the run never finished an epoch')
-        checkpoint.restore(self, torch.load(path, map_location=self.device, weights_only=True))
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         logger.info('resumed from %s at epoch %d, step %d', path, self.epoch, self.step)
 
     def _write_config(self) -> None:
