@@ -1,25 +1,23 @@
-"""Training callbacks: evaluation, best model, early stopping, progress; the experiment trackers are in ``trackers``.
+"""Training callbacks: the interface (``Callback``, and ``TrainerState``, the trainer as callbacks see it) and the
+callbacks every run may have: evaluation, best model, early stopping, progress. The experiment trackers, callbacks
+too, are in ``trackers``.
 
-A callback (``hooks.Callback``) sees the trainer at six points (fit start, batch end, epoch end, checkpoint, artifact,
-fit end); ``logs`` is the epoch's row of the metrics history. Callbacks with state (best score, patience) save it in
-the checkpoint for exact resume. The trainer imports this module, never the reverse: what a callback may read of the
-trainer is ``TrainerState``.
+A callback sees the trainer at six points (fit start, batch end, epoch end, checkpoint, artifact, fit end); ``logs``
+is the epoch's row of the metrics history. Callbacks with state (best score, patience) save it in the checkpoint for
+exact resume. The trainer imports this module, never the reverse: what a callback may read of the trainer is
+``TrainerState``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from executor.tuning.config import TrainConfig
 from executor.tuning.evaluation import Evaluator, metric_mode
-from executor.tuning.hooks import Callback, TrainerState
-from executor.tuning.trackers import tracker_callbacks
 
 __all__ = [
     'BestModel',
@@ -28,10 +26,51 @@ __all__ = [
     'EvaluationCallback',
     'ProgressBar',
     'TrainerState',
-    'run_callbacks',
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class TrainerState(Protocol):
+    """The trainer as callbacks see it."""
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    should_stop: bool
+    metrics_before: dict[str, float] | None
+    raw_model: torch.nn.Module
+
+    def embedder(self, batch_size: int = 64) -> Any: ...
+
+
+class Callback:
+    """Base class: override the hooks you need; ``state_dict``/``load_state_dict`` for what must survive a resume.
+
+    The hooks, in the order a run calls them: ``on_fit_start``, then per epoch ``on_batch_end`` (each optimizer
+    step), ``on_epoch_end`` and ``on_checkpoint``; ``on_artifact`` once the final model is saved; ``on_fit_end``
+    always, also when the run fails.
+    """
+
+    def on_fit_start(self, trainer: TrainerState) -> None: ...
+
+    def on_batch_end(self, trainer: TrainerState, loss: float) -> None: ...
+
+    def on_epoch_end(self, trainer: TrainerState, logs: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, trainer: TrainerState, logs: dict[str, float]) -> None:
+        """After the epoch's checkpoint is written (rank 0): what has been reported here can be resumed from."""
+
+    def on_artifact(self, trainer: TrainerState, folder: Path) -> None:
+        """After the final model, its reports and its ONNX export (``to_onnx``) are written into ``folder``."""
+
+    def on_fit_end(self, trainer: TrainerState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def higher_is_better(metric: str) -> bool:
@@ -155,26 +194,3 @@ class ProgressBar(Callback):
     def on_fit_end(self, trainer: TrainerState) -> None:
         if self.progress is not None:
             self.progress.stop()
-
-
-def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str, output_dir: Path) -> list[Callback]:
-    """A run's callbacks, in the order they run: evaluation first (the others watch its metrics), best model, early
-    stopping, the caller's own, the trackers of ``loggers`` (TensorBoard, W&B, MLflow), the progress bar (unless
-    ``FINETUNER_PROGRESS=0``)."""
-    callbacks: list[Callback] = [EvaluationCallback(evaluator)] if evaluator is not None else []
-    if config.save_best and evaluator is not None:
-        callbacks.append(BestModel(monitor))
-    if config.early_stopping_patience is not None:
-        callbacks.append(
-            EarlyStopping(
-                monitor,
-                config.early_stopping_patience,
-                config.early_stopping_min_delta,
-                config.early_stopping_baseline,
-            )
-        )
-    callbacks += list(config.callbacks)
-    callbacks += tracker_callbacks(config.active_loggers, output_dir)
-    if os.environ.get('FINETUNER_PROGRESS', '1') != '0':
-        callbacks.append(ProgressBar())
-    return callbacks

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from executor.tuning.artifact import CONFIG_FILE, artifact_files
+from executor.tuning.callbacks import Callback, TrainerState
 from executor.tuning.config import TRACKER_PACKAGES
-from executor.tuning.hooks import Callback, TrainerState
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,11 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from executor.tuning import artifact
-from executor.tuning.callbacks import BestModel, Callback, EvaluationCallback, run_callbacks
+from executor.tuning.callbacks import BestModel, Callback, EarlyStopping, EvaluationCallback, ProgressBar
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import BatchSampler, Collate, ItemDataset
 from executor.tuning.distributed import agree_on_minimum, check_local_world, init_distributed, training_device
-from executor.tuning.evaluation import ModelEmbedder
+from executor.tuning.evaluation import Evaluator, ModelEmbedder
 from executor.tuning.evaluation.evaluator import to_device
 from executor.tuning.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from executor.tuning.finetuner_compat import finetuner_config
@@ -36,6 +37,7 @@ from executor.tuning.optim import build_optimizer, parameter_groups
 from executor.tuning.plan import RunPlan, config_record, plan_run
 from executor.tuning.reports import write_reports
 from executor.tuning.schedulers import build_scheduler
+from executor.tuning.trackers import tracker_callbacks
 from executor.tuning.wise_ft import WiSEFT
 
 logger = logging.getLogger(__name__)
@@ -434,3 +436,26 @@ def fit(config: TrainConfig | None = None, *, resume: bool = False, **kwargs: An
         raise TypeError(f'pass a TrainConfig or keyword arguments, not both (got config and {sorted(kwargs)})')
     config = config if config is not None else finetuner_config(**kwargs)
     return Trainer(plan_run(config)).fit(resume=resume)
+
+
+def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str, output_dir: Path) -> list[Callback]:
+    """A run's callbacks, in the order they run: evaluation first (the others watch its metrics), best model, early
+    stopping, the caller's own, the trackers of ``loggers`` (TensorBoard, W&B, MLflow), the progress bar (unless
+    ``FINETUNER_PROGRESS=0``)."""
+    callbacks: list[Callback] = [EvaluationCallback(evaluator)] if evaluator is not None else []
+    if config.save_best and evaluator is not None:
+        callbacks.append(BestModel(monitor))
+    if config.early_stopping_patience is not None:
+        callbacks.append(
+            EarlyStopping(
+                monitor,
+                config.early_stopping_patience,
+                config.early_stopping_min_delta,
+                config.early_stopping_baseline,
+            )
+        )
+    callbacks += list(config.callbacks)
+    callbacks += tracker_callbacks(config.active_loggers, output_dir)
+    if os.environ.get('FINETUNER_PROGRESS', '1') != '0':
+        callbacks.append(ProgressBar())
+    return callbacks
