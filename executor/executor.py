@@ -68,44 +68,25 @@ class FinetunerExecutor(CatalogEndpoints):
 
     def __init__(
         self,
-        model: str = 'efficientnet_lite0',
-        artifact: Optional[str] = None,
-        batch_size: int = 32,
-        max_batch_size: int = 128,
-        max_image_pixels: int = 40_000_000,
-        max_request_docs: int = 10_000,
-        max_request_bytes: int = 64 * 2**20,
-        max_artifact_bytes: int = 8 * 2**30,
-        select_model: Optional[str] = None,
-        device: str = 'auto',
-        runtime: str = 'onnx',
-        data_roots: Optional[list] = None,
-        max_cached_models: int = 4,
-        model_cache: Optional[str] = None,
-        **kwargs,
+        metas: Optional[dict] = None,
+        requests: Optional[dict] = None,
+        runtime_args: Optional[dict] = None,
+        workspace: Optional[str] = None,
+        dynamic_batching: Optional[dict] = None,
+        **uses_with,
     ):
-        """
-        :param model: registry model served when a request names none (pre-trained weights must be local).
-        :param artifact: serve this instead: a run id of this workspace, an artifact folder or a .zip of one.
-        :param batch_size: images per forward pass of /encode, /classify and /evaluate.
-        :param max_batch_size: the most a request's `batch_size` may ask for (a larger one is refused, naming it).
-        :param max_image_pixels: the most pixels an image may have; a larger one is refused from its header.
-        :param max_request_docs: the most documents one request may carry.
-        :param max_request_bytes: the most bytes of document content one request may carry (and HTTP body size).
-        :param max_artifact_bytes: the most bytes an `artifact` zip may unpack to.
-        :param select_model: the model file inside `artifact` (default: model.onnx with runtime 'onnx', else model.pt);
-            for a two-tower model, 'clip-text' or 'clip-vision' serves that tower alone (the Hub executor's names).
-        :param device: 'auto', 'cpu', 'cuda' or 'cuda:N', for serving and (by default) for training.
-        :param runtime: 'onnx' serves a model's ONNX export where it has one; 'torch' always serves the .pt model.
-        :param data_roots: folders requests may read data from, besides `<workspace>/data` (symlinks resolved).
-        :param max_cached_models: models held in memory at once; the least recently used is dropped first.
-        :param model_cache: folder of the registry models' ONNX exports (default `<workspace>/models`); replicas and
-            restarts that share it export each model once (under a file lock).
-        """
-        given = {name: value for name, value in locals().items() if name in ServiceConfig.model_fields}
-        super().__init__(**kwargs)
+        """``uses_with``: the settings of ``executor.settings.ServiceConfig`` (docs/service.md, "uses_with"); a
+        misspelt or unknown one stops the start. The other arguments are jina's own."""
+        settings = parse(ServiceConfig, uses_with, 'uses_with')  # checked: names, bounds, device
+        super().__init__(
+            metas=metas,
+            requests=requests,
+            runtime_args=runtime_args,
+            workspace=workspace,
+            dynamic_batching=dynamic_batching,
+        )
+        self.settings = settings
         self.names = executor_names(self)  # what per-executor parameters address it by
-        self.settings = ServiceConfig(**{**given, 'data_roots': list(data_roots or [])})  # checked: bounds, device
         limit_pixels(self.settings.max_image_pixels)
         rest.set_body_limit(self.settings.max_request_bytes)
         workspace = Path(self.workspace)
