@@ -10,20 +10,22 @@ exact resume. The trainer imports this module, never the reverse: what a callbac
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from executor.tuning.evaluation import Evaluator, metric_mode
 
 __all__ = [
-    'BestModel',
+    'BestModelCheckpoint',
     'Callback',
     'EarlyStopping',
     'EvaluationCallback',
+    'FinetunerCallback',
     'ProgressBar',
     'TrainerState',
 ]
@@ -73,20 +75,75 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def higher_is_better(metric: str) -> bool:
-    return metric == 'epoch' or metric_mode(metric) == 'max'
+def higher_is_better(metric: str, mode: str = 'auto') -> bool:
+    """Whether a larger ``metric`` is better: by the metric (``mode='auto'``), or as ``mode`` (``'max'``/``'min'``)
+    says."""
+    return mode == 'max' if mode != 'auto' else metric == 'epoch' or metric_mode(metric) == 'max'
 
 
-class EvaluationCallback(Callback):
+class FinetunerCallback(Callback):
+    """A callback Finetuner had, under its name, taking its arguments. Given to ``fit()`` or ``/train`` (as the object,
+    or as ``{'name': 'EarlyStopping', 'patience': 2}``), it is translated into the run's options
+    (``finetuner_callbacks.callback_options``), from which the run builds the callbacks it runs, of the same classes.
+
+    Each argument is kept as the attribute of its name; ``internal`` names the constructor's arguments that the run
+    sets, not the user (left out of ``to_dict``).
+    """
+
+    internal: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def arguments(cls) -> dict[str, Any]:
+        """Finetuner's arguments of this callback and their defaults (``inspect.Parameter.empty`` when required)."""
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return {p.name: p.default for p in parameters if p.name not in cls.internal}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The callback's name and the arguments it was given other than their defaults (how it travels as JSON)."""
+        given = {
+            name: getattr(self, name)
+            for name, default in self.arguments().items()
+            if default is inspect.Parameter.empty or getattr(self, name) != default
+        }
+        return {'name': type(self).__name__, **given}
+
+
+class EvaluationCallback(FinetunerCallback):
     """Runs the task's ``Evaluator`` each epoch and adds its metrics to the epoch's logs; before the first epoch it
     evaluates the pre-trained model, for the before/after report.
 
-    Runs before the other callbacks so that best-model and early stopping can monitor its metrics.
+    Runs before the other callbacks so that best-model and early stopping can monitor its metrics. A user gives it as
+    Finetuner did (``query_data``, ``index_data``: the queries search the index, or each other; ``limit``): the run's
+    evaluation data, which the run's plan reads once; the run then builds the one that runs with its ``evaluator``.
+    Finetuner's other arguments are taken at their defaults only (``finetuner_callbacks`` says why for each).
     """
 
-    def __init__(self, evaluator: Evaluator, batch_size: int = 64) -> None:
+    internal = ('evaluator',)
+
+    def __init__(
+        self,
+        query_data: str | None = None,
+        index_data: str | None = None,
+        model: str | None = None,
+        index_model: str | None = None,
+        multi_modal: bool = False,
+        batch_size: int = 32,
+        exclude_self: bool = True,
+        limit: int = 20,
+        distance: str = 'cosine',
+        steps_per_interval: int | None = None,
+        gather_examples: bool = False,
+        num_example_queries: int = 5,
+        num_workers: int = 8,
+        caption: str | None = None,
+        output_model_names: bool = False,
+        query_sample_size: int | None = None,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        given = dict(locals())
+        for name in self.arguments():
+            setattr(self, name, given[name])
         self.evaluator = evaluator
-        self.batch_size = batch_size
 
     def on_fit_start(self, trainer: TrainerState) -> None:
         if trainer.metrics_before is None:
@@ -99,11 +156,12 @@ class EvaluationCallback(Callback):
         return self.evaluator(trainer.embedder(self.batch_size)).metrics
 
 
-class BestModel(Callback):
-    """Keeps the weights of the epoch with the best ``monitor`` value; the trainer saves them as the final model."""
+class BestModelCheckpoint(FinetunerCallback):
+    """Keeps the weights of the epoch with the best ``monitor`` value; the trainer saves them as the final model
+    (Finetuner's, its arguments too: ``monitor=None``: the run's own metric; ``mode`` as ``EarlyStopping``'s)."""
 
-    def __init__(self, monitor: str) -> None:
-        self.monitor = monitor
+    def __init__(self, monitor: str | None = None, mode: str = 'auto') -> None:
+        self.monitor, self.mode = monitor, mode
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -114,7 +172,8 @@ class BestModel(Callback):
             raise ValueError(
                 f'monitor {self.monitor!r} is not among the logged metrics {sorted(logs)}; choose one of those'
             )
-        if self.best is None or (value > self.best if higher_is_better(self.monitor) else value < self.best):
+        better = higher_is_better(self.monitor, self.mode)
+        if self.best is None or (value > self.best if better else value < self.best):
             self.best, self.best_epoch = float(value), int(logs['epoch'])
             self.best_state = {k: v.detach().clone().cpu() for k, v in trainer.raw_model.state_dict().items()}
             logger.info('best %s so far: %.4f (epoch %d)', self.monitor, value, self.best_epoch)
@@ -126,12 +185,26 @@ class BestModel(Callback):
         self.best, self.best_epoch, self.best_state = state['best'], state['best_epoch'], state['best_state']
 
 
-class EarlyStopping(Callback):
+class EarlyStopping(FinetunerCallback):
     """Stops the run when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs; with a
-    ``baseline``, improving means bettering it first (Finetuner's EarlyStopping)."""
+    ``baseline``, improving means bettering it first (Finetuner's EarlyStopping, its arguments and defaults).
+    ``monitor=None``: the run's own metric; ``mode``: ``'auto'`` (better as the metric says), ``'min'`` or ``'max'``."""
 
-    def __init__(self, monitor: str, patience: int = 3, min_delta: float = 0.0, baseline: float | None = None) -> None:
-        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: str = 'auto',
+        patience: int = 2,
+        min_delta: float = 0,
+        baseline: float | None = None,
+    ) -> None:
+        self.monitor, self.mode, self.patience, self.min_delta, self.baseline = (
+            monitor,
+            mode,
+            patience,
+            min_delta,
+            baseline,
+        )
         self.best: float | None = baseline
         self.wait = 0
 
@@ -139,7 +212,7 @@ class EarlyStopping(Callback):
         value = logs.get(self.monitor)
         if value is None or math.isnan(value):
             return
-        sign = 1.0 if higher_is_better(self.monitor) else -1.0
+        sign = 1.0 if higher_is_better(self.monitor, self.mode) else -1.0
         if self.best is None or sign * (value - self.best) > self.min_delta:
             self.best, self.wait = float(value), 0
             return

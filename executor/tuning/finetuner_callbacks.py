@@ -1,17 +1,20 @@
-"""Finetuner's callbacks (``finetuner.callback``'s classes, names and defaults) and the options each stands for here.
+"""Finetuner's callbacks (``finetuner.callback``'s names, arguments and defaults) and the options each stands for.
 
-Callbacks carry no code here: ``EvaluationCallback`` is evaluation data, ``BestModelCheckpoint`` and
-``EarlyStopping`` the monitor options, ``WiSEFTCallback`` ``wise_ft_alpha``. They come as these classes (the Python
-client re-exports them) or as dicts ``{'name': 'EarlyStopping', 'patience': 2}`` (JSON); ``finetuner_compat`` calls
-``callback_options``.
+``EvaluationCallback``, ``BestModelCheckpoint`` (``BestModel``), ``EarlyStopping`` and ``WandBLogger`` are the core's
+own callbacks (``callbacks``, ``trackers``), which take Finetuner's arguments; ``TrainingCheckpoint`` and
+``WiSEFTCallback`` stand for what every run does, or for ``wise_ft_alpha``. Given to ``fit()`` or ``/train``, as
+objects (the Python client re-exports them) or as dicts ``{'name': 'EarlyStopping', 'patience': 2}`` (JSON), each is
+translated into the run's options (``callback_options``, which ``finetuner_compat`` calls): the evaluation data for
+the plan to read, the monitor options; the run then builds the callbacks it runs from those.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any
+
+from executor.tuning.callbacks import BestModelCheckpoint, EarlyStopping, EvaluationCallback, FinetunerCallback
+from executor.tuning.trackers import WandBLogger
 
 
 class FinetunerArgumentError(ValueError):
@@ -28,82 +31,19 @@ def merge(new: dict[str, Any], old: dict[str, Any], where: str) -> dict[str, Any
     return new
 
 
-class _FinetunerCallback:
-    """A Finetuner callback as data: ``to_dict()`` gives its name and the fields set to other than the default."""
+class TrainingCheckpoint(FinetunerCallback):
+    """Checkpoints to resume from (here: the last epoch's, always): Finetuner's, taken at its default only."""
 
-    def to_dict(self) -> dict[str, Any]:
-        given = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != f.default or f.default is dataclasses.MISSING
-        }
-        return {'name': type(self).__name__, **given}
+    def __init__(self, last_k_epochs: int = 1) -> None:
+        self.last_k_epochs = last_k_epochs
 
 
-@dataclass
-class EvaluationCallback(_FinetunerCallback):
-    """Retrieval metrics on ``query_data`` searching ``index_data`` (or itself) each epoch."""
+class WiSEFTCallback(FinetunerCallback):
+    """WiSE-FT (Wortsman et al., 2022): the final weights interpolate the pre-trained and the fine-tuned ones
+    (``wise_ft_alpha`` here, which the trainer applies to the final model)."""
 
-    query_data: str
-    index_data: Optional[str] = None
-    model: Optional[str] = None
-    index_model: Optional[str] = None
-    multi_modal: bool = False
-    batch_size: int = 32
-    exclude_self: bool = True
-    limit: int = 20
-    distance: str = 'cosine'
-    steps_per_interval: Optional[int] = None
-    gather_examples: bool = False
-    num_example_queries: int = 5
-    num_workers: int = 8
-    caption: Optional[str] = None
-    output_model_names: bool = False
-    query_sample_size: Optional[int] = None
-
-
-@dataclass
-class BestModelCheckpoint(_FinetunerCallback):
-    """Keep the weights of the best epoch by ``monitor``."""
-
-    monitor: str = 'val_loss'
-    mode: str = 'auto'
-
-
-@dataclass
-class TrainingCheckpoint(_FinetunerCallback):
-    """Checkpoints to resume from (here: the last epoch's, always)."""
-
-    last_k_epochs: int = 1
-
-
-@dataclass
-class EarlyStopping(_FinetunerCallback):
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs (or not bettered
-    ``baseline``)."""
-
-    monitor: str = 'val_loss'
-    mode: str = 'auto'
-    patience: int = 2
-    min_delta: int = 0
-    baseline: Optional[float] = None
-
-
-@dataclass
-class WandBLogger(_FinetunerCallback):
-    """Weights & Biases logging: ``loggers=['tensorboard', 'wandb']`` here (offline unless ``WANDB_MODE`` says
-    otherwise); W&B's own settings come from its environment variables (``WANDB_PROJECT``, ``WANDB_ENTITY``...)."""
-
-    metrics_logger_step: Literal['batch', 'epoch'] = 'epoch'
-    wandb_args: Union[dict[str, Any], None] = None
-    log_zero_shot: bool = True
-
-
-@dataclass
-class WiSEFTCallback(_FinetunerCallback):
-    """WiSE-FT (Wortsman et al., 2022): the final weights interpolate the pre-trained and the fine-tuned ones."""
-
-    alpha: Union[int, float] = 0.4
+    def __init__(self, alpha: float = 0.4) -> None:
+        self.alpha = alpha
 
 
 CALLBACKS = {
@@ -133,7 +73,7 @@ def callback_options(given: Any, core: bool) -> tuple[list[Any], dict[str, Any]]
         raise FinetunerArgumentError(f"parameter 'callbacks': must be a list of callbacks, got {given!r}")
     kept, options, evaluations = [], {}, 0
     for i, callback in enumerate(given):
-        if core and hasattr(callback, 'on_epoch_end') and not isinstance(callback, _FinetunerCallback):
+        if core and hasattr(callback, 'on_epoch_end') and not isinstance(callback, FinetunerCallback):
             kept.append(callback)
             continue
         name, fields = _callback_fields(callback, i)
@@ -149,7 +89,7 @@ def callback_options(given: Any, core: bool) -> tuple[list[Any], dict[str, Any]]
 
 
 def _callback_fields(callback: Any, i: int) -> tuple[str, dict[str, Any]]:
-    if isinstance(callback, _FinetunerCallback):
+    if isinstance(callback, FinetunerCallback):
         raw = callback.to_dict()
     elif isinstance(callback, dict):
         raw = dict(callback)
@@ -165,7 +105,7 @@ def _callback_fields(callback: Any, i: int) -> tuple[str, dict[str, Any]]:
         )
     if name in CALLBACK_REFUSALS:
         raise FinetunerArgumentError(f'callbacks[{i}] ({name}): {CALLBACK_REFUSALS[name]}')
-    allowed = [f.name for f in dataclasses.fields(CALLBACKS[name])]
+    allowed = list(CALLBACKS[name].arguments())
     for key in raw:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
@@ -181,7 +121,9 @@ def _callback_fields(callback: Any, i: int) -> tuple[str, dict[str, Any]]:
 
 
 def _evaluation(fields: dict[str, Any], where: str) -> dict[str, Any]:
-    defaults = {f.name: f.default for f in dataclasses.fields(EvaluationCallback)}
+    if fields.get('query_data') is None:
+        raise FinetunerArgumentError(f'{where}: query_data is missing; give the evaluation data (a CSV file or folder)')
+    defaults = EvaluationCallback.arguments()
     for key, why in EVALUATION_DEFAULT_ONLY.items():
         if key in fields and fields[key] != defaults[key]:
             raise FinetunerArgumentError(

@@ -29,10 +29,10 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from executor.tuning.artifact import CONFIG_FILE, artifact_files
-from executor.tuning.callbacks import Callback, TrainerState
+from executor.tuning.callbacks import Callback, FinetunerCallback, TrainerState
 from executor.tuning.config import TRACKER_PACKAGES
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ _MLFLOW_BAD = re.compile(r'[^\w\-. :/]')
 
 def tracker_callbacks(loggers: Sequence[str], output_dir: Path) -> list[Callback]:
     """A callback per tracker in ``loggers`` (checked by ``TrainConfig``), logging the run in ``output_dir``."""
-    kinds = {'tensorboard': TensorBoardLogger, 'wandb': WandbLogger, 'mlflow': MlflowLogger}
-    return [kinds[name](Path(output_dir)) for name in loggers]
+    kinds = {'tensorboard': TensorBoardLogger, 'wandb': WandBLogger, 'mlflow': MlflowLogger}
+    return [kinds[name](output_dir=Path(output_dir)) for name in loggers]
 
 
 def run_config(output_dir: Path) -> dict[str, Any]:
@@ -107,16 +107,29 @@ class TensorBoardLogger(Callback):
             self.writer.close()
 
 
-class WandbLogger(Callback):
+class WandBLogger(FinetunerCallback):
     """A Weights & Biases run per training attempt, offline unless ``WANDB_MODE`` says otherwise.
+
+    Finetuner's ``WandBLogger``, its arguments too: given to ``fit()`` or ``/train`` it stands for
+    ``loggers=['tensorboard', 'wandb']`` (both steps are logged; ``wandb_args`` is refused: W&B's environment variables
+    set the project); the run builds the one that runs, with its ``output_dir``.
 
     Steps: ``train/*`` against ``step`` (optimizer steps), ``epoch/*`` against ``epoch``. The artifact is logged as a
     W&B artifact of type ``model`` named ``<run name>-model``. System statistics and metadata are not collected.
     """
 
-    def __init__(self, output_dir: Path) -> None:
+    internal = ('output_dir',)
+
+    def __init__(
+        self,
+        metrics_logger_step: Literal['batch', 'epoch'] = 'epoch',
+        wandb_args: dict[str, Any] | None = None,
+        log_zero_shot: bool = True,
+        output_dir: Path | None = None,
+    ) -> None:
+        self.metrics_logger_step, self.wandb_args, self.log_zero_shot = metrics_logger_step, wandb_args, log_zero_shot
         self.output_dir = output_dir
-        self.name = re.sub(r'[^\w.-]', '-', output_dir.resolve().name)
+        self.name = re.sub(r'[^\w.-]', '-', output_dir.resolve().name) if output_dir is not None else None
         self.run = None
         self.logged_artifact = False
 

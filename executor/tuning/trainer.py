@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from executor.tuning import artifact
-from executor.tuning.callbacks import BestModel, Callback, EarlyStopping, EvaluationCallback, ProgressBar
+from executor.tuning.callbacks import BestModelCheckpoint, Callback, EarlyStopping, EvaluationCallback, ProgressBar
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import BatchSampler, Collate, ItemDataset
 from executor.tuning.distributed import agree_on_minimum, check_local_world, init_distributed, training_device
@@ -331,7 +331,7 @@ class Trainer:
         return result
 
     def _save_artifact(self) -> FitResult:
-        best = next((c for c in self.callbacks if isinstance(c, BestModel)), None)
+        best = next((c for c in self.callbacks if isinstance(c, BestModelCheckpoint)), None)
         if best is not None and best.best_state is not None:
             self.model.load_state_dict(best.best_state)
             logger.info('final model: epoch %d, best %s=%.4f', best.best_epoch, best.monitor, best.best)
@@ -442,16 +442,16 @@ def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str
     """A run's callbacks, in the order they run: evaluation first (the others watch its metrics), best model, early
     stopping, the caller's own, the trackers of ``loggers`` (TensorBoard, W&B, MLflow), the progress bar (unless
     ``FINETUNER_PROGRESS=0``)."""
-    callbacks: list[Callback] = [EvaluationCallback(evaluator)] if evaluator is not None else []
+    callbacks: list[Callback] = [EvaluationCallback(batch_size=64, evaluator=evaluator)] if evaluator else []
     if config.save_best and evaluator is not None:
-        callbacks.append(BestModel(monitor))
+        callbacks.append(BestModelCheckpoint(monitor))
     if config.early_stopping_patience is not None:
         callbacks.append(
             EarlyStopping(
                 monitor,
-                config.early_stopping_patience,
-                config.early_stopping_min_delta,
-                config.early_stopping_baseline,
+                patience=config.early_stopping_patience,
+                min_delta=config.early_stopping_min_delta,
+                baseline=config.early_stopping_baseline,
             )
         )
     callbacks += list(config.callbacks)

@@ -272,3 +272,28 @@ def test_a_per_epoch_schedule_moves_the_rate_at_epoch_ends():
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([1.0] * 4 + [2 / 3] * 4 + [1 / 3] * 4)
+
+
+def test_finetuners_callbacks_are_the_cores_own_classes():
+    """Issue 28: Finetuner's EvaluationCallback, EarlyStopping, BestModelCheckpoint and WandBLogger were a second set
+    of classes beside the core's; now the run builds the very classes a user gives (from the options they stand for)."""
+    from executor import client
+    from executor.tuning import callbacks, trackers
+
+    assert client.EarlyStopping is callbacks.EarlyStopping and client.EvaluationCallback is callbacks.EvaluationCallback
+    assert client.BestModelCheckpoint is callbacks.BestModelCheckpoint and client.WandBLogger is trackers.WandBLogger
+    given = EarlyStopping(monitor='hit@1', patience=3, baseline=0.2)
+    assert given.to_dict() == {'name': 'EarlyStopping', 'monitor': 'hit@1', 'patience': 3, 'baseline': 0.2}
+    as_object = finetuner_config(train_data='t.csv', eval_data='e.csv', callbacks=[given, WandBLogger()])
+    as_dicts = finetuner_config(
+        train_data='t.csv', eval_data='e.csv', callbacks=[given.to_dict(), {'name': 'WandBLogger'}]
+    )
+    assert as_object == as_dicts and as_object.callbacks == []  # translated into options, never kept as objects
+    assert (as_object.monitor, as_object.early_stopping_patience, as_object.early_stopping_baseline) == (
+        'hit@1',
+        3,
+        0.2,
+    )
+    assert as_object.loggers == ['tensorboard', 'wandb']
+    with pytest.raises(ValueError, match=r'callbacks\[0\] \(EvaluationCallback\): query_data is missing'):
+        finetuner_config(train_data='t.csv', callbacks=[{'name': 'EvaluationCallback', 'limit': 5}])
