@@ -10,7 +10,6 @@ other data with a ``ValueError`` naming the loss and the loss to use instead (se
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,12 +25,12 @@ SCORED_PAIRS = 'scored pairs (a sentence1,sentence2,score CSV)'
 
 
 def loss_name(loss_module: nn.Module) -> str:
-    """The loss's name for messages: ``MatryoshkaLoss(CoSENTLoss)``, ``ColumnLoss(TripletMarginLoss)``..."""
-    if isinstance(loss_module, MatryoshkaLoss):
-        return f'MatryoshkaLoss({loss_name(loss_module.loss)})'
+    """The loss's name for messages: ``ColumnLoss(TripletMarginLoss)``, a wrapper's own ``name`` (the Matryoshka
+    one's: ``MatryoshkaLoss(CoSENTLoss)``), else its class's."""
     if isinstance(loss_module, ColumnLoss):
         return f'ColumnLoss({type(loss_module.pml_loss).__name__})'
-    return type(loss_module).__name__
+    name = getattr(loss_module, 'name', None)
+    return name if isinstance(name, str) else type(loss_module).__name__
 
 
 def check_pair_data(loss_module: nn.Module, columns: int, scored: bool) -> None:
@@ -188,67 +187,6 @@ class ColumnLoss(nn.Module):
         return self.pml_loss(embeddings, labels)
 
 
-class MatryoshkaLoss(nn.Module):
-    """Matryoshka representation loss, as sentence-transformers' MatryoshkaLoss.
-
-    ``loss = sum_k w_k * inner([normalize(x[:, :d_k]) for x in columns], scores)`` over dims d_1 > d_2 > ...
-    (sorted descending, weights following their dims; weights default to 1). ``needs_scores`` and ``columns``
-    follow the inner loss.
-    """
-
-    def __init__(self, loss: nn.Module, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
-        super().__init__()
-        if not hasattr(loss, 'columns') or not hasattr(loss, 'needs_scores'):
-            raise TypeError(
-                f'MatryoshkaLoss wraps a pair loss (forward(columns, scores)), got {type(loss).__name__}; '
-                'wrap a pytorch-metric-learning loss in ColumnLoss first'
-            )
-        dims = list(dims)
-        weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
-        if not dims:
-            raise ValueError('MatryoshkaLoss needs at least one dimension in dims')
-        if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d <= 0 for d in dims):
-            raise ValueError(f'MatryoshkaLoss dims must be positive integers, got {dims}')
-        dims = [int(d) for d in dims]
-        if len(set(dims)) != len(dims):
-            raise ValueError(f'MatryoshkaLoss dims must be distinct, got {dims}')
-        if len(weights) != len(dims):
-            raise ValueError(f'MatryoshkaLoss needs one weight per dim: {len(dims)} dims, {len(weights)} weights')
-        if any(not w >= 0 for w in weights):
-            raise ValueError(f'MatryoshkaLoss weights must be >= 0, got {weights}')
-        pairs = sorted(zip(dims, weights), key=lambda pair: pair[0], reverse=True)
-        self.loss = loss
-        self.dims = tuple(d for d, _ in pairs)
-        self.weights = tuple(w for _, w in pairs)
-
-    @property
-    def needs_scores(self) -> bool:
-        return bool(getattr(self.loss, 'needs_scores', False))
-
-    @property
-    def columns(self) -> tuple[int, ...]:
-        return tuple(getattr(self.loss, 'columns', ()))
-
-    def check_dims(self, embedding_dim: int) -> None:
-        """Raise a ``ValueError`` when a dim exceeds the embedding size."""
-        too_large = [d for d in self.dims if d > embedding_dim]
-        if too_large:
-            raise ValueError(
-                f'MatryoshkaLoss dims {too_large} exceed the embedding size {embedding_dim}; '
-                f'every dim must be <= {embedding_dim} (dims given: {list(self.dims)})'
-            )
-
-    def forward(self, columns: Sequence[Tensor], scores: Tensor | None = None) -> Tensor:
-        columns = list(columns)
-        check_pair_data(self, len(columns), scores is not None)
-        self.check_dims(min(column.shape[-1] for column in columns))
-        terms = []
-        for dim, weight in zip(self.dims, self.weights):
-            truncated = [F.normalize(column[..., :dim], p=2, dim=-1) for column in columns]
-            terms.append(weight * self.loss(truncated, scores))
-        return torch.stack(terms).sum()
-
-
 class CLIPLoss(nn.Module):
     """CLIP's symmetric InfoNCE over a batch of (image, caption) pairs: each image's caption is its positive among the
     batch's captions, and each caption's image among its images, at the model's learnt logit ``scale``.
@@ -283,16 +221,10 @@ def _options_taken(cls: type) -> list[str]:
     return [p.name for p in parameters if p.name != 'self' and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def build_pair_loss(
-    name: str,
-    options: dict[str, Any] | None,
-    pml_loss: nn.Module | None = None,
-    matryoshka_dims: Sequence[int] | None = None,
-    matryoshka_weights: Sequence[float] | None = None,
-) -> nn.Module:
+def build_pair_loss(name: str, options: dict[str, Any] | None, pml_loss: nn.Module | None = None) -> nn.Module:
     """The pair loss ``name`` built with ``options``, or ``ColumnLoss(pml_loss)`` when ``name`` is not a pair loss
-    and a PML loss is given (``options`` are then the PML loss's, already applied by whoever built it); wrapped in
-    ``MatryoshkaLoss(loss, matryoshka_dims, matryoshka_weights)`` when ``matryoshka_dims`` is given."""
+    and a PML loss is given (``options`` are then the PML loss's, already applied by whoever built it). A run with
+    ``matryoshka_dims`` wraps it in ``matryoshka.MatryoshkaLoss``."""
     options = dict(options or {})
     if name in PAIR_LOSSES:
         cls = PAIR_LOSSES[name]
@@ -305,8 +237,4 @@ def build_pair_loss(
         loss = ColumnLoss(pml_loss)
     else:
         raise unknown_name('pair loss', name, sorted(PAIR_LOSSES))
-    if matryoshka_dims is not None:
-        loss = MatryoshkaLoss(loss, matryoshka_dims, matryoshka_weights)
-    elif matryoshka_weights is not None:
-        raise ValueError('matryoshka_weights given without matryoshka_dims; give the dims or drop the weights')
     return loss

@@ -13,6 +13,7 @@ from scipy import stats
 from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
 from executor.tuning.evaluation.evaluator import Embedder, Evaluation, Evaluator
+from executor.tuning.matryoshka import matryoshka_sizes, truncate
 
 
 class ScoredPairEvaluator:
@@ -93,7 +94,8 @@ class MatryoshkaEvaluator:
     ``SLICE_METRICS``); the items are embedded once."""
 
     def __init__(self, evaluator: Evaluator | ScoredPairEvaluator, dims: Sequence[int]) -> None:
-        self.evaluator, self.dims = evaluator, sorted(set(dims), reverse=True)
+        # a dim given twice is evaluated once
+        self.evaluator, self.dims = evaluator, [dim for dim, _ in matryoshka_sizes(sorted(set(dims)))]
         self.monitor = getattr(evaluator, 'monitor', None)
 
     def __call__(self, embedder: Embedder) -> Evaluation:
@@ -125,14 +127,13 @@ class _Memo:
 
 
 class _Sliced:
-    """The first ``dim`` values of each embedding, L2-normalised again (how a Matryoshka model is served)."""
+    """The embeddings ``truncate``d to ``dim`` (how a Matryoshka model is served)."""
 
     def __init__(self, embedder: _Memo, dim: int) -> None:
         self.embedder, self.dim, self.class_names = embedder, dim, None
 
     def embed_items(self, items: Sequence[Item]) -> np.ndarray:
-        out = self.embedder.embed_items(items)[:, : self.dim]
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return truncate(self.embedder.embed_items(items), self.dim)
 
 
 def _numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:

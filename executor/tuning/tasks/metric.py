@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 from torch import nn
@@ -15,6 +14,7 @@ from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
 from executor.tuning.inputs import Batch
 from executor.tuning.losses import LossSpec, build_loss, build_miner
+from executor.tuning.matryoshka import matryoshka_sizes, sliced_loss
 from executor.tuning.tasks.base import Task
 
 
@@ -50,7 +50,12 @@ class MetricLearning(Task):
         # Under DDP, metric losses and miners see the embeddings of every rank, so negatives come from the global
         # batch; PML's wrapper scales the loss by the world size to undo DDP's gradient averaging.
         self.loss_fn: nn.Module = spec.module
-        self.dims = matryoshka_dims(config, model.embed_dim, spec)
+        self.sizes = matryoshka_sizes(config.matryoshka_dims, config.matryoshka_weights, model.embed_dim)
+        if self.sizes and spec.has_parameters:
+            raise ValueError(
+                f'{spec.name} holds weights of the full embedding size, which the narrower Matryoshka slices do not '
+                'fit; use a loss without parameters (TripletMarginLoss, MultiSimilarityLoss...) with matryoshka_dims'
+            )
         if world > 1 and isinstance(spec.module, BaseMetricLossFunction):
             self.loss_fn = DistributedLossWrapper(spec.module)
             self.miner = DistributedMinerWrapper(self.miner) if self.miner is not None else None
@@ -63,29 +68,10 @@ class MetricLearning(Task):
 
     def compute_loss(self, net: nn.Module, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
         embeddings = net(batch).float()  # (B, D)
-        if not self.dims:
+        if not self.sizes:
             return self._loss(embeddings, labels)
-        # Matryoshka (Kusupati et al., 2022): the loss of each leading slice of the embedding, L2-normalised, weighted
-        return sum(weight * self._loss(F.normalize(embeddings[:, :dim], dim=-1), labels) for dim, weight in self.dims)
+        return sliced_loss(lambda sliced: self._loss(sliced[0], labels), [embeddings], self.sizes)
 
     def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss_fn(embeddings, labels, indices)
-
-
-def matryoshka_dims(config, embed_dim: int, spec: LossSpec) -> list[tuple[int, float]]:
-    """``(dim, weight)`` pairs of ``matryoshka_dims`` (widest first), checked against the model's embedding size."""
-    if not config.matryoshka_dims:
-        return []
-    too_wide = [d for d in config.matryoshka_dims if d > embed_dim]
-    if too_wide:
-        raise ValueError(
-            f"matryoshka_dims {too_wide} are wider than the model's {embed_dim}-dim embedding; give dims <= {embed_dim}"
-        )
-    if spec.has_parameters:
-        raise ValueError(
-            f'{spec.name} holds weights of the full embedding size, which the narrower Matryoshka slices do not '
-            'fit; use a loss without parameters (TripletMarginLoss, MultiSimilarityLoss...) with matryoshka_dims'
-        )
-    weights = config.matryoshka_weights or [1.0] * len(config.matryoshka_dims)
-    return sorted(zip(config.matryoshka_dims, weights), reverse=True)

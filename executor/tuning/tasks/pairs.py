@@ -14,6 +14,7 @@ from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
 from executor.tuning.inputs import Batch
 from executor.tuning.losses import LossSpec, build_loss
+from executor.tuning.matryoshka import MatryoshkaLoss, check_width
 from executor.tuning.pair_losses import PAIR_LOSSES, CosineSimilarityLoss, build_pair_loss, check_pair_data
 from executor.tuning.tasks.base import Task
 
@@ -72,13 +73,10 @@ class PairTraining(Task):
                     'MultipleNegativesRankingLoss, or a PML loss without parameters (TripletMarginLoss, NTXentLoss...)'
                 )
             pml = spec.module
-        module = build_pair_loss(
-            config.loss,
-            None if pml is not None else config.loss_options,
-            pml_loss=pml,
-            matryoshka_dims=config.matryoshka_dims,
-            matryoshka_weights=config.matryoshka_weights,
-        )
+        module = build_pair_loss(config.loss, None if pml is not None else config.loss_options, pml_loss=pml)
+        if config.matryoshka_dims is not None:
+            check_width(config.matryoshka_dims, model.embed_dim)
+            module = MatryoshkaLoss(module, config.matryoshka_dims, config.matryoshka_weights)
         check_pair_data(module, self.views, self.scored)
         return LossSpec(config.loss, module)
 

@@ -13,12 +13,12 @@ from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as 
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as STMNRL
 from torch import nn
 
+from executor.tuning.matryoshka import MatryoshkaLoss
 from executor.tuning.pair_losses import (
     PAIR_LOSSES,
     ColumnLoss,
     CoSENTLoss,
     CosineSimilarityLoss,
-    MatryoshkaLoss,
     MultipleNegativesRankingLoss,
     build_pair_loss,
     check_pair_data,
@@ -268,7 +268,7 @@ def test_scored_losses_refuse_triplets():
 
 def test_matryoshka_refuses_dims_larger_than_the_embeddings():
     loss = MatryoshkaLoss(MultipleNegativesRankingLoss(), [16, 8])
-    with pytest.raises(ValueError, match=r'MatryoshkaLoss dims \[16\] exceed the embedding size 8'):
+    with pytest.raises(ValueError, match=r'MatryoshkaLoss dims \[16\] are wider than the model.s 8-dim embedding'):
         loss(make_columns(2))
 
 
@@ -303,7 +303,7 @@ def test_build_pair_loss():
     assert isinstance(mnrl, MultipleNegativesRankingLoss) and mnrl.scale == 10.0 and mnrl.symmetric
     column = build_pair_loss('TripletMarginLoss', None, pml_loss=TripletMarginLoss())
     assert isinstance(column, ColumnLoss)
-    wrapped = build_pair_loss('CoSENTLoss', None, matryoshka_dims=[4, 8], matryoshka_weights=[0.5, 1.0])
+    wrapped = MatryoshkaLoss(build_pair_loss('CoSENTLoss', None), [4, 8], [0.5, 1.0])
     assert isinstance(wrapped, MatryoshkaLoss) and isinstance(wrapped.loss, CoSENTLoss)
     assert wrapped.dims == (8, 4) and wrapped.weights == (1.0, 0.5)
 
