@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = 'efficientnet_lite0'
 DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
+MODEL_SUFFIXES = ('.pt', '.pth')  # a saved model's file (save_model writes .pt)
 
 Freeze = Union[bool, int, Sequence[str]]
 _FAMILIES: list[BackboneFamily] = []
@@ -109,11 +110,17 @@ def _output_dim(family: BackboneFamily, name: str) -> int | None:
         return None
 
 
+def is_model_file(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is the path of a saved model (``.pt``, or ``.pth``) rather than a registry name, whether
+    or not the file exists."""
+    return Path(str(name)).suffix in MODEL_SUFFIXES
+
+
 def family_of(name: str) -> BackboneFamily:
     for family in families():
         if family.owns(name):
             return family
-    if Path(str(name)).suffix in ('.pt', '.pth'):  # a model file, where one that exists is loaded instead
+    if is_model_file(name):  # a model file, where one that exists is loaded instead
         raise DataError(f'model: the model file {Path(str(name)).name!r} does not exist; give the path of a .pt file')
     raise unknown_model(name)
 
@@ -157,7 +164,7 @@ def build_model(
     """
     if output_dim is not None and output_dim < 1:
         raise ValueError(f'output_dim must be a positive integer or None, got {output_dim}')
-    if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
+    if is_model_file(name) and Path(str(name)).is_file():
         loaded = load_model(name)
         if isinstance(loaded, TwoTowerModel):
             raise ValueError(
@@ -205,7 +212,7 @@ def _apply_options(
 
 def inputs_kind(name: str | os.PathLike) -> str:
     """The kind of inputs the model ``name`` (a registry name or a model file) takes, without building it."""
-    if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
+    if is_model_file(name) and Path(str(name)).is_file():
         blob = read_artifact(name, mmap=True)
         return blob['inputs']['kind'] if 'inputs' in blob else 'image'
     return family_of(str(name)).inputs_kind
@@ -285,7 +292,7 @@ def build_two_tower(
     Either name may be a two-tower model file, whose tower of that side is then taken. ``text_model`` defaults to
     the offline text model, except for a CLIP model of open_clip (``'open_clip/ViT-B-32'``), which brings both towers
     (``weights`` then holds both) and keeps its own projections and temperature unless ``output_dim`` is given."""
-    family = None if Path(str(model)).suffix in ('.pt', '.pth') else family_of(model)
+    family = None if is_model_file(model) else family_of(model)
     if hasattr(family, 'towers'):  # one network, both towers
         if text_model not in (None, model):
             raise ValueError(
@@ -336,7 +343,7 @@ def _both_towers(
 
 
 def _tower(name: str, side: str, freeze: Freeze, **options) -> EmbeddingModel:
-    if Path(str(name)).suffix in ('.pt', '.pth') and Path(str(name)).is_file():
+    if is_model_file(name) and Path(str(name)).is_file():
         loaded = load_model(name)
         tower = loaded.tower(side) if isinstance(loaded, TwoTowerModel) else loaded
         return _apply_options(tower, freeze, None, None)

@@ -11,12 +11,15 @@ import torchvision
 from skimage import data as skdata
 
 from executor.tuning.data import eval_transform
+from executor.tuning.errors import DataError
 from executor.tuning.models import (
     GeM,
     WeightsNotFoundError,
     backbone_stages,
     build_model,
     describe_models,
+    family_of,
+    is_model_file,
     list_models,
     load_model,
     save_model,
@@ -131,6 +134,13 @@ def test_save_and_load_round_trip_with_preprocessing(tmp_path):
     assert loaded.inputs.data_config['input_size'] == (3, 64, 64)
     assert loaded.class_names == ['a', 'b', 'c']
     torch.load(path, weights_only=True)  # the artifact needs no pickled code
+
+
+def test_a_model_file_is_named_by_its_suffix_and_a_missing_one_said_so(tmp_path):
+    assert is_model_file('runs/a/model.pt') and is_model_file(tmp_path / 'weights.pth')
+    assert not is_model_file('resnet50') and not is_model_file('open_clip/ViT-B-32') and not is_model_file('a.onnx')
+    with pytest.raises(DataError, match="model: the model file 'gone.pt' does not exist"):
+        family_of(str(tmp_path / 'gone.pt'))
 
 
 def test_load_model_rejects_foreign_files(tmp_path):
