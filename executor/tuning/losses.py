@@ -6,7 +6,6 @@ PML objects; losses that hold parameters (ArcFace, CosFace, proxies...) are trai
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,6 +14,8 @@ from typing import Any
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from torch import nn
+
+from executor.tuning.errors import did_you_mean
 
 CROSS_ENTROPY = 'CrossEntropyLoss'
 # PML classes that are bases or take no labels (VICReg, Manifold): they need inputs other than (embeddings, labels).
@@ -47,8 +48,7 @@ def list_miners() -> list[str]:
 
 
 def unknown_name(kind: str, name: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f'; did you mean {", ".join(repr(c) for c in close)}?' if close else ''
+    hint = did_you_mean(name, valid, n=3, cutoff=0.5, form='clause')
     return ValueError(f'unknown {kind} {name!r}{hint} Valid {kind} names: {", ".join(valid)}')
 
 

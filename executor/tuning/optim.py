@@ -3,13 +3,14 @@ fine-tuned backbone."""
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+
+from executor.tuning.errors import did_you_mean
 
 # New heads start from random weights: next to a fine-tuned backbone they learn at HEAD_LR_FACTOR x its rate.
 # Measured on digits (full fine-tune from lr 1e-4, 5 epochs): accuracy 0.70 with one rate, 0.72 with this.
@@ -34,8 +35,7 @@ def check_optimizer(name: str, what: str = 'optimizer') -> str:
     if name in REFUSED:
         raise ValueError(f'{what}={name!r} cannot train here: {REFUSED[name]}; use one of {", ".join(usable)}')
     if name not in OPTIMIZERS:
-        close = difflib.get_close_matches(name, usable, n=1)
-        hint = f' (did you mean {close[0]!r}?)' if close else ''
+        hint = did_you_mean(name, usable)
         raise ValueError(f'unknown {what} {name!r}{hint}; use one of {", ".join(usable)} (torch.optim classes)')
     return name
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Union
+
+from executor.tuning.errors import close_names
 
 if TYPE_CHECKING:
     from executor.tuning.models.embedding import EmbeddingModel
@@ -42,7 +43,7 @@ def _prefixes(model: EmbeddingModel, freeze: Freeze, modules: dict) -> list[str]
     if isinstance(freeze, (list, tuple)):
         for p in freeze:
             if not any(n == p or n.startswith(p + '.') for n in modules):
-                close = difflib.get_close_matches(p, [n for n in modules if n], n=5)
+                close = close_names(p, [n for n in modules if n], n=5)
                 raise ValueError(f'freeze names layer {p!r}, which the backbone does not have; close names: {close}')
         return list(freeze)
     raise ValueError(f'freeze must be a bool, a number of leading stages or a list of layer names; got {freeze!r}')

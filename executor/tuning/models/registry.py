@@ -6,7 +6,6 @@ itself with ``@register_family``. Models are saved and loaded here too, as one f
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 import os
@@ -19,7 +18,7 @@ from typing import Any, TypeVar, Union
 
 import torch
 
-from executor.tuning.errors import DataError
+from executor.tuning.errors import DataError, did_you_mean
 from executor.tuning.files import atomic_torch_save
 from executor.tuning.inputs import inputs_from_config
 from executor.tuning.models.embedding import ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1, EmbeddingModel
@@ -133,8 +132,7 @@ def family_named(family: str) -> BackboneFamily:
 
 
 def unknown_model(name: str) -> ValueError:
-    close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
-    hint = f'; did you mean {", ".join(repr(c) for c in close)}?' if close else ''
+    hint = did_you_mean(name, list_models(), n=5, form='clause')
     described = ', '.join(family.hint for family in families() if family.hint)
     return ValueError(
         f'unknown model {name!r}{hint} Call list_models() for all {len(list_models())} names: {described}'

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from executor.tuning.errors import close_names
 from executor.tuning.inputs import Batch, ImageInputs
 
 
@@ -38,6 +38,6 @@ def cut_at(net: nn.Module, name: str, layer: str, create_feature_extractor: Call
     """The network cut after ``layer`` (``embedding_layer``), through an fx feature extractor."""
     names = [n for n, _ in net.named_modules() if n]
     if layer not in names:
-        close = difflib.get_close_matches(layer, names, n=5)
+        close = close_names(layer, names, n=5)
         raise ValueError(f'embedding_layer {layer!r} is not a layer of {name!r}; close names: {close}')
     return FeatureBackbone(create_feature_extractor(net, return_nodes={layer: 'out'}), 'extractor')
