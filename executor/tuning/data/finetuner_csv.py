@@ -5,12 +5,20 @@ pair of items that belong together; three columns are a pair and its similarity 
 images or text is told here by its values (a path with an image suffix is an image), where Finetuner asked the
 model's task. Image pairs become labelled images, each pair one class, as Finetuner made them (an item seen in an
 earlier pair keeps that pair's label); sentence pairs are this project's ``anchor,positive`` pairs.
+
+Every CSV file, with a header row or without, is read here (``read_rows``). ``dialect='auto'`` tells only the
+delimiter from the file; quoting is RFC 4180's, as Python's ``csv.writer``, pandas and spreadsheets write it (a field
+holding the delimiter, a quote or a newline is quoted, a quote inside it doubled). ``csv.Sniffer`` guessed quoting
+too, from the first 1024 bytes: where they held no quoted field it chose ``doublequote=False``, and a later ``""``
+split its row (issue 29).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Optional
@@ -20,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from executor.tuning.data.images import DataError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
-SNIFFED = ',\t;|'  # the delimiters 'auto' tells apart (the sniffer guesses letters too on short files)
+DELIMITERS = ',\t;|'  # the delimiters 'auto' tells apart
+SAMPLE_CHARS = 64 * 1024  # how much of a file 'auto' reads to tell them apart
 SAMPLE_SEED = 0  # Finetuner sampled rows unseeded; a fixed seed makes a run read the same rows every time
 
 
@@ -34,8 +43,12 @@ class CSVOptions(BaseModel):
     sampling_rate: Optional[float] = Field(
         None, ge=0, le=1, description='keep each row with this probability (seeded: the same rows every time)'
     )
-    dialect: str = Field('auto', description="'auto' (sniffed, else 'excel') or a csv module dialect name")
+    dialect: str = Field(
+        'auto', description="'auto' (the delimiter told from the file, quoting RFC 4180's) or a csv module dialect name"
+    )
     delimiter: Optional[str] = Field(None, min_length=1, max_length=1, description="overrides the dialect's")
+    quotechar: Optional[str] = Field(None, min_length=1, max_length=1, description="overrides the dialect's ('\"')")
+    escapechar: Optional[str] = Field(None, min_length=1, max_length=1, description='e.g. a backslash; none by default')
     encoding: str = 'utf-8'
     is_labeled: bool = Field(False, description='two columns are item,label (True) or a pair of items (False)')
     convert_to_blob: bool = Field(True, description='accepted; images are read from their files either way')
@@ -61,30 +74,63 @@ class CSVOptions(BaseModel):
         return value
 
 
+def with_delimiter(path: Path, options: CSVOptions) -> CSVOptions:
+    """``options`` with the delimiter decided: ``dialect='auto'`` tells it from the file (``guess_delimiter``), once,
+    for every later read of the file."""
+    if options.dialect != 'auto' or options.delimiter is not None:
+        return options
+    with open(path, newline='', encoding=options.encoding) as fh:
+        sample = fh.read(SAMPLE_CHARS)
+        complete = not fh.read(1)
+    return options.model_copy(update={'delimiter': guess_delimiter(sample, complete, _fmtparams(options))})
+
+
+def guess_delimiter(sample: str, complete: bool, quoting: dict[str, str] | None = None) -> str:
+    """The one of ``DELIMITERS`` that splits the most rows of ``sample`` (read with RFC 4180 quoting, or ``quoting``)
+    into the same number of columns, two or more; ``,`` where none does, and where two tie. The last row of an
+    incomplete sample is left out, as it may be cut short."""
+    best, best_share = ',', 0.0
+    for delimiter in DELIMITERS:
+        try:
+            rows = [r for r in csv.reader(io.StringIO(sample), 'excel', delimiter=delimiter, **(quoting or {})) if r]
+        except csv.Error:
+            continue
+        rows = rows if complete else rows[:-1]
+        width, count = Counter(len(r) for r in rows).most_common(1)[0] if rows else (1, 0)
+        share = count / len(rows) if width > 1 else 0.0
+        if share > best_share:
+            best, best_share = delimiter, share
+    return best
+
+
+def _fmtparams(options: CSVOptions) -> dict[str, str]:
+    """What ``options`` set over their dialect's: ``csv.reader``'s keyword arguments."""
+    named = {'delimiter': options.delimiter, 'quotechar': options.quotechar, 'escapechar': options.escapechar}
+    return {k: v for k, v in named.items() if v is not None}
+
+
 def read_rows(path: Path, options: CSVOptions, skip_header: bool = False) -> Iterator[tuple[int, list[str]]]:
     """``(line, cells)`` of the rows ``options`` keeps (its dialect, ``sampling_rate``, then ``size``), the first
-    row left out with ``skip_header``."""
+    row left out with ``skip_header``. ``line`` is the line a row starts on (a quoted field may hold newlines)."""
+    options = with_delimiter(path, options)
+    dialect = 'excel' if options.dialect == 'auto' else options.dialect  # 'excel' is RFC 4180's quoting
     with open(path, newline='', encoding=options.encoding) as fh:
-        dialect: type[csv.Dialect] | str = options.dialect
-        if dialect == 'auto':
-            try:
-                dialect = csv.Sniffer().sniff(fh.read(1024), delimiters=SNIFFED)
-            except csv.Error:
-                dialect = 'excel'  # Finetuner's fallback too
-            fh.seek(0)
-        extra = {'delimiter': options.delimiter} if options.delimiter else {}
-        reader = csv.reader(fh, dialect, **extra)
+        reader = csv.reader(fh, dialect, **_fmtparams(options))
         rng = random.Random(SAMPLE_SEED)
-        kept = 0
-        for cells in reader:
-            if skip_header and reader.line_num == 1:
-                continue
-            if options.size is not None and kept >= options.size:
-                return
-            if not cells or (options.sampling_rate is not None and rng.random() >= options.sampling_rate):
-                continue
-            kept += 1
-            yield reader.line_num, cells
+        kept, line = 0, 1
+        try:
+            for cells in reader:
+                start, line = line, reader.line_num + 1
+                if skip_header and start == 1:
+                    continue
+                if options.size is not None and kept >= options.size:
+                    return
+                if not cells or (options.sampling_rate is not None and rng.random() >= options.sampling_rate):
+                    continue
+                kept += 1
+                yield start, cells
+        except csv.Error as error:
+            raise DataError(f'{path.name} line {line}: not readable as CSV ({error})') from None
 
 
 def is_image_path(value: str) -> bool:
@@ -123,9 +169,15 @@ def read_headerless(path: Path, options: CSVOptions, make_uri, Item) -> list:
         if kinds is None:
             kinds = row_kinds
             if 'image' in kinds and 'text' in kinds:
+                fixes = 'give the file a header row image,caption'
+                if width == 2:  # Finetuner's is_labeled=False reads two columns as a pair of items
+                    fixes = (
+                        f"if {data[1]!r} is the image's label, read the file with csv_options={{'is_labeled': True}}; "
+                        f'if it is a caption, {fixes}'
+                    )
                 raise DataError(
                     f'{name}: an image and a text in one row make a text-to-image (CLIP) pair, which a headerless '
-                    'file does not give here; give the file a header row image,caption'
+                    f'file does not give here; {fixes}'
                 )
             if width == 3 and 'image' in kinds:
                 raise DataError(f'{name}: scored pairs (3 columns) must be sentences, got an image path')

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from executor.tuning.data.finetuner_csv import IMAGE_SUFFIXES, CSVOptions, read_headerless, read_rows
+from executor.tuning.data.finetuner_csv import IMAGE_SUFFIXES, CSVOptions, read_headerless, read_rows, with_delimiter
 from executor.tuning.data.images import DataError
 
 logger = logging.getLogger(__name__)
@@ -101,12 +101,13 @@ def from_csv(
     ``sentence1,sentence2,score`` (scored pairs, any score range), when a header row names the columns.
     A file whose first row names none of these is read as Finetuner read its CSVs, without a header, by ``options``
     (``finetuner_csv``). ``options`` also sample the rows (``size``, ``sampling_rate``) and set the dialect and
-    encoding. Relative uris are relative to the file."""
+    encoding; by default the delimiter is told from the file and quoting is RFC 4180's (``finetuner_csv.read_rows``).
+    Relative uris are relative to the file."""
     path = check_under_roots(path, roots, 'train/eval data')
     if not path.is_file():
         raise DataError(f'CSV file {str(path)!r} does not exist')
     given = options
-    options = options or CSVOptions()
+    options = with_delimiter(path, options or CSVOptions())
     first = next(read_rows(path, options.model_copy(update={'size': 1, 'sampling_rate': None})), (1, []))[1]
     columns = {c.strip() for c in first}
     if not _is_header(columns):
