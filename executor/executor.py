@@ -50,7 +50,7 @@ from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.data import load_items
 from executor.tuning.data.images import limit_pixels
 from executor.tuning.evaluation import evaluator_for
-from executor.tuning.models import TOWERS, family_of, list_models, load_model, unknown_model
+from executor.tuning.models import TOWERS, family_of, is_model_file, list_models, load_model, unknown_model
 from executor.tuning.plan import plan_run
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ class FinetunerExecutor(CatalogEndpoints):
     def _model_source(self, model: str) -> str:
         """What a run starts from: a model file under the data roots, a finished run's model, or a registry name
         (checked now, so that a typo is an error of the request)."""
-        if Path(model).suffix in ('.pt', '.pth'):
+        if is_model_file(model):
             return resolve_path(model, self.data_roots, 'model')
         if model not in list_models() and model in self.store.ids():
             return str(self.store.model_file(model, 'torch'))
@@ -338,10 +338,10 @@ class FinetunerExecutor(CatalogEndpoints):
 
     def _evaluate(self, docs: DocList[FinetunerDoc], params: EvaluateParams) -> EvaluationResult:
         if params.query_data is not None:
-            query = load_items(resolve_path(params.query_data, self.data_roots, 'query_data'), self.data_roots)
-            index = load_items(resolve_path(params.index_data, self.data_roots, 'index_data'), self.data_roots)
+            query = self._load(params.query_data, 'query_data', params)
+            index = self._load(params.index_data, 'index_data', params)
         elif params.data is not None:
-            query, index = load_items(resolve_path(params.data, self.data_roots, 'data'), self.data_roots), None
+            query, index = self._load(params.data, 'data', params), None
         else:
             query, index = self._items(docs), None
         evaluator = evaluator_for(query, index, params.limit, params.matryoshka_dims)  # checks labels or scores
@@ -355,6 +355,10 @@ class FinetunerExecutor(CatalogEndpoints):
         if evaluation.confusion is not None:
             result.confusion_matrix, result.class_names = evaluation.confusion, encoder.class_names
         return result
+
+    def _load(self, path: str, what: str, params: EvaluateParams) -> list:
+        """The items of a data file or folder of ``/evaluate`` (under the data roots), read as ``csv_options`` say."""
+        return load_items(resolve_path(path, self.data_roots, what), self.data_roots, params.csv_options)
 
     def _export(self, params: ExportParams) -> tuple:
         from executor.tuning.export import export_onnx  # the ONNX exporter and quantizer: loaded on first use

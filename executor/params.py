@@ -18,7 +18,6 @@ executor sets itself (``output_dir``, ``callbacks``, ``data_roots``), plus ``wai
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import os
 import typing
@@ -30,15 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from executor.service.store import RUN_ID_PATTERN
 from executor.tuning.artifact import Runtime
-from executor.tuning.config import TrainConfig
+from executor.tuning.config import DATA_FIELDS, TrainConfig
 from executor.tuning.data import check_under_roots
+from executor.tuning.data.finetuner_csv import CSVOptions
+from executor.tuning.errors import close_names, did_you_mean
 from executor.tuning.finetuner_compat import translate
 
 P = TypeVar('P', bound=BaseModel)
 logger = logging.getLogger(__name__)
 
 EXECUTOR_SET = ('output_dir', 'callbacks', 'data_roots')  # TrainConfig fields the executor fills in
-DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')
 JINA_RESULTS = '__results__'  # jina's own key in every request's parameters, never a user's
 
 
@@ -65,8 +65,7 @@ class EndpointParams(BaseModel):
         allowed = sorted({field.alias or name for name, field in cls.model_fields.items()})
         for key in data:
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f' (did you mean {close[0]!r}?)' if close else ''
+                hint = did_you_mean(key, allowed)
                 raise ValueError(f'unknown parameter {key!r}{hint}; allowed: {", ".join(allowed) or "none"}')
         return data
 
@@ -95,11 +94,7 @@ def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: type
                     f'{names[0]}__{field}'
                 )
             addressed[field] = value
-        elif (
-            isinstance(value, dict)
-            and key not in model.model_fields
-            and not difflib.get_close_matches(key, mapping_fields, n=1)
-        ):
+        elif isinstance(value, dict) and key not in model.model_fields and not close_names(key, mapping_fields):
             others.append(key)  # {"<another executor>": {...}}
         else:
             own[key] = value
@@ -371,6 +366,9 @@ class EvaluateParams(ModelParams):
         None, description='CSV file (labelled items, sentence pairs, scored pairs) or image folder under the data roots'
     )
     limit: int = Field(20, ge=1, le=1000, description='k of the *_at_k metrics')
+    csv_options: Optional[CSVOptions] = Field(
+        None, description="how the CSV files are read, as /train's (is_labeled, dialect, delimiter, ...)"
+    )
     matryoshka_dims: Optional[list[int]] = Field(
         None, min_length=1, description='evaluate at each of these leading slices of the embedding too'
     )

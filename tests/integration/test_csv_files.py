@@ -96,9 +96,14 @@ def test_evaluate_reads_labelled_items_pairs_and_triplets(port: int, files, kind
 
 
 def test_an_image_beside_a_word_without_a_header_names_both_fixes(port: int, files):
-    path, _ = files[1][('headerless image,label', 'pandas')]
+    """Refused as Finetuner's default is_labeled=False reads it; read as labelled images with the option it names."""
+    path, rows = files[1][('headerless image,label', 'pandas')]
     with pytest.raises(ServiceError, match=rf"{path.name} line 1: .*csv_options=\{{'is_labeled': True\}}; .*image,cap"):
         evaluate(port, path, **IMAGES)
+    items = KIND['headerless image,label'].expected(rows)
+    by_hand = retrieval_by_hand(embed(port, [uri for uri, *_ in items], IMAGES), [label for *_, label in items])
+    metrics = evaluate(port, path, limit=10, csv_options={'is_labeled': True}, **IMAGES)
+    assert metrics == pytest.approx({**metrics, **by_hand}, abs=1e-4)
 
 
 def test_train_on_sts_b_files_with_and_without_a_header(port: int, files):
