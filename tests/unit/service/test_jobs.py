@@ -175,7 +175,6 @@ def test_the_first_rank_to_fail_gives_the_reason(tmp_path: Path):
     assert first_failure(tmp_path) == 'rank 1 of 2: MemoryError: ...'
 
 
-@pytest.mark.slow
 def test_cancel_stops_torchrun_and_its_workers_and_resume_continues(store: RunStore, jobs: JobQueue, digits: str):
     folder = submit(store, jobs, 'long', train_data=digits, epochs=1000)
     checkpoint = folder / 'checkpoints' / 'last.pt'
@@ -253,7 +252,6 @@ def test_resume_with_epochs_cuts_a_run_short_or_extends_a_finished_one(store: Ru
     assert 'resumed from' in (store.folder('short') / 'train.log').read_text()
 
 
-@pytest.mark.slow
 def test_killing_the_service_ends_torchrun_and_its_workers(store: RunStore, digits: str):
     store.create({**TINY, 'train_data': digits, 'epochs': 1000}, run_id='orphan')
     folder = store.folder('orphan')
@@ -273,7 +271,6 @@ def test_killing_the_service_ends_torchrun_and_its_workers(store: RunStore, digi
             service.wait()
 
 
-@pytest.mark.slow
 def test_workers_of_a_killed_torchrun_exit(store: RunStore, jobs: JobQueue, digits: str):
     folder = submit(store, jobs, 'headless', train_data=digits, epochs=1000)
     wait_for((folder / 'checkpoints' / 'last.pt').is_file, START_TIMEOUT, 'the first checkpoint')
