@@ -389,7 +389,7 @@ def test_7_an_artifact_zip_is_unpacked_within_max_artifact_bytes(tmp_path: Path,
     assert not unpacked.exists() or list(unpacked.iterdir()) == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 40 s, most of it a training run; test_9 kills a worker in make test
 def test_the_docker_images_command_serves_and_its_death_ends_it(tmp_path: Path, free_port: Callable[[], int]):
     """The image runs `jina executor --native`: it serves and trains, and when its executor dies the command ends
     (so the container does, for `--restart` or the kubelet to start a new one), and the HEALTHCHECK's ping fails."""
