@@ -1,9 +1,16 @@
-"""Devices: the names training and serving accept ('auto', 'cpu', 'cuda', 'cuda:N'), and the CPUs this process has."""
+"""Devices: the names training and serving accept ('auto', 'cpu', 'cuda', 'cuda:N'), the CPUs this process has, and
+a batch moved to the device its model runs on."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: the settings check device names without loading it
+    import torch
+
+    from executor.tuning.inputs import Batch
 
 
 def check_device(device: str) -> str:
@@ -23,6 +30,19 @@ def resolve_device(device: str) -> str:
 
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     return device
+
+
+def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> Batch:
+    """The batch on ``device``; 4-D tensors in channels_last layout when asked (convolutional models)."""
+    import torch
+
+    moved = {}
+    for name, tensor in batch.items():
+        tensor = tensor.to(device, non_blocking=True)
+        moved[name] = (
+            tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.ndim == 4 else tensor
+        )
+    return moved
 
 
 def usable_cpus() -> list[int]:

@@ -30,8 +30,8 @@ import onnxruntime as ort
 from executor.tuning import artifact
 from executor.tuning.artifact import Runtime
 from executor.tuning.data.sources import Item
-from executor.tuning.devices import resolve_device, usable_cores, usable_cpus
-from executor.tuning.evaluation.evaluator import ItemEmbedder, to_device
+from executor.tuning.devices import resolve_device, to_device, usable_cores, usable_cpus
+from executor.tuning.evaluation.evaluator import ItemEmbedder
 from executor.tuning.inputs import Batch, Inputs, inputs_from_config
 from executor.tuning.inputs.base import item_names
 from executor.tuning.models import TOWERS, EmbeddingModel, TwoTowerModel, load_model

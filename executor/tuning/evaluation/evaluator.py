@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from executor.tuning.data.sources import Item
+from executor.tuning.devices import to_device
 from executor.tuning.errors import DataError
 from executor.tuning.evaluation.metrics import classification_metrics, retrieval_metrics
-from executor.tuning.inputs import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +144,3 @@ class ModelEmbedder:
             return torch.cat(out)
         finally:
             self.model.train(was_training)
-
-
-def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> Batch:
-    """The batch on ``device``; 4-D tensors in channels_last layout when asked (convolutional models)."""
-    moved = {}
-    for name, tensor in batch.items():
-        tensor = tensor.to(device, non_blocking=True)
-        moved[name] = (
-            tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.ndim == 4 else tensor
-        )
-    return moved
