@@ -48,8 +48,8 @@ from executor.service.store import RunState, RunStore
 from executor.settings import ServiceConfig
 from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.data import load_items
-from executor.tuning.data.images import limit_pixels
 from executor.tuning.evaluation import evaluator_for
+from executor.tuning.inputs.image import limit_pixels
 from executor.tuning.models import TOWERS, family_of, is_model_file, list_models, load_model, unknown_model
 from executor.tuning.plan import plan_run
 

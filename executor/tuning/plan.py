@@ -23,11 +23,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from executor.tuning.config import DATA_FIELDS, TrainConfig
-from executor.tuning.data.images import array_to_image
 from executor.tuning.data.sources import Item, load_items
 from executor.tuning.errors import DataError
 from executor.tuning.files import atomic_write_json, atomic_write_text
 from executor.tuning.inputs import inputs_class
+from executor.tuning.inputs.image import array_to_image
 from executor.tuning.models.registry import inputs_kind
 from executor.tuning.models.weights import read_state_dict
 from executor.tuning.optim import build_optimizer

@@ -1,10 +1,9 @@
-"""Data: sources (CSV, folder, in-memory), lazy decoding through the model's inputs, transforms, batch samplers."""
+"""Data: sources (CSV, folder, in-memory) as items, the dataset fed through the model's inputs, batch samplers."""
 
 from executor.tuning.data.dataset import Collate, ItemDataset
-from executor.tuning.data.images import DataError, load_image
 from executor.tuning.data.samplers import BatchSampler, adjust_items_per_class
 from executor.tuning.data.sources import Item, check_under_roots, load_items
-from executor.tuning.data.transforms import eval_transform, simclr_transform, train_transform
+from executor.tuning.errors import DataError
 
 __all__ = [
     'BatchSampler',
@@ -14,9 +13,5 @@ __all__ = [
     'ItemDataset',
     'adjust_items_per_class',
     'check_under_roots',
-    'eval_transform',
-    'load_image',
     'load_items',
-    'simclr_transform',
-    'train_transform',
 ]

@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from executor.tuning.data.images import DataError
+from executor.tuning.errors import DataError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 DELIMITERS = ',\t;|'  # the delimiters 'auto' tells apart

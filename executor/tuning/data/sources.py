@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from executor.tuning.data.finetuner_csv import IMAGE_SUFFIXES, CSVOptions, read_headerless, read_rows, with_delimiter
-from executor.tuning.data.images import DataError
+from executor.tuning.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -20,13 +20,11 @@ from executor.tuning.data import (
     ItemDataset,
     adjust_items_per_class,
     check_under_roots,
-    eval_transform,
-    load_image,
     load_items,
-    train_transform,
 )
 from executor.tuning.data.samples import write_digits_folder
 from executor.tuning.inputs import ImageInputs
+from executor.tuning.inputs.image import eval_transform, load_image, train_transform
 
 CONFIG = {
     'input_size': (3, 32, 32),
@@ -54,7 +52,7 @@ def test_a_nul_byte_in_a_uri_and_a_tensor_of_strings_are_named(tmp_path):
 
 def test_an_image_of_too_many_pixels_is_refused_from_its_header(tmp_path):
     """Issue 21: a 17 KB PNG of 12000 x 12000 took 2 s and 700 MB to decode, and a larger one's error named no one."""
-    from executor.tuning.data import images
+    from executor.tuning.inputs import image as images
 
     big = tmp_path / 'big.png'
     Image.new('L', (2000, 1500)).save(big)  # 3 Mpx, a few KB
@@ -216,8 +214,8 @@ def test_eval_transform_matches_torchvision_resize_crop_normalize(interpolation)
 
     from torchvision.transforms import v2
 
-    from executor.tuning.data.transforms import INTERPOLATION
     from executor.tuning.inputs import sample_photos
+    from executor.tuning.inputs.image import INTERPOLATION
 
     config = {
         'input_size': (3, 224, 224),

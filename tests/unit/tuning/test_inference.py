@@ -17,8 +17,8 @@ from PIL import Image
 from skimage import data
 
 import executor
-from executor.tuning.data.images import DataError
 from executor.tuning.devices import resolve_device, usable_cores
+from executor.tuning.errors import DataError
 from executor.tuning.export import export_onnx
 from executor.tuning.inference import OnnxEncoder, TorchEncoder, create_encoder, onnx_providers
 from executor.tuning.models import build_model, save_model

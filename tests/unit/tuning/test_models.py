@@ -10,8 +10,8 @@ import torch
 import torchvision
 from skimage import data as skdata
 
-from executor.tuning.data import eval_transform
 from executor.tuning.errors import DataError
+from executor.tuning.inputs.image import eval_transform
 from executor.tuning.models import (
     GeM,
     WeightsNotFoundError,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import Item
-from executor.tuning.data.images import load_image
+from executor.tuning.inputs.image import load_image
 from executor.tuning.plan import PLAN_FILE, RunPlan, plan_run, read_items, write_items
 from executor.tuning.tasks import PairTraining
 
