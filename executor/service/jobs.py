@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `executor` package
 CANCEL_GRACE = 10.0  # seconds a cancelled child gets to exit after SIGTERM before SIGKILL
+RUN_TMP = 'tmp'  # under a run folder: the training process's TMPDIR, removed when the process ends
 FAILURES_DIR = 'failures'  # under a run folder: one JSON file per rank that failed (num_devices > 1)
 
 
@@ -49,6 +50,12 @@ def _check_resumed_epochs(run_id: str, state: RunState, epochs: int, extends: bo
         raise ValueError(
             f'run {run_id!r} finished its {state.epoch} epochs: give epochs > {state.epoch} to train it further'
         )
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
 
 
 def planned_devices(folder: Path, request: dict) -> int:
@@ -207,6 +214,9 @@ class JobQueue:
                 'FINETUNER_PROGRESS': '0',
                 'PYTHONUNBUFFERED': '1',
                 'PYTHONPATH': os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]),
+                # the child's temporary files (wandb's, which `import timm` makes, torch's) in the run folder,
+                # removed when it ends: a killed or cancelled child never removes its own
+                'TMPDIR': str(_fresh(folder / RUN_TMP)),
             }
             # A session of its own: cancel signals the child's whole group, and a Ctrl-C meant for the service
             # reaches the child only through the service's close().
@@ -229,6 +239,7 @@ class JobQueue:
             's' if num_devices > 1 else '',
         )
         code = process.wait()
+        shutil.rmtree(folder / RUN_TMP, ignore_errors=True)
         with self._lock:
             self._current = None
             process.stdin.close()

@@ -175,10 +175,16 @@ def test_the_first_rank_to_fail_gives_the_reason(tmp_path: Path):
     assert first_failure(tmp_path) == 'rank 1 of 2: MemoryError: ...'
 
 
-def test_cancel_stops_torchrun_and_its_workers_and_resume_continues(store: RunStore, jobs: JobQueue, digits: str):
+def test_cancel_stops_torchrun_and_its_workers_and_resume_continues(
+    store: RunStore, jobs: JobQueue, digits: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    system_tmp = tmp_path / 'system-tmp'  # the service's TMPDIR: a cancelled run used to leave wandb's folders here
+    system_tmp.mkdir()
+    monkeypatch.setenv('TMPDIR', str(system_tmp))
     folder = submit(store, jobs, 'long', train_data=digits, epochs=1000)
     checkpoint = folder / 'checkpoints' / 'last.pt'
     wait_for(checkpoint.is_file, START_TIMEOUT, 'the first checkpoint')
+    assert (folder / 'tmp').is_dir()  # the run's own TMPDIR while it trains
     processes = run_processes(folder)
     assert sorted(processes.values()) == ['', '0', '1'], processes  # torchrun and its two workers
     rank_0 = next(pid for pid, rank in processes.items() if rank == '0')
@@ -190,6 +196,8 @@ def test_cancel_stops_torchrun_and_its_workers_and_resume_continues(store: RunSt
     wait_for(lambda: not any(pid_alive(pid) for pid in processes), 10, 'every process of the run to end')
     cancel_seconds = time.monotonic() - started
     assert cancel_seconds < 15, cancel_seconds
+    wait_for(lambda: not (folder / 'tmp').exists(), 10, "the run's tmp folder to be removed")
+    assert list(system_tmp.iterdir()) == []
     epochs_done = len(store.history('long'))
     assert epochs_done >= 1
 
