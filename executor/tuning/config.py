@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 from pathlib import Path
@@ -13,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.devices import check_device
+from executor.tuning.errors import did_you_mean
 from executor.tuning.losses import list_losses, list_miners, unknown_name
+from executor.tuning.matryoshka import matryoshka_sizes
 from executor.tuning.optim import check_optimizer
 from executor.tuning.pair_losses import CLIP_LOSS, PAIR_LOSSES
 
@@ -237,13 +238,7 @@ class TrainConfig(BaseModel):
                 'tensorboard unset) to train without it'
             )
         self.check_devices()
-        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or []):
-            raise ValueError(
-                f'matryoshka_weights has {len(self.matryoshka_weights)} entries for matryoshka_dims '
-                f'{self.matryoshka_dims}; give one weight per dim, or leave the weights out (1 each)'
-            )
-        if self.matryoshka_dims is not None and min(self.matryoshka_dims) < 1:
-            raise ValueError(f'matryoshka_dims must be positive, got {self.matryoshka_dims}')
+        matryoshka_sizes(self.matryoshka_dims, self.matryoshka_weights)
         if not self.two_tower and self.text_freeze is not False:
             raise ValueError('text_freeze applies to the text tower of a two-tower model; set text_model too')
         if not self.two_tower and self.loss == CLIP_LOSS:
@@ -324,8 +319,7 @@ def check_loggers(names: list[str]) -> list[str]:
     allowed or how to install it."""
     for name in names:
         if name not in LOGGERS:
-            close = difflib.get_close_matches(name, LOGGERS, n=1)
-            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            hint = did_you_mean(name, LOGGERS)
             raise ValueError(f'unknown logger {name!r}{hint}; allowed: {", ".join(map(repr, LOGGERS))}')
         module, package = TRACKER_PACKAGES.get(name, (None, None))
         if module is not None and importlib.util.find_spec(module) is None:

@@ -10,10 +10,10 @@ the plan to read, the monitor options; the run then builds the callbacks it runs
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from executor.tuning.callbacks import BestModelCheckpoint, EarlyStopping, EvaluationCallback, FinetunerCallback
+from executor.tuning.errors import did_you_mean
 from executor.tuning.trackers import WandBLogger
 
 
@@ -97,8 +97,7 @@ def _callback_fields(callback: Any, i: int) -> tuple[str, dict[str, Any]]:
         raw = {'name': type(callback).__name__, **dict(getattr(callback, '__dict__', {}))}
     name = raw.pop('name', None)
     if name not in CALLBACKS:
-        close = difflib.get_close_matches(str(name), CALLBACKS, n=1)
-        hint = f' (did you mean {close[0]!r}?)' if close else ''
+        hint = did_you_mean(name, CALLBACKS)
         raise FinetunerArgumentError(
             f"callbacks[{i}]: unknown callback {name!r}{hint}; Finetuner's callbacks are {', '.join(CALLBACKS)}, "
             "given as objects (from executor.client import EarlyStopping) or as {'name': 'EarlyStopping', ...}"
@@ -108,8 +107,7 @@ def _callback_fields(callback: Any, i: int) -> tuple[str, dict[str, Any]]:
     allowed = list(CALLBACKS[name].arguments())
     for key in raw:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            hint = did_you_mean(key, allowed)
             raise FinetunerArgumentError(
                 f'callbacks[{i}] ({name}): unknown argument {key!r}{hint}; {name} takes {", ".join(allowed)}'
             )

@@ -12,12 +12,12 @@ what to use instead; anything else unknown stays the validation error it was.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from executor.tuning.config import TrainConfig
 
+from executor.tuning.errors import did_you_mean
 from executor.tuning.finetuner_callbacks import FinetunerArgumentError, callback_options, merge
 
 # Finetuner's options given as None mean "the default": the fields here are not Optional, so None is dropped.
@@ -217,8 +217,7 @@ def _model_options(given: Any) -> dict[str, Any]:
         elif key in MODEL_OPTIONS:
             out[key] = value
         else:
-            close = difflib.get_close_matches(key, MODEL_OPTIONS, n=1)
-            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            hint = did_you_mean(key, MODEL_OPTIONS)
             raise FinetunerArgumentError(
                 f"unknown model option 'model_options.{key}'{hint}; model_options takes {', '.join(MODEL_OPTIONS)} "
                 '(also accepted at the top level)'

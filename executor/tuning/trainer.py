@@ -26,9 +26,9 @@ from executor.tuning import artifact
 from executor.tuning.callbacks import BestModelCheckpoint, Callback, EarlyStopping, EvaluationCallback, ProgressBar
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import BatchSampler, Collate, ItemDataset
+from executor.tuning.devices import to_device
 from executor.tuning.distributed import agree_on_minimum, check_local_world, init_distributed, training_device
 from executor.tuning.evaluation import Evaluator, ModelEmbedder
-from executor.tuning.evaluation.evaluator import to_device
 from executor.tuning.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from executor.tuning.finetuner_compat import finetuner_config
 from executor.tuning.inputs import Batch

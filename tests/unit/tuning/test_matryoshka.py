@@ -43,6 +43,12 @@ def test_bad_sizes_are_refused_saying_why(dims, weights, embed_dim, message):
         matryoshka_sizes(dims, weights, embed_dim)
 
 
+def test_the_config_refuses_what_the_losses_refuse():
+    for dims, weights, message in (([64, 64], None, 'distinct'), ([8, 4], [1, -0.5], '>= 0'), ([0], None, 'positive')):
+        with pytest.raises(ValueError, match=f'matryoshka_.* {message}'):
+            TrainConfig(train_data='x.csv', matryoshka_dims=dims, matryoshka_weights=weights)
+
+
 def test_truncate_keeps_the_leading_values_unit_length_for_tensors_and_arrays():
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     got = truncate(x, 3)
