@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault('FINETUNER_PROGRESS', '0')
 
 from executor.tuning import TrainConfig, Trainer
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 
 
 def config(args, output_dir: str) -> TrainConfig:

@@ -41,7 +41,7 @@ os.environ.setdefault('FINETUNER_PROGRESS', '0')
 from bench.text_sick import TEXT_BASE, TEXT_MODEL, reference_fit, sick_csvs, spearman
 from executor.tuning import fit
 from executor.tuning.data import Item
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 from executor.tuning.models import build_model
 
 HITS = ['hit@1', 'hit@5', 'hit@10']

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from executor.tuning import fit
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 
 RUNS = {
     'metric': dict(

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from executor.client import FinetunerClient, ServiceError  # noqa: E402
 from executor.docs import FinetunerDoc  # noqa: E402
-from executor.tuning.data.samples import digits, write_digits_folder  # noqa: E402
+from executor.tuning.data.digits import digits, write_digits_folder  # noqa: E402
 
 
 def main() -> None:

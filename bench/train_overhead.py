@@ -30,7 +30,7 @@ os.environ.setdefault('FINETUNER_PROGRESS', '0')
 
 from bench.text_sick import sick_pairs, write_csv
 from executor.tuning import TrainConfig, Trainer
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 from executor.tuning.models.registry import inputs_kind
 
 

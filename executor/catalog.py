@@ -30,7 +30,7 @@ from executor.docs import (
     RunReport,
 )
 from executor.params import ModelsParams, RunParams, parse
-from executor.service.artifacts import pack_artifact
+from executor.service.artifact_io import pack_artifact
 from executor.service.store import RunState, finite_metrics
 from executor.tuning.artifact import REPORTS_DIR
 from executor.tuning.models import describe_models

@@ -37,7 +37,7 @@ from rich.console import Console  # noqa: E402
 from executor.client import FinetunerClient, Run  # noqa: E402
 from executor.docs import FinetunerDoc  # noqa: E402
 from executor.tuning.data import load_items  # noqa: E402
-from executor.tuning.data.samples import write_digits_folder  # noqa: E402
+from executor.tuning.data.digits import write_digits_folder  # noqa: E402
 from executor.tuning.reports import metrics_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from pathlib import Path
 from executor.demo import REPO, FinetunerClient, Flow, console, follow, free_port, marked  # the image demo's set-up
 from executor.docs import FinetunerDoc
 from executor.tuning.data import load_items
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 
 WORDS = 'zero one two three four five six seven eight nine'.split()
 # Small enough for 2 CPU cores in a few minutes: 32 px digits, the text tower locked, 3 epochs.

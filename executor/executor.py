@@ -40,7 +40,7 @@ from executor.params import (
     resolve_path,
     train_config,
 )
-from executor.service.artifacts import open_artifact
+from executor.service.artifact_io import open_artifact
 from executor.service.batcher import RequestBatcher
 from executor.service.encoder_cache import EncoderCache, file_encoder, registry_encoder
 from executor.service.jobs import JobQueue

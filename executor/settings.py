@@ -11,7 +11,7 @@ from typing import Any, Optional
 from pydantic import Field, field_validator, model_validator
 
 from executor.params import EndpointParams
-from executor.service.artifacts import MAX_UNPACKED_BYTES
+from executor.service.artifact_io import MAX_UNPACKED_BYTES
 from executor.tuning.artifact import Runtime
 from executor.tuning.devices import check_device
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
-from executor.tuning.data.samples import digits, write_digits_folder
+from executor.tuning.data.digits import digits, write_digits_folder
 
 CONFIG = Path(__file__).resolve().parents[2] / 'config.yml'
 TINY = {'model': 'resnet18', 'pretrained': False, 'image_size': 32, 'epochs': 1, 'batch_size': 20}

@@ -21,7 +21,7 @@ from jina import Deployment
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
 from executor.service.store import pid_alive
-from executor.tuning.data.samples import digits, write_digits_folder
+from executor.tuning.data.digits import digits, write_digits_folder
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {'model': 'resnet18', 'pretrained': False, 'image_size': 32, 'epochs': 1, 'batch_size': 20}

@@ -29,7 +29,7 @@ from jina.proto import jina_pb2_grpc
 
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
-from executor.tuning.data.samples import digits, write_digits_folder
+from executor.tuning.data.digits import digits, write_digits_folder
 from tests.helpers import http
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -31,7 +31,7 @@ from PIL import Image
 
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
-from executor.tuning.data.samples import digits, write_digits_folder
+from executor.tuning.data.digits import digits, write_digits_folder
 from tests.helpers import http, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
-from executor.tuning.data.samples import digits, write_digits_folder
+from executor.tuning.data.digits import digits, write_digits_folder
 from executor.tuning.export import export_onnx
 from executor.tuning.models import build_model
 from tests.helpers import http

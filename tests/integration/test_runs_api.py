@@ -22,7 +22,7 @@ from rich.console import Console
 
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
-from executor.tuning.data.samples import digits, write_digits_folder
+from executor.tuning.data.digits import digits, write_digits_folder
 
 CONFIG = Path(__file__).resolve().parents[2] / 'config.yml'
 # Tiny training: timm's random-init test_resnet (0.4 M weights) on 32 px digits, one epoch (3 steps of 20 images).

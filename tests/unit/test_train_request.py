@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from executor.tuning.data.samples import write_digits_folder
+from executor.tuning.data.digits import write_digits_folder
 from executor.tuning.plan import PLAN_FILE
 
 TINY = dict(model='resnet18', pretrained=False, image_size=32, epochs=1, batch_size=8, device='cpu', tensorboard=False)

@@ -20,7 +20,7 @@ from executor.service.jobs import FAILURES_DIR, JobQueue, child_command, first_f
 from executor.service.store import RunState, RunStore, pid_alive
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import Item
-from executor.tuning.data.samples import write_digits_folder
+from executor.tuning.data.digits import write_digits_folder
 from executor.tuning.tasks import decide_task
 
 # 40 digits in 2 global batches of 20 (10 per rank): an epoch takes about a second, start-up dominates.

@@ -41,7 +41,7 @@ def test_nothing_fits():
 
 def test_trainer_keeps_the_found_batch(tmp_path, monkeypatch):
     from executor.tuning import TrainConfig, Trainer
-    from executor.tuning.data.samples import digits_items
+    from executor.tuning.data.digits import digits_items
     from executor.tuning.trainer import Trainer as TrainerClass
 
     limit = 24

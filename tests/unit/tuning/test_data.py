@@ -22,7 +22,7 @@ from executor.tuning.data import (
     check_under_roots,
     load_items,
 )
-from executor.tuning.data.samples import write_digits_folder
+from executor.tuning.data.digits import write_digits_folder
 from executor.tuning.inputs import ImageInputs
 from executor.tuning.inputs.image import eval_transform, load_image, train_transform
 

@@ -12,7 +12,7 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from pytorch_metric_learning.utils.distributed import DistributedMinerWrapper
 
 from executor.tuning import TrainConfig, Trainer, fit
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 
 # The pretrained default with BatchNorm statistics kept: per-rank batch statistics would otherwise differ from the
 # global batch's (SyncBatchNorm needs CUDA). SGD keeps the comparison linear in the gradients, and SupConLoss is

@@ -7,7 +7,7 @@ import torch
 
 from executor.tuning import fit, load_model
 from executor.tuning.data import Item
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 from executor.tuning.models import build_model
 
 COMMON = dict(model='efficientnet_lite0', image_size=64, tensorboard=False, seed=0)
@@ -74,7 +74,7 @@ def test_simclr_on_unlabelled_images_then_supervised_from_its_weights(tmp_path):
 def test_one_function_decides_the_task_and_each_task_fills_its_defaults():
     from executor.tuning.config import TrainConfig
     from executor.tuning.data import DataError, Item
-    from executor.tuning.data.samples import digits_items
+    from executor.tuning.data.digits import digits_items
     from executor.tuning.tasks import (
         Classification,
         LinearProbe,
@@ -124,7 +124,7 @@ def test_what_can_be_checked_before_a_run_is_checked_there(tmp_path):
     and then FAILED in the training process (`KeyError: 101`, `EOFError`); optimizer_options' lr was overridden."""
     from executor.tuning.config import TrainConfig
     from executor.tuning.data import DataError
-    from executor.tuning.data.samples import write_digits_folder
+    from executor.tuning.data.digits import write_digits_folder
     from executor.tuning.plan import plan_run
 
     folder = write_digits_folder(tmp_path / 'digits', per_class=2, size=8)

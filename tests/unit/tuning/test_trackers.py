@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from executor.tuning import TrainConfig, fit
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 from executor.tuning.trackers import flat_params, mlflow_name
 
 # timm's random-init test_resnet (0.4 M weights) on 32 px digits: 2 optimizer steps of 20 images, evaluated before

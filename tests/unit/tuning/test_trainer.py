@@ -13,7 +13,7 @@ from PIL import Image
 from executor.tuning import TrainConfig, Trainer, fit, load_model
 from executor.tuning.callbacks import Callback
 from executor.tuning.data import DataError
-from executor.tuning.data.samples import digits_items
+from executor.tuning.data.digits import digits_items
 from executor.tuning.evaluation import Evaluator
 from executor.tuning.inference import TorchEncoder
 

@@ -1,5 +1,5 @@
 """Artifacts for serving: the model file to serve for a run id, an artifact folder, a ``.zip`` of one, or a model file;
-Finetuner's artifacts too (its zip or folder, rebuilt once by ``finetuner_artifact``); and a run's artifact packed as
+Finetuner's artifacts too (its zip or folder, rebuilt once by ``finetuner_import``); and a run's artifact packed as
 such a zip (``/runs/artifact``), for clients that do not share the server's disk.
 
 A zip is unpacked once, into a folder named by its name and a digest of its bytes, and served from there; one that
@@ -17,7 +17,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from executor.service.finetuner_artifact import finetuner_models, rebuild
+from executor.service.finetuner_import import finetuner_models, rebuild
 from executor.service.store import RUN_ID_PATTERN, STATUS_FILE, RunStore
 from executor.tuning.artifact import MODEL_FILE, ONNX_FILE, Runtime, artifact_files, served_file
 

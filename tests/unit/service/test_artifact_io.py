@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from executor.service.artifacts import open_artifact, pack_artifact
+from executor.service.artifact_io import open_artifact, pack_artifact
 from executor.service.store import RunStore
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from executor.service.artifacts import open_artifact
+from executor.service.artifact_io import open_artifact
 from executor.service.store import RunStore
 from executor.tuning.inference import create_encoder
 from tests.finetuner_layout import RESNET50, write_finetuner_zip
