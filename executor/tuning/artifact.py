@@ -50,13 +50,18 @@ PREPROCESSING_FORMAT_V1 = 'finetuner-executor/onnx-v1'
 
 def artifact_files(folder: str | os.PathLike) -> list[Path]:
     """The files of the artifact in ``folder`` that a copy of it carries: the model, its ONNX exports (with their
-    external data), ``preprocessing.json``, the configuration, the history and ``reports/``. Not the checkpoint (it
+    external data), a two-tower model's per-tower exports (``tower_onnx_file``, each with its ``preprocessing.json``),
+    ``preprocessing.json``, the configuration, the history and ``reports/``. Not the checkpoint (it
     holds the optimizer's state too, 2-3x the model), nor what a run folder holds besides (the training documents,
     the log, the trackers' files)."""
     folder = Path(folder)
     names = [MODEL_FILE, PREPROCESSING_FILE, CONFIG_FILE, HISTORY_FILE]
     names += [name + suffix for name in EXPORT_FILES.values() for suffix in ('', EXTERNAL_DATA)]
     files = [folder / name for name in names if (folder / name).is_file()]
+    towers = sorted(sub for sub in folder.iterdir() if (sub / ONNX_FILE).is_file()) if folder.is_dir() else []
+    for tower in towers:
+        names = (ONNX_FILE, ONNX_FILE + EXTERNAL_DATA, PREPROCESSING_FILE)
+        files += [tower / name for name in names if (tower / name).is_file()]
     reports = folder / REPORTS_DIR
     return files + sorted(p for p in reports.rglob('*') if p.is_file() and not p.name.startswith('.'))
 

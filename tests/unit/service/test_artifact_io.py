@@ -9,6 +9,7 @@ import pytest
 
 from executor.service.artifact_io import open_artifact, pack_artifact
 from executor.service.store import RunStore
+from executor.tuning.artifact import served_file
 
 
 @pytest.fixture
@@ -101,3 +102,24 @@ def test_a_packed_artifact_holds_the_model_files_and_serves_from_its_zip(store: 
         pack_artifact(folder, "run 'r'", limit=1000)
     with pytest.raises(FileNotFoundError, match=r"run 'e' has no model file"):
         pack_artifact(tmp_path / 'reports-only', "run 'e'")
+
+
+def test_a_two_tower_artifact_packs_each_towers_export_and_serves_it_from_the_zip(store: RunStore, tmp_path: Path):
+    """A two-tower run's clip-vision/ and clip-text/ exports were left out of /runs/artifact's zip, so a served copy
+    fell back to torch."""
+    folder = tmp_path / 'two-tower'
+    files = {'model.pt': b'pt', 'preprocessing.json': b'{}'}
+    for tower in ('clip-text', 'clip-vision'):
+        files |= {f'{tower}/model.onnx': tower.encode(), f'{tower}/preprocessing.json': b'{}'}
+    files['clip-text/model.onnx.data'] = b'weights'
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / 'tensorboard').mkdir()
+    (folder / 'tensorboard' / 'events').write_bytes(b'tb')  # not the artifact's
+    archive = tmp_path / 'tt.zip'
+    archive.write_bytes(pack_artifact(folder, "run 'tt'"))
+    with zipfile.ZipFile(archive) as zf:
+        assert {i.filename: zf.read(i) for i in zf.infolist()} == files
+    served = open_artifact(archive, store, tmp_path / 'unpacked', 'onnx')
+    assert served_file(served.parent, 'onnx', tower='clip-text').read_bytes() == b'clip-text'
