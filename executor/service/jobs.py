@@ -58,10 +58,11 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def planned_devices(folder: Path, request: dict) -> int:
-    """How many processes the run in ``folder`` trains with, its GPUs checked again: they may be gone since the run was
+def planned_devices(store: RunStore, run_id: str) -> int:
+    """How many processes the run ``run_id`` trains with, its GPUs checked again: they may be gone since the run was
     planned (a restart with other CUDA_VISIBLE_DEVICES). A run from before plans were saved: from its request."""
-    config = RunPlan.saved_config(folder) if RunPlan.exists(folder) else TrainConfig(**request)
+    folder = store.folder(run_id)
+    config = RunPlan.saved_config(folder) if RunPlan.exists(folder) else TrainConfig(**store.request(run_id))
     config.check_devices()
     return config.num_devices
 
@@ -203,7 +204,7 @@ class JobQueue:
                 return
             folder = self.store.folder(run_id)
             try:
-                num_devices = planned_devices(folder, self.store.request(run_id))
+                num_devices = planned_devices(self.store, run_id)
             except ValueError as err:  # valid when queued, but e.g. the GPUs it asks for are gone since a restart
                 self.store.update(run_id, status='FAILED', finished_at=now(), error=str(err))
                 return

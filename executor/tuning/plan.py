@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 PLAN_FILE = 'plan.json'
 PLAN_DIR = 'plan'
-SPLITS = ('train', 'query', 'index')
 
 
 @dataclass
@@ -82,7 +81,7 @@ class RunPlan:
     def load(cls, folder: Path, **changes: Any) -> RunPlan:
         """The plan saved in ``folder``, with ``changes`` to its config (the training process's ``output_dir`` and
         ``callbacks``), built without validating again: it was validated when it was made."""
-        record = json.loads((folder / PLAN_FILE).read_text(encoding='utf-8'))
+        record = _read_record(folder)
         config = TrainConfig.from_record({**record['config'], **changes})
         spec = dict(record['task'])
         task = TASKS[spec.pop('name')](config, **spec)
@@ -101,15 +100,18 @@ class RunPlan:
     @staticmethod
     def update(folder: Path, **changes: Any) -> None:
         """Change options of a saved plan's config (``resume`` with other ``epochs``), written back atomically."""
-        path = folder / PLAN_FILE
-        record = json.loads(path.read_text(encoding='utf-8'))
+        record = _read_record(folder)
         record['config'].update(changes)
-        atomic_write_json(path, record)
+        atomic_write_json(folder / PLAN_FILE, record)
 
     @staticmethod
     def saved_config(folder: Path) -> TrainConfig:
         """The config of the plan saved in ``folder``, without its items (what the service starts the run with)."""
-        return TrainConfig.from_record(json.loads((folder / PLAN_FILE).read_text(encoding='utf-8'))['config'])
+        return TrainConfig.from_record(_read_record(folder)['config'])
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / PLAN_FILE).read_text(encoding='utf-8'))
 
 
 def plan_run(config: TrainConfig, decode: bool = False) -> RunPlan:
@@ -204,8 +206,7 @@ def config_record(config: TrainConfig) -> dict[str, Any]:
     """``config`` as JSON-able values, its data fields as a path or a count of documents (the items are saved apart)."""
     record = config.model_dump(mode='json', exclude=set(DATA_FIELDS))
     for key in DATA_FIELDS:
-        value = getattr(config, key)
-        record[key] = value if value is None or isinstance(value, str) else describe_data(value)
+        record[key] = describe_data(getattr(config, key))
     return record
 
 

@@ -442,7 +442,9 @@ def run_callbacks(config: TrainConfig, evaluator: Evaluator | None, monitor: str
     """A run's callbacks, in the order they run: evaluation first (the others watch its metrics), best model, early
     stopping, the caller's own, the trackers of ``loggers`` (TensorBoard, W&B, MLflow), the progress bar (unless
     ``FINETUNER_PROGRESS=0``)."""
-    callbacks: list[Callback] = [EvaluationCallback(batch_size=64, evaluator=evaluator)] if evaluator else []
+    callbacks: list[Callback] = []
+    if evaluator is not None:
+        callbacks.append(EvaluationCallback(batch_size=64, evaluator=evaluator))
     if config.save_best and evaluator is not None:
         callbacks.append(BestModelCheckpoint(monitor))
     if config.early_stopping_patience is not None:
