@@ -34,6 +34,7 @@ from executor.tuning.data import check_under_roots
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.errors import close_names, did_you_mean
 from executor.tuning.finetuner_compat import translate
+from executor.tuning.matryoshka import truncate
 
 P = TypeVar('P', bound=BaseModel)
 logger = logging.getLogger(__name__)
@@ -325,8 +326,7 @@ class EmbedParams(DocModelParams):
                 f"truncate_dim={dim} is more than the model's {width} dimensions; send truncate_dim <= {width}, or "
                 'leave it out for the full embedding'
             )
-        out = embeddings[:, :dim]
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return truncate(embeddings, dim)
 
 
 class EncodeParams(EmbedParams):
