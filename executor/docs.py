@@ -71,6 +71,11 @@ class FinetunerDoc(BaseDoc):
     tags: Optional[dict[str, Any]] = Field(
         None, description=f"Finetuner's document tags; tags['{FINETUNER_LABEL}'] is read as label"
     )
+    relevant_ids: Optional[list[str]] = Field(
+        None,
+        description='a judged query (relevance evaluation and training): the ids of its relevant documents; graded '
+        "judgements as tags['relevant_ids'] = {id: grade}",
+    )
     embedding: Optional[NdArray] = None
     scores: Optional[dict[str, float]] = Field(None, description='classification score per class name')
     matches: DocList[MatchDoc] = Field(DocList[MatchDoc](), description='search results, best first')
@@ -230,8 +235,17 @@ def items_of(docs: DocList, roots: list) -> list:
         if uri is not None and uri.startswith('data:'):
             blob, uri = data_uri_bytes(uri, f'document {doc.id!r}'), None
         tensor = None if doc.tensor is None else np.asarray(doc.tensor)
+        relevant = doc.relevant_ids if doc.relevant_ids is not None else (doc.tags or {}).get('relevant_ids')
         records.append(
-            {'id': doc.id, 'uri': uri, 'blob': blob, 'tensor': tensor, 'text': doc.text, 'label': label_of(doc)}
+            {
+                'id': doc.id,
+                'uri': uri,
+                'blob': blob,
+                'tensor': tensor,
+                'text': doc.text,
+                'label': label_of(doc),
+                'relevant_ids': relevant,
+            }
         )
     return from_records(records, roots)
 

@@ -48,6 +48,7 @@ from executor.service.store import RunState, RunStore
 from executor.settings import ServiceConfig
 from executor.tuning.artifact import EXPORT_FILES
 from executor.tuning.data import load_items
+from executor.tuning.data.judgements import from_documents, is_judgements, read_judgements
 from executor.tuning.evaluation import evaluator_for
 from executor.tuning.inputs.image import limit_pixels
 from executor.tuning.models import TOWERS, family_of, is_model_file, list_models, load_model, unknown_model
@@ -340,10 +341,16 @@ class FinetunerExecutor(CatalogEndpoints):
         if params.query_data is not None:
             query = self._load(params.query_data, 'query_data', params)
             index = self._load(params.index_data, 'index_data', params)
+        elif params.data is not None and is_judgements(path := resolve_path(params.data, self.data_roots, 'data')):
+            judgements = read_judgements(path, params.split, self.data_roots, params.csv_options)
+            query, index = judgements.queries, judgements.corpus
         elif params.data is not None:
             query, index = self._load(params.data, 'data', params), None
         else:
             query, index = self._items(docs), None
+            if is_judgements(query):
+                judgements = from_documents(query)
+                query, index = judgements.queries, judgements.corpus
         evaluator = evaluator_for(query, index, params.limit, params.matryoshka_dims)  # checks labels or scores
         encoder = self._encoder(params)
         evaluation = evaluator(encoder.embedder(self._batch_size(params)))

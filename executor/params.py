@@ -372,6 +372,13 @@ class EvaluateParams(ModelParams):
     matryoshka_dims: Optional[list[int]] = Field(
         None, min_length=1, description='evaluate at each of these leading slices of the embedding too'
     )
+    split: str = Field(
+        'test',
+        min_length=1,
+        max_length=100,
+        pattern=r'^[\w.-]+$',
+        description='relevance data (a BEIR folder as data): the judgements split, qrels/<split>.tsv',
+    )
 
     @model_validator(mode='after')
     def _data(self) -> EvaluateParams:

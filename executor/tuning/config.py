@@ -42,6 +42,81 @@ class SchedulerOptions(BaseModel):
     )
 
 
+class HardNegatives(BaseModel):
+    """Hard negatives mined from the corpus before training, with sentence-transformers' ``mine_hard_negatives``
+    option names and meaning: each query's corpus neighbours by the model being tuned, ranks ``range_min`` to
+    ``range_max`` (judged positives never count), kept only where ``margin``/``relative_margin`` below the positive's
+    score and within ``min_score``/``max_score``, then ``num_negatives`` of them (the ``top`` ones, or at
+    ``random``)."""
+
+    model_config = ConfigDict(extra='forbid')
+    num_negatives: int = Field(3, ge=1, le=100, description='negatives per (query, positive) pair')
+    range_min: int = Field(
+        0, ge=0, le=100_000, description='skip the first range_min neighbours (likely unjudged positives)'
+    )
+    range_max: Optional[int] = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description='look no further than range_max neighbours (default: range_min + num_negatives, x10 with a margin)',
+    )
+    margin: Optional[float] = Field(
+        None, ge=-2, le=2, description='absolute: a negative scores at most positive - margin (also absolute_margin)'
+    )
+    absolute_margin: Optional[float] = Field(None, ge=-2, le=2, description="sentence-transformers' name of margin")
+    relative_margin: Optional[float] = Field(
+        None, ge=0, le=1, description='a negative scores at most positive - |positive| x relative_margin'
+    )
+    max_score: Optional[float] = Field(None, ge=-1, le=1, description='a negative scores at most this cosine')
+    min_score: Optional[float] = Field(None, ge=-1, le=1, description='a negative scores at least this cosine')
+    sampling_strategy: Literal['top', 'random'] = 'top'
+    output_format: Literal['n-tuple', 'triplet'] = Field(
+        'n-tuple',
+        description="'n-tuple': one row (query, positive, negative_1..n); 'triplet': a row per negative",
+    )
+    corpus: Optional[str] = Field(
+        None,
+        description='documents to mine from for anchor,positive data (a corpus.jsonl or a CSV with a text column); '
+        "default: the data's own positives (a BEIR folder's corpus for relevance data)",
+    )
+    mine_every_epoch: bool = Field(False, description='mine again with the model as it is before each later epoch')
+    batch_size: int = Field(64, ge=1, le=4096, description='sentences embedded at once while mining')
+
+    @model_validator(mode='after')
+    def _consistent(self) -> HardNegatives:
+        if self.margin is not None and self.absolute_margin is not None:
+            raise ValueError('give margin or absolute_margin (the same option by two names), not both')
+        if self.range_max is not None:
+            if self.range_min >= self.range_max:
+                raise ValueError(f'range_min={self.range_min} must be below range_max={self.range_max}')
+            if self.num_negatives > self.range_max - self.range_min:
+                raise ValueError(
+                    f'cannot mine num_negatives={self.num_negatives} among ranks {self.range_min} to {self.range_max}; '
+                    'lower num_negatives or range_min, or raise range_max'
+                )
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise ValueError(f'min_score={self.min_score} is above max_score={self.max_score}')
+        return self
+
+    @property
+    def columns(self) -> int:
+        """The columns of a mined row: query, positive and the negatives."""
+        return 2 + (self.num_negatives if self.output_format == 'n-tuple' else 1)
+
+    @property
+    def absolute(self) -> float | None:
+        return self.margin if self.margin is not None else self.absolute_margin
+
+    @property
+    def depth(self) -> int:
+        """range_max, or its default as sentence-transformers derives it."""
+        if self.range_max is not None:
+            return self.range_max
+        filtered = self.absolute is not None or self.relative_margin is not None or self.max_score is not None
+        spread = 10 if filtered else 1
+        return self.range_min + self.num_negatives * spread
+
+
 class TrainConfig(BaseModel):
     """Everything a run needs. Field names are Finetuner's ``fit`` arguments where it had them; Finetuner's other
     arguments (``model_options``, its callbacks, ...) are translated before, at the API's edge
@@ -84,6 +159,27 @@ class TrainConfig(BaseModel):
         ge=0,
         lt=1,
         description='hold out this share of train_data (per class) as the evaluation data, when no eval_data is given',
+    )
+    split: str = Field(
+        'train',
+        min_length=1,
+        max_length=100,
+        pattern=r'^[\w.-]+$',
+        description="the judgements split of relevance train_data (a BEIR folder's qrels/<split>.tsv)",
+    )
+    eval_split: str = Field(
+        'test',
+        min_length=1,
+        max_length=100,
+        pattern=r'^[\w.-]+$',
+        description='the judgements split of relevance eval_data',
+    )
+    hard_negatives: Optional[HardNegatives] = Field(
+        None,
+        description=(
+            "negatives mined from the corpus for pair and relevance training, e.g. {'num_negatives': 5, 'range_min': "
+            "10, 'range_max': 100, 'relative_margin': 0.05} (sentence-transformers' mine_hard_negatives options)"
+        ),
     )
     csv_options: Optional[CSVOptions] = Field(
         None, description="how CSV files are read (Finetuner's CSVOptions: is_labeled, dialect, size, ...)"
@@ -290,6 +386,8 @@ class TrainConfig(BaseModel):
         values['scheduler_options'] = SchedulerOptions.model_construct(**values['scheduler_options'])
         if values.get('csv_options') is not None:
             values['csv_options'] = CSVOptions.model_construct(**values['csv_options'])
+        if values.get('hard_negatives') is not None:
+            values['hard_negatives'] = HardNegatives.model_construct(**values['hard_negatives'])
         if values.get('output_dir') is not None:
             values['output_dir'] = Path(values['output_dir'])
         return cls.model_construct(**values)

@@ -8,6 +8,7 @@ Layout of a saved plan, under the run folder::
 
     plan.json           the resolved config, the task and its arguments, the class names, the item counts
     plan/train.jsonl    the training items (one JSON object a line); plan/query.jsonl, plan/index.jsonl: evaluation
+    plan/corpus.jsonl   the documents hard negatives are mined from (when the run mines them)
     plan/files/         the items' images that came as bytes or arrays (blobs as sent, arrays as PNG)
 """
 
@@ -23,7 +24,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from executor.tuning.config import DATA_FIELDS, TrainConfig
-from executor.tuning.data.sources import Item, load_items
+from executor.tuning.data.judgements import Judgements, is_judgements, read_documents, read_judgements
+from executor.tuning.data.sources import Item, check_under_roots, load_items
 from executor.tuning.errors import DataError
 from executor.tuning.files import atomic_write_json, atomic_write_text
 from executor.tuning.inputs import inputs_class
@@ -48,6 +50,7 @@ class RunPlan:
     items: list[Item]
     class_names: list[str] | None
     evaluation: tuple[list[Item], list[Item] | None] | None  # (queries, index); index None: queries search each other
+    corpus: list[Item] | None = None  # what hard negatives are mined from (None: the training pairs' positives)
 
     def counts(self) -> dict[str, int]:
         """How many items each split holds (the index is absent when the queries search each other)."""
@@ -56,6 +59,8 @@ class RunPlan:
             counts['query'] = len(self.evaluation[0])
             if self.evaluation[1] is not None:
                 counts['index'] = len(self.evaluation[1])
+        if self.corpus is not None:
+            counts['corpus'] = len(self.corpus)
         return counts
 
     def save(self, folder: Path) -> None:
@@ -64,6 +69,8 @@ class RunPlan:
         splits = {'train': self.items}
         if self.evaluation is not None:
             splits['query'], splits['index'] = self.evaluation
+        if self.corpus is not None:
+            splits['corpus'] = self.corpus
         for split, items in splits.items():
             if items is not None:
                 write_items(items_dir, split, items)
@@ -91,7 +98,8 @@ class RunPlan:
         if 'query' in counts:
             index = read_items(folder / PLAN_DIR, 'index') if 'index' in counts else None
             evaluation = read_items(folder / PLAN_DIR, 'query'), index
-        return cls(task.config, task, items, record['class_names'], evaluation)
+        corpus = read_items(folder / PLAN_DIR, 'corpus') if 'corpus' in counts else None
+        return cls(task.config, task, items, record['class_names'], evaluation, corpus)
 
     @staticmethod
     def exists(folder: Path) -> bool:
@@ -127,16 +135,27 @@ def plan_run(config: TrainConfig, decode: bool = False) -> RunPlan:
             'no training data: send labelled documents with the request, or set train_data to a CSV '
             'file or an image folder under the data roots'
         )
-    items = load_items(config.train_data, config.data_roots, config.csv_options)
-    held_out = None
-    if config.val_split > 0 and config.eval_data is None and config.query_data is None:
-        items, held_out = holdout(items, config)
+    held_out, corpus = None, None
+    holds_out = config.val_split > 0 and config.eval_data is None and config.query_data is None
+    if is_judgements(config.train_data, config.data_roots):
+        judgements = read_judgements(config.train_data, config.split, config.data_roots, config.csv_options)
+        if holds_out:
+            judgements, held_out = holdout_queries(judgements, config)
+        items, corpus = judgements.pairs(), judgements.corpus
+    else:
+        items = load_items(config.train_data, config.data_roots, config.csv_options)
+        if holds_out:
+            items, held_out = holdout(items, config)
     if len(items) < 2:
         raise DataError(
             f'the training data has {len(items)} item; training needs at least 2 (one batch), and '
             'metric learning at least 2 per class'
         )
     task = decide_task(config, items)
+    if config.hard_negatives is not None:
+        task, corpus = mining_task(config, task, items, corpus)
+    else:
+        corpus = None  # a corpus is kept only to mine from
     items = task.prepare(items)
     inputs = inputs_class('image-text' if config.two_tower else inputs_kind(config.model))
     inputs.check_items(items, 'training items')
@@ -150,13 +169,58 @@ def plan_run(config: TrainConfig, decode: bool = False) -> RunPlan:
     evaluation = (held_out, None) if held_out is not None else evaluation_items(config)
     if evaluation is not None:
         task.evaluator(*evaluation, config.limit)  # checks that every evaluation item is labelled
-    return RunPlan(task.config, task, items, class_names, evaluation)
+    return RunPlan(task.config, task, items, class_names, evaluation, corpus)
+
+
+def mining_task(config: TrainConfig, task: Task, items: list[Item], corpus: list[Item] | None) -> tuple[Task, list]:
+    """The pair task as it trains on mined rows (query, positive and the negatives), and the corpus to mine from:
+    ``hard_negatives.corpus``, else relevance data's corpus, else ``None`` (the pairs' own positives)."""
+    if task.name != 'pairs' or task.scored or task.views != 2:
+        raise DataError(
+            f'hard_negatives are mined for (query, positive) pairs: relevance data (a BEIR folder, judgements) or an '
+            f'anchor,positive CSV; {items[0].name} is not such a pair. Leave hard_negatives out for this data'
+        )
+    options = config.hard_negatives
+    if options.corpus is not None:
+        corpus = read_corpus(options.corpus, config)
+    mined = TASKS['pairs'](config, columns=options.columns, scored=False)
+    return mined, corpus
+
+
+def read_corpus(source: str, config: TrainConfig) -> list[Item]:
+    """``hard_negatives.corpus``: a BEIR corpus.jsonl, or a CSV of documents (``_id``/``id``, ``text``[, ``title``])."""
+    path = check_under_roots(source, config.data_roots, 'hard_negatives.corpus')
+    if not path.is_file():
+        raise DataError(f'hard_negatives.corpus {source!r} is not a file; give a corpus.jsonl or a CSV of documents')
+    corpus = list(read_documents(path, 'corpus'))
+    if not corpus:
+        raise DataError(f'hard_negatives.corpus {source!r} holds no documents')
+    return corpus
+
+
+def holdout_queries(judgements: Judgements, config: TrainConfig) -> tuple[Judgements, tuple[list[Item], list[Item]]]:
+    """``val_split`` of the judged queries held out, whole (every judgement of a query on one side), the same way
+    every time (by ``seed``): the rest trains, the held-out queries search the whole corpus."""
+    judged = judgements.judged
+    count = round(len(judged) * config.val_split)
+    if count < 1 or count >= len(judged):
+        raise DataError(
+            f'val_split={config.val_split} of the {len(judged)} judged queries holds out {count}; each side needs at '
+            'least one query: change val_split, or give eval_data'
+        )
+    held = set(random.Random(config.seed).sample(range(len(judged)), count))
+    kept = [q for i, q in enumerate(judged) if i not in held]
+    queries = [q for i, q in enumerate(judged) if i in held]
+    return Judgements(kept, judgements.corpus, judgements.source), (queries, judgements.corpus)
 
 
 def evaluation_items(config: TrainConfig) -> tuple[list[Item], list[Item] | None] | None:
     """The queries and the index given as evaluation data (``None`` without any)."""
     if config.eval_data is None and config.query_data is None:
         return None
+    if config.query_data is None and is_judgements(config.eval_data, config.data_roots):
+        judgements = read_judgements(config.eval_data, config.eval_split, config.data_roots, config.csv_options)
+        return judgements.queries, judgements.corpus
     query_source = config.query_data if config.query_data is not None else config.eval_data
     query = load_items(query_source, config.data_roots, config.csv_options)
     index = None if config.index_data is None else load_items(config.index_data, config.data_roots, config.csv_options)

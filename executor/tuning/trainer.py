@@ -31,10 +31,11 @@ from executor.tuning.distributed import agree_on_minimum, check_local_world, ini
 from executor.tuning.evaluation import Evaluator, ModelEmbedder
 from executor.tuning.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from executor.tuning.finetuner_compat import finetuner_config
+from executor.tuning.hard_negatives import MINED_FILE, mine_hard_negatives
 from executor.tuning.inputs import Batch
 from executor.tuning.models import EmbeddingModel, TwoTowerModel, save_model
 from executor.tuning.optim import build_optimizer, parameter_groups
-from executor.tuning.plan import RunPlan, config_record, plan_run
+from executor.tuning.plan import RunPlan, config_record, plan_run, read_items, write_items
 from executor.tuning.reports import write_reports
 from executor.tuning.schedulers import build_scheduler
 from executor.tuning.trackers import tracker_callbacks
@@ -75,6 +76,8 @@ class Trainer:
         self.wise_ft = WiSEFT(self.model.backbone, config.wise_ft_alpha)
         self.task.build(self.model, self.class_names, self.world)
         self._place_on_device()
+        self.mined_epoch: int | None = None  # the epoch the hard negatives were mined before (None: not mined)
+        self.items = self._training_rows(reuse=True)
         self.batch_size = self._batch_size()
         self._build_loader()
         self._build_optimizers()
@@ -132,6 +135,28 @@ class Trainer:
                 f'processes; use a multiple of {self.world}'
             )
         return batch_size
+
+    def _training_rows(self, reuse: bool) -> list:
+        """The plan's items, or with ``hard_negatives`` the rows mined from them with the model as it is now: rank 0
+        mines and saves them as ``hard_negatives.jsonl`` in the run folder, which a resumed run (``reuse``) reads
+        back instead of mining again."""
+        options = self.config.hard_negatives
+        if options is None:
+            return self.plan.items
+        saved = self.output_dir / MINED_FILE
+        if not (reuse and saved.is_file()):
+            if self.rank == 0:
+                mined = mine_hard_negatives(
+                    self.plan.items, self.plan.corpus, self.embedder(options.batch_size), options, self.config.seed
+                )
+                write_items(self.output_dir, Path(MINED_FILE).stem, mined.rows)
+                atomic_write_json(self.output_dir / 'hard_negatives_stats.json', {'epoch': self.epoch, **mined.stats})
+            if self.world > 1:
+                dist.barrier()  # rank 0 has written the rows every rank reads
+        else:
+            logger.info('hard negatives: reusing %s', saved)
+        self.mined_epoch = self.epoch
+        return read_items(self.output_dir, Path(MINED_FILE).stem)
 
     def _build_loader(self) -> None:
         config, task = self.config, self.task
@@ -250,6 +275,10 @@ class Trainer:
         self.step += 1
 
     def train_epoch(self) -> float:
+        options = self.config.hard_negatives
+        if options is not None and options.mine_every_epoch and self.mined_epoch != self.epoch:
+            self.items = self._training_rows(reuse=False)  # mined again with the model as it is now
+            self._build_loader()
         self.model.train()
         self.sampler.set_epoch(self.epoch)
         accumulate = self.config.accumulate_grad_batches

@@ -24,6 +24,7 @@ class Item:
     ``name`` is how errors call it: a document by the ``uri`` it was sent with (what its sender can find), else by its
     id; a CSV row by file and line. A sentence pair or triplet (``anchor,positive[,negative]`` or
     ``sentence1,sentence2,score`` rows) has its sentences in ``columns`` instead, and a ``score`` when scored.
+    A judged query (``data/judgements.py``) has ``relevant``: the ids of the documents judged for it, with their grades.
     """
 
     id: str
@@ -35,6 +36,7 @@ class Item:
     name: str = ''
     columns: tuple[str, ...] | None = None
     score: float | None = None
+    relevant: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or f'item {self.id!r}'
@@ -241,6 +243,7 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
         if all(v is None for v in (uri, blob, tensor, text)):
             raise DataError(f'{name}: has no content; set one of uri, blob, tensor or text')
         label = get('label')
+        relevant = get('relevant_ids')
         items.append(
             Item(
                 id=ident,
@@ -250,9 +253,31 @@ def from_records(records: Iterable[Any], roots: Sequence[str | os.PathLike] | No
                 text=text,
                 label=None if label in (None, '') else str(label),
                 name=name,
+                relevant=None if relevant is None else relevant_grades(relevant, name),
             )
         )
     return items
+
+
+def relevant_grades(relevant: Any, name: str) -> dict[str, float]:
+    """A judged query's ``relevant_ids``: a list of document ids (each relevant, grade 1), or ids -> grades."""
+    if isinstance(relevant, dict):
+        grades = {}
+        for key, value in relevant.items():
+            try:
+                grades[str(key)] = float(value)
+            except (TypeError, ValueError):
+                raise DataError(
+                    f'{name}: relevant_ids[{str(key)[:50]!r}] is not a number; a grade is 0, 1, 2...'
+                ) from None
+            if not np.isfinite(grades[str(key)]):
+                raise DataError(f'{name}: relevant_ids[{str(key)[:50]!r}] is not a finite grade')
+        return grades
+    if isinstance(relevant, (list, tuple)) and all(isinstance(k, (str, int)) for k in relevant):
+        return {str(k): 1.0 for k in relevant}
+    raise DataError(
+        f'{name}: relevant_ids must be a list of document ids or a dict of id -> grade, not {type(relevant).__name__}'
+    )
 
 
 def load_items(

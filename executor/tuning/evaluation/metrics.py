@@ -57,6 +57,12 @@ METRIC_MODES: dict[str, Mode] = {
     'knn_accuracy': 'max',
     'spearman_cosine': 'max',
     'pearson_cosine': 'max',
+    # measured on relevance judgements (judged.py)
+    'map@100': 'max',
+    'recall@100': 'max',
+    'precision@10': 'max',
+    'queries_judged': 'max',
+    'queries_unjudged': 'min',
     'loss': 'min',
     'train_loss': 'min',
     'val_loss': 'min',

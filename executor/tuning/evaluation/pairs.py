@@ -13,6 +13,7 @@ from scipy import stats
 from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
 from executor.tuning.evaluation.evaluator import Embedder, Evaluation, Evaluator
+from executor.tuning.evaluation.judged import RelevanceEvaluator
 from executor.tuning.matryoshka import matryoshka_sizes, truncate
 
 
@@ -73,10 +74,15 @@ def evaluator_for(
     limit: int,
     dims: Sequence[int] | None = None,
     accuracy: bool = True,
-) -> Evaluator | ScoredPairEvaluator | MatryoshkaEvaluator:
-    """The evaluator the data calls for: scored pairs -> correlations; pairs/triplets -> retrieval of each anchor's
+) -> Evaluator | ScoredPairEvaluator | RelevanceEvaluator | MatryoshkaEvaluator:
+    """The evaluator the data calls for: judged queries (``Item.relevant``) -> BEIR's metrics searching the corpus;
+    scored pairs -> correlations; pairs/triplets -> retrieval of each anchor's
     positive; labelled items -> retrieval (and accuracy) as ``Evaluator``; at every dim of ``dims`` too."""
-    if query and query[0].columns is not None:
+    if query and query[0].relevant is not None:
+        if index is None:
+            raise DataError('judged queries search a corpus: give the corpus with them (a BEIR folder, or documents)')
+        evaluator = RelevanceEvaluator(query, index)
+    elif query and query[0].columns is not None:
         if index is not None:
             raise DataError('pairs are evaluated on their own: give them as eval_data (or data), without index_data')
         evaluator = ScoredPairEvaluator(query) if query[0].score is not None else pair_retrieval(query, limit)
@@ -86,14 +92,14 @@ def evaluator_for(
 
 
 #: the metrics repeated at each Matryoshka dimension (the full size has them all)
-SLICE_METRICS = ('spearman_cosine', 'pearson_cosine', 'ndcg@10', 'mrr@10', 'recall@10', 'hit@1')
+SLICE_METRICS = ('spearman_cosine', 'pearson_cosine', 'ndcg@10', 'mrr@10', 'recall@10', 'hit@1', 'recall@100')
 
 
 class MatryoshkaEvaluator:
     """An evaluation at the full size and at each leading slice of the embedding (``<metric>_dim<d>``, for the
     ``SLICE_METRICS``); the items are embedded once."""
 
-    def __init__(self, evaluator: Evaluator | ScoredPairEvaluator, dims: Sequence[int]) -> None:
+    def __init__(self, evaluator: Evaluator | ScoredPairEvaluator | RelevanceEvaluator, dims: Sequence[int]) -> None:
         # a dim given twice is evaluated once
         self.evaluator, self.dims = evaluator, [dim for dim, _ in matryoshka_sizes(sorted(set(dims)))]
         self.monitor = getattr(evaluator, 'monitor', None)
