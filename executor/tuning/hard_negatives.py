@@ -48,29 +48,73 @@ def mine_hard_negatives(
     positives) with ``embedder``; see the module."""
     if any(p.columns is None or len(p.columns) != 2 for p in pairs):
         raise DataError('hard negatives are mined for (query, positive) pairs; every row must have two texts')
-    texts = list(dict.fromkeys([*(doc.text for doc in corpus or ()), *(p.columns[1] for p in pairs)]))
-    position = {text: i for i, text in enumerate(texts)}
-    by_id = {doc.id: position[doc.text] for doc in corpus or ()}
-    queries = list(dict.fromkeys(p.columns[0] for p in pairs))
-    query_index = {text: i for i, text in enumerate(queries)}
-    positives: list[set[int]] = [set() for _ in queries]  # each query's judged positives, as corpus positions
+    space = _Space(pairs, corpus)
+    query_emb = _tensor(embedder.embed_items(_text_items(space.queries, 'query')))
+    corpus_emb = _tensor(embedder.embed_items(_text_items(space.texts, 'document')))
+    negatives, hardest = _negatives(space, query_emb, corpus_emb, options, random.Random(seed))
+    rows, left_out = [], 0
     for pair in pairs:
-        q = query_index[pair.columns[0]]
-        positives[q].add(position[pair.columns[1]])
-        positives[q].update(by_id[d] for d, grade in (pair.relevant or {}).items() if grade > 0 and d in by_id)
+        chosen = negatives[space.query_index[pair.columns[0]]]
+        if options.output_format == 'n-tuple':
+            if len(chosen) < options.num_negatives:
+                left_out += 1
+                continue
+            rows.append(_row(pair, [space.texts[i] for i, _ in chosen], pair.id))
+        else:
+            rows += [_row(pair, [space.texts[i]], f'{pair.id}:{n}') for n, (i, _) in enumerate(chosen, start=1)]
+    found = [s for chosen in negatives for _, s in chosen]
+    stats = {
+        'pairs': float(len(pairs)),
+        'rows': float(len(rows)),
+        'pairs_left_out': float(left_out),
+        'negatives': float(len(found)),
+        'positive_score_mean': float(hardest.mean()),
+        'negative_score_mean': float(np.mean(found)) if found else float('nan'),
+    }
+    logger.info(
+        'mined %d negatives for %d queries among %d documents: %d rows (%d pairs left out, too few candidates); mean '
+        'cosine positive %.3f, negative %.3f',
+        *(len(found), len(space.queries), len(space.texts), len(rows), left_out),
+        *(stats['positive_score_mean'], stats['negative_score_mean']),
+    )
+    if not rows:
+        raise DataError(
+            f'no pair got {options.num_negatives} hard negatives under these options (ranks {options.range_min} to '
+            f'{options.depth}, margin {options.absolute}, relative_margin {options.relative_margin}, max_score '
+            f'{options.max_score}, min_score {options.min_score}); widen range_max, or loosen the margins'
+        )
+    return Mined(rows, stats)
 
-    query_emb = _tensor(embedder.embed_items(_text_items(queries, 'query')))
-    corpus_emb = _tensor(embedder.embed_items(_text_items(texts, 'document')))
-    extra = max(len(p) for p in positives)
-    depth = min(options.depth + extra, len(texts))
+
+class _Space:
+    """The texts mined among (the corpus and every positive, de-duplicated by text), the distinct queries, and each
+    query's judged positives as positions among the texts."""
+
+    def __init__(self, pairs: Sequence[Item], corpus: Sequence[Item] | None) -> None:
+        self.texts = list(dict.fromkeys([*(doc.text for doc in corpus or ()), *(p.columns[1] for p in pairs)]))
+        position = {text: i for i, text in enumerate(self.texts)}
+        by_id = {doc.id: position[doc.text] for doc in corpus or ()}
+        self.queries = list(dict.fromkeys(p.columns[0] for p in pairs))
+        self.query_index = {text: i for i, text in enumerate(self.queries)}
+        self.positives: list[set[int]] = [set() for _ in self.queries]
+        for pair in pairs:
+            judged = self.positives[self.query_index[pair.columns[0]]]
+            judged.add(position[pair.columns[1]])
+            judged.update(by_id[d] for d, grade in (pair.relevant or {}).items() if grade > 0 and d in by_id)
+
+
+def _negatives(
+    space: _Space, query_emb: torch.Tensor, corpus_emb: torch.Tensor, options: HardNegatives, rng: random.Random
+) -> tuple[list[list[tuple[int, float]]], torch.Tensor]:
+    """Each query's negatives as (position, cosine), best first, and each query's hardest positive's cosine."""
+    depth = min(options.depth + max(len(p) for p in space.positives), len(space.texts))
     scores, indices = knn(query_emb, corpus_emb, k=depth)  # (Q, depth), best first
     scores = scores.clone()
-    for q, judged in enumerate(positives):
-        scores[q, torch.isin(indices[q], torch.tensor(sorted(judged)))] = float('-inf')
-
+    for q, judged in enumerate(space.positives):
+        scores[q, torch.isin(indices[q], torch.tensor(sorted(judged)))] = float('-inf')  # never a negative
     # each query's hardest (lowest-scoring) positive is what the margins are measured from
-    q_norm, c_norm = F.normalize(query_emb.float(), dim=1), F.normalize(corpus_emb.float(), dim=1)
-    hardest = torch.tensor([min(float(q_norm[q] @ c_norm[i]) for i in judged) for q, judged in enumerate(positives)])
+    q_unit, c_unit = F.normalize(query_emb, dim=1), F.normalize(corpus_emb, dim=1)
+    hardest = torch.stack([(c_unit[sorted(judged)] @ q_unit[q]).min() for q, judged in enumerate(space.positives)])
     limit = hardest[:, None].expand_as(scores)
     if options.absolute is not None:
         scores[scores > limit - options.absolute] = float('-inf')
@@ -80,56 +124,17 @@ def mine_hard_negatives(
         scores[scores > options.max_score] = float('-inf')
     if options.min_score is not None:
         scores[scores < options.min_score] = float('-inf')
-
-    # the ranks range_min..range_max of what is left (judged positives taken out first, as sentence-transformers)
+    # ranks range_min..range_max of what is left (judged positives out first, as sentence-transformers ranks them)
     kept_scores, order = torch.topk(scores, k=min(options.depth, depth), dim=1)
     kept = torch.gather(indices, 1, order)[:, options.range_min :]
     kept_scores = kept_scores[:, options.range_min :]
-    rng = random.Random(seed)
-    negatives: list[list[tuple[int, float]]] = []
-    for q in range(len(queries)):
+    negatives = []
+    for q in range(len(space.queries)):
         found = [(int(i), float(s)) for i, s in zip(kept[q], kept_scores[q]) if s != float('-inf')]
         if options.sampling_strategy == 'random' and len(found) > options.num_negatives:
             found = sorted(rng.sample(found, options.num_negatives), key=lambda pair: -pair[1])
         negatives.append(found[: options.num_negatives])
-
-    rows, left_out = [], 0
-    for pair in pairs:
-        chosen = negatives[query_index[pair.columns[0]]]
-        if options.output_format == 'n-tuple':
-            if len(chosen) < options.num_negatives:
-                left_out += 1
-                continue
-            rows.append(_row(pair, [texts[i] for i, _ in chosen], pair.id))
-        else:
-            rows += [_row(pair, [texts[i]], f'{pair.id}:{n}') for n, (i, _) in enumerate(chosen, start=1)]
-    found_scores = [s for chosen in negatives for _, s in chosen]
-    stats = {
-        'pairs': float(len(pairs)),
-        'rows': float(len(rows)),
-        'pairs_left_out': float(left_out),
-        'negatives': float(len(found_scores)),
-        'positive_score_mean': float(hardest.mean()),
-        'negative_score_mean': float(np.mean(found_scores)) if found_scores else float('nan'),
-    }
-    logger.info(
-        'mined %d negatives for %d queries among %d documents: %d rows (%d pairs left out, too few candidates); mean '
-        'cosine positive %.3f, negative %.3f',
-        len(found_scores),
-        len(queries),
-        len(texts),
-        len(rows),
-        left_out,
-        stats['positive_score_mean'],
-        stats['negative_score_mean'],
-    )
-    if not rows:
-        raise DataError(
-            f'no pair got {options.num_negatives} hard negatives under these options (ranks {options.range_min} to '
-            f'{options.depth}, margin {options.absolute}, relative_margin {options.relative_margin}, max_score '
-            f'{options.max_score}, min_score {options.min_score}); widen range_max, or loosen the margins'
-        )
-    return Mined(rows, stats)
+    return negatives, hardest
 
 
 def _row(pair: Item, negatives: list[str], ident: str) -> Item:

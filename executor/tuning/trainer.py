@@ -76,6 +76,7 @@ class Trainer:
         self.wise_ft = WiSEFT(self.model.backbone, config.wise_ft_alpha)
         self.task.build(self.model, self.class_names, self.world)
         self._place_on_device()
+        self.epoch, self.step, self.should_stop = 0, 0, False
         self.mined_epoch: int | None = None  # the epoch the hard negatives were mined before (None: not mined)
         self.items = self._training_rows(reuse=True)
         self.batch_size = self._batch_size()
@@ -85,7 +86,6 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.use_amp = config.amp and cuda
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.epoch, self.step, self.should_stop = 0, 0, False
         self.history: list[dict[str, float]] = []
         self.metrics_before: dict[str, float] | None = None
         self.metrics_after: dict[str, float] | None = None

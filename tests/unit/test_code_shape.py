@@ -22,6 +22,7 @@ LAYERS = [
     ['models', 'pair_losses', 'matryoshka', 'config', 'quantize', 'evaluation'],  # models, objectives, options
     # what uses models: export and serving, tasks, callbacks and reports, Finetuner's callbacks
     ['export', 'inference', 'two_tower_encoder', 'onnx_cache', 'tasks', 'callbacks', 'reports', 'schedulers'],
+    ['hard_negatives'],  # negatives mined with a model, for the plan's pairs
     ['trackers', 'finetuner_callbacks', 'finetuner_compat', 'plan'],  # a run's trackers, Finetuner's dialect, plans
     ['trainer'],  # the loop
     ['__init__', '__main__'],  # the package's API and command line
