@@ -4,6 +4,7 @@ retrieval metrics computed by hand to check the service's against."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,18 @@ def write_csv(path: Path, header: list[str], rows: list) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple], split: str = 'test') -> Path:
+    """A BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv (tab-separated, BEIR's header)."""
+    (folder / 'qrels').mkdir(parents=True, exist_ok=True)
+    (folder / 'corpus.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in corpus), encoding='utf-8')
+    (folder / 'queries.jsonl').write_text(''.join(json.dumps(q) + '\n' for q in queries), encoding='utf-8')
+    with open(folder / 'qrels' / f'{split}.tsv', 'w', newline='', encoding='utf-8') as fh:
+        writer = csv.writer(fh, delimiter='\t')
+        writer.writerow(['query-id', 'corpus-id', 'score'])
+        writer.writerows(qrels)
+    return folder
 
 
 def captioned_digits(root: Path) -> dict[str, Path]:

@@ -141,7 +141,7 @@ def test_a_run_mines_saves_and_reuses_its_negatives(tmp_path):
     from executor.tuning.config import TrainConfig
     from executor.tuning.plan import plan_run
     from executor.tuning.trainer import Trainer
-    from tests.unit.tuning.test_judgements import write_beir
+    from tests.helpers import write_beir
 
     corpus = [{'_id': f'p{i}', 'text': p} for i, (_, p) in enumerate(SENTENCES)]
     corpus += [{'_id': f'x{i}', 'text': t} for i, t in enumerate(DISTRACTORS)]

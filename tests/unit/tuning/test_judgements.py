@@ -4,14 +4,13 @@ relevant_ids; each bad line an error naming its file and line."""
 from __future__ import annotations
 
 import csv
-import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from executor.tuning.data.judgements import is_judgements, read_judgements
 from executor.tuning.errors import DataError
+from tests.helpers import write_beir
 
 CORPUS = [
     {'_id': 'd1', 'title': 'Ants', 'text': 'Ants live in colonies, "ruled" by a queen.'},
@@ -27,19 +26,8 @@ QUERIES = [
 QRELS = [('q1', 'd1', '1'), ('q2', 'd2', '2'), ('q2', 'd3', '0')]
 
 
-def write_beir(folder: Path, corpus=CORPUS, queries=QUERIES, qrels=QRELS, split='test') -> Path:
-    (folder / 'qrels').mkdir(parents=True, exist_ok=True)
-    (folder / 'corpus.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in corpus), encoding='utf-8')
-    (folder / 'queries.jsonl').write_text(''.join(json.dumps(q) + '\n' for q in queries), encoding='utf-8')
-    with open(folder / 'qrels' / f'{split}.tsv', 'w', newline='', encoding='utf-8') as fh:
-        writer = csv.writer(fh, delimiter='\t')
-        writer.writerow(['query-id', 'corpus-id', 'score'])
-        writer.writerows(qrels)
-    return folder
-
-
 def test_a_beir_folder_reads_as_beir_joins_it(tmp_path):
-    folder = write_beir(tmp_path / 'beir')
+    folder = write_beir(tmp_path / 'beir', CORPUS, QUERIES, QRELS)
     assert is_judgements(folder)
     judged = read_judgements(folder, 'test')
     texts = {doc.id: doc.text for doc in judged.corpus}
@@ -61,7 +49,7 @@ def test_a_beir_folder_reads_as_beir_joins_it(tmp_path):
 
 
 def test_a_missing_split_names_the_splits_there(tmp_path):
-    folder = write_beir(tmp_path / 'beir', split='train')
+    folder = write_beir(tmp_path / 'beir', CORPUS, QUERIES, QRELS, split='train')
     with pytest.raises(DataError, match=r"no test\.tsv \(split='test'\); its splits: \['train'\]"):
         read_judgements(folder, 'test')
 
@@ -74,24 +62,24 @@ def test_a_missing_split_names_the_splits_there(tmp_path):
         ({'qrels': [('q1', 'd1', 'high')]}, r"test\.tsv line 2: score 'high' is not a number"),
         ({'qrels': [('q1', 'd1', 'nan')]}, r"test\.tsv line 2: score 'nan' is not a finite"),
         ({'corpus': [*CORPUS, {'_id': 'd1', 'text': 'again'}]}, r"corpus\.jsonl line 5: _id 'd1' again"),
-        ({'corpus': [*CORPUS, {'_id': 'd5', 'title': '', 'text': '  '}]}, r"corpus\.jsonl line 5: .*empty text"),
+        ({'corpus': [*CORPUS, {'_id': 'd5', 'title': '', 'text': '  '}]}, r'corpus\.jsonl line 5: .*empty text'),
         ({'queries': [{'text': 'no id'}]}, r'queries\.jsonl line 1: no _id'),
         ({'corpus': [*CORPUS, {'_id': 'd6', 'text': 7}]}, r'corpus\.jsonl line 5: "text" and "title" must be strings'),
     ],
 )
 def test_each_bad_line_is_named(tmp_path, change, message):
-    folder = write_beir(tmp_path / 'beir', **change)
+    folder = write_beir(tmp_path / 'beir', **{'corpus': CORPUS, 'queries': QUERIES, 'qrels': QRELS, **change})
     with pytest.raises(DataError, match=message):
         read_judgements(folder, 'test')
 
 
 def test_broken_json_and_bytes_are_named_by_line(tmp_path):
-    folder = write_beir(tmp_path / 'beir')
+    folder = write_beir(tmp_path / 'beir', CORPUS, QUERIES, QRELS)
     with open(folder / 'corpus.jsonl', 'a', encoding='utf-8') as fh:
         fh.write('{"_id": "d5", "text": \n')
     with pytest.raises(DataError, match=r'corpus\.jsonl line 5: not a JSON object'):
         read_judgements(folder, 'test')
-    write_beir(folder)
+    write_beir(folder, CORPUS, QUERIES, QRELS)
     with open(folder / 'queries.jsonl', 'ab') as fh:
         fh.write(b'{"_id": "q4", "text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r'queries\.jsonl line 4: not UTF-8') as raised:
@@ -102,7 +90,7 @@ def test_broken_json_and_bytes_are_named_by_line(tmp_path):
 def test_a_large_corpus_streams(tmp_path):
     """50,000 documents, read a line at a time (the reader never loads the file as one JSON value)."""
     corpus = [{'_id': f'd{i}', 'title': f'title {i}', 'text': f'text {i}'} for i in range(50_000)]
-    folder = write_beir(tmp_path / 'beir', corpus=corpus, qrels=[('q1', 'd49999', '1')])
+    folder = write_beir(tmp_path / 'beir', corpus, QUERIES, [('q1', 'd49999', '1')])
     judged = read_judgements(folder, 'test')
     assert len(judged.corpus) == 50_000 and judged.corpus[-1].text == 'title 49999 text 49999'
 
