@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from executor.service.store import RUN_ID_PATTERN
 from executor.tuning.artifact import Runtime
-from executor.tuning.config import DATA_FIELDS, TrainConfig
+from executor.tuning.config import DATA_FIELDS, Split, TrainConfig
 from executor.tuning.data import check_under_roots
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.errors import close_names, did_you_mean
@@ -372,12 +372,8 @@ class EvaluateParams(ModelParams):
     matryoshka_dims: Optional[list[int]] = Field(
         None, min_length=1, description='evaluate at each of these leading slices of the embedding too'
     )
-    split: str = Field(
-        'test',
-        min_length=1,
-        max_length=100,
-        pattern=r'^[\w.-]+$',
-        description='relevance data (a BEIR folder as data): the judgements split, qrels/<split>.tsv',
+    split: Split = Field(
+        'test', description='relevance data (a BEIR folder as data): the judgements split, qrels/<split>.tsv'
     )
 
     @model_validator(mode='after')

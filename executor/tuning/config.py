@@ -5,10 +5,18 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.devices import check_device
@@ -22,6 +30,8 @@ DATA_FIELDS = ('train_data', 'eval_data', 'query_data', 'index_data')  # a run's
 OPEN_CLIP = 'open_clip/'  # the names of open_clip's CLIP models, which bring both towers
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
+# a judgements split's name (qrels/<split>.tsv): a file name, never a path
+Split = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r'^[\w.-]+$')]
 MAX_DEVICES = 64  # processes on one machine: past any machine's GPU count, and past what CPU training gains from
 LOGGERS = ('tensorboard', 'wandb', 'mlflow')
 # The experiment trackers besides TensorBoard are optional installs: the module each needs and its pip package.
@@ -160,20 +170,10 @@ class TrainConfig(BaseModel):
         lt=1,
         description='hold out this share of train_data (per class) as the evaluation data, when no eval_data is given',
     )
-    split: str = Field(
-        'train',
-        min_length=1,
-        max_length=100,
-        pattern=r'^[\w.-]+$',
-        description="the judgements split of relevance train_data (a BEIR folder's qrels/<split>.tsv)",
+    split: Split = Field(
+        'train', description="the judgements split of relevance train_data (a BEIR folder's qrels/<split>.tsv)"
     )
-    eval_split: str = Field(
-        'test',
-        min_length=1,
-        max_length=100,
-        pattern=r'^[\w.-]+$',
-        description='the judgements split of relevance eval_data',
-    )
+    eval_split: Split = Field('test', description='the judgements split of relevance eval_data')
     hard_negatives: Optional[HardNegatives] = Field(
         None,
         description=(
