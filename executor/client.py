@@ -125,10 +125,12 @@ class FinetunerClient:
 
         ``model``: a registry name (``'efficientnet_lite0'``, ``'all-MiniLM-L6-v2'``...), a run id or a model file;
         the service's own model when left out. ``train_data``: a CSV file (``uri,label``, ``text,label``,
-        ``anchor,positive[,negative]``, ``sentence1,sentence2,score``) or image folder on the server (under its data
-        roots), or documents with ``uri``/``blob``/``tensor``/``text`` and ``label``. ``options``: any other
+        ``anchor,positive[,negative]``, ``sentence1,sentence2,score``), a BEIR folder (``corpus.jsonl``,
+        ``queries.jsonl``, ``qrels/<split>.tsv``) or image folder on the server (under its data roots), or documents
+        with ``uri``/``blob``/``tensor``/``text`` and ``label`` (or ``relevant_ids``). ``options``: any other
         ``/train`` parameter (``loss``, ``epochs``, ``batch_size``, ``learning_rate``, ``miner``, ``freeze``,
-        ``output_dim``, ``matryoshka_dims``, ``to_onnx``, ...), and Finetuner's ``fit()`` arguments unchanged:
+        ``output_dim``, ``matryoshka_dims``, ``to_onnx``, ``split``/``eval_split``, ``hard_negatives={...}``,
+        ``prompts={'query': ..., 'document': ...}``, ...), and Finetuner's ``fit()`` arguments unchanged:
         ``callbacks=[EvaluationCallback(...), EarlyStopping(...)]`` (this module's classes, or dicts with a
         ``name``), ``csv_options=CSVOptions(is_labeled=True)``, ``model_options``, ``model_artifact``, ...
         """
@@ -178,13 +180,17 @@ class FinetunerClient:
         run_id: str | None = None,
         model: str | None = None,
         drop_image_content: bool = True,
+        prompt_name: str | None = None,
         **parameters: Any,
     ) -> DocList[FinetunerDoc]:
-        """The documents with ``embedding`` set, by a finished run, a registry model, or the served model.
+        """The documents with ``embedding`` set, by a finished run, a registry model, or the served model;
+        ``prompt_name='query'`` or ``'document'`` puts the model's prompt of that name before each text.
 
         The reply leaves out the image bytes you sent (``blob``, ``tensor``, ``data:`` URIs), as clip-as-service's
         client does: they would travel back for nothing. ``drop_image_content=False`` keeps them."""
         parameters['drop_image_content'] = drop_image_content
+        if prompt_name is not None:
+            parameters['prompt_name'] = prompt_name
         return self.post('/encode', docs, _model_params(run_id, model, parameters))
 
     def classify(
@@ -204,7 +210,9 @@ class FinetunerClient:
     ) -> dict[str, float]:
         """Retrieval metrics (and accuracy for a classifier) on labelled data, a path on the server or documents;
         ``spearman_cosine`` and ``pearson_cosine`` on a scored-pairs CSV; ``query_data=`` and ``index_data=`` paths
-        for a query set searched in an index; ``matryoshka_dims=[...]`` for the metrics at smaller sizes too."""
+        for a query set searched in an index; a BEIR folder (``split='test'`` by default) or documents with
+        ``relevant_ids`` for ``ndcg@10``, ``map@100``, ``recall@100``...; ``matryoshka_dims=[...]`` for the metrics at
+        smaller sizes too."""
         params = _model_params(run_id, model, parameters)
         docs = None
         if isinstance(data, str):

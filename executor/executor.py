@@ -332,7 +332,10 @@ class FinetunerExecutor(CatalogEndpoints):
                 'this model has no classifier head: /classify needs the run_id of a run trained with '
                 'loss="CrossEntropyLoss"'
             )
-        contents, names = encoder.items(self._items(docs))
+        prompt = None
+        if isinstance(params, EmbedParams):
+            prompt = encoder.inputs.prompt_name(params.prompt_name, params.default_prompt)
+        contents, names = encoder.items(self._items(docs), prompt_name=prompt)
         if len(contents) > self.batcher.max_rows or not encoder.shares_batches:
             return encoder, contents, names, None
         return encoder, contents, names, encoder.preprocess(contents, batch_size, names)

@@ -22,7 +22,7 @@ import logging
 import os
 import typing
 from collections.abc import Sequence
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, ClassVar, Literal, Optional, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -34,6 +34,7 @@ from executor.tuning.data import check_under_roots
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.errors import close_names, did_you_mean
 from executor.tuning.finetuner_compat import translate
+from executor.tuning.inputs.base import DOCUMENT, QUERY
 from executor.tuning.matryoshka import truncate
 
 P = TypeVar('P', bound=BaseModel)
@@ -309,6 +310,18 @@ class DocModelParams(ModelParams):
 class EmbedParams(DocModelParams):
     """An endpoint that sets each document's embedding."""
 
+    #: the prompt this endpoint's documents take when the request names none (where the model has it)
+    default_prompt: ClassVar[str | None] = None
+
+    prompt_name: Optional[str] = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="the model's prompt put before each text (a model trained with prompts={'query': ..., "
+        "'document': ...}, or a sentence-transformers folder's); default: 'document' on /index, 'query' on /search "
+        '(where the model has it), none on /encode',
+    )
+
     truncate_dim: Optional[int] = Field(
         None,
         ge=1,
@@ -336,9 +349,13 @@ class EncodeParams(EmbedParams):
 class IndexParams(EmbedParams):
     """Parameters of ``/index``: the model that embeds the documents; VectorIndexer then stores them."""
 
+    default_prompt: ClassVar[str | None] = DOCUMENT
+
 
 class SearchParams(EmbedParams):
     """Parameters of ``/search``: the model that embeds the queries, and how many matches VectorIndexer returns."""
+
+    default_prompt: ClassVar[str | None] = QUERY
 
     limit: int = Field(10, ge=1, le=10_000, description='number of matches returned per query')
 

@@ -21,6 +21,7 @@ from pydantic import (
 from executor.tuning.data.finetuner_csv import CSVOptions
 from executor.tuning.devices import check_device
 from executor.tuning.errors import did_you_mean
+from executor.tuning.inputs.text import check_prompts
 from executor.tuning.losses import list_losses, list_miners, unknown_name
 from executor.tuning.matryoshka import matryoshka_sizes
 from executor.tuning.optim import check_optimizer
@@ -154,6 +155,12 @@ class TrainConfig(BaseModel):
     image_size: Optional[int] = Field(None, ge=16, le=2048, description='override the model input size (pixels)')
     max_seq_length: Optional[int] = Field(
         None, ge=1, le=8192, description="a text model's token limit per sentence (default: the model's own)"
+    )
+    prompts: Optional[dict[str, str]] = Field(
+        None,
+        description="a text model's prompts, put before each sentence of a role: {'query': 'query: ', 'document': "
+        "'passage: '} (e5); default: the model's own (a sentence-transformers folder's "
+        'config_sentence_transformers.json); {} for none',
     )
     projection_layers: int = Field(2, ge=1, le=4, description='layers of the SimCLR projection head')
 
@@ -293,6 +300,11 @@ class TrainConfig(BaseModel):
     def _known_optimizer(cls, value: str, info: ValidationInfo) -> str:
         return check_optimizer(value, info.field_name)
 
+    @field_validator('prompts', mode='before')
+    @classmethod
+    def _check_prompts(cls, value: Any) -> Any:
+        return None if value is None else check_prompts(value)
+
     @field_validator('loggers')
     @classmethod
     def _known_loggers(cls, value: list[str]) -> list[str]:
@@ -400,7 +412,7 @@ class TrainConfig(BaseModel):
     def input_options(self) -> dict[str, Any]:
         """The options that shape a model's inputs, for ``Inputs.with_options`` (which refuses those that do not
         apply to its kind)."""
-        return {'image_size': self.image_size, 'max_seq_length': self.max_seq_length}
+        return {'image_size': self.image_size, 'max_seq_length': self.max_seq_length, 'prompts': self.prompts}
 
     @property
     def two_tower(self) -> bool:

@@ -27,6 +27,7 @@ from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
 from executor.tuning.evaluation.evaluator import Embedder
 from executor.tuning.evaluation.knn import knn
+from executor.tuning.inputs.base import DOCUMENT, QUERY
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def mine_hard_negatives(
     if any(p.columns is None or len(p.columns) != 2 for p in pairs):
         raise DataError('hard negatives are mined for (query, positive) pairs; every row must have two texts')
     space = _Space(pairs, corpus)
-    query_emb = _tensor(embedder.embed_items(_text_items(space.queries, 'query')))
-    corpus_emb = _tensor(embedder.embed_items(_text_items(space.texts, 'document')))
+    query_emb = _tensor(embedder.embed_items(_text_items(space.queries, QUERY), QUERY))
+    corpus_emb = _tensor(embedder.embed_items(_text_items(space.texts, DOCUMENT), DOCUMENT))
     negatives, hardest = _negatives(space, query_emb, corpus_emb, options, random.Random(seed))
     rows, left_out = [], 0
     for pair in pairs:

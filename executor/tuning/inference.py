@@ -127,10 +127,13 @@ class Encoder(ABC):
         """The items as one batch, prepared on the encoder's threads (what the service's batcher queues)."""
         return self.inputs.concat(list(iter_batches(self.inputs, contents, batch_size, names, self.decode_workers)))
 
-    def items(self, items: Sequence[Item], what: str = 'documents') -> tuple[list[Any], list[str]]:
-        """The contents and names of ``items``, after checking that this model takes each."""
+    def items(
+        self, items: Sequence[Item], what: str = 'documents', prompt_name: str | None = None
+    ) -> tuple[list[Any], list[str]]:
+        """The contents (behind the model's prompt ``prompt_name``, where it has one) and names of ``items``, after
+        checking that this model takes each."""
         self.inputs.check_items(items, what)
-        return [self.inputs.content_of(it) for it in items], [it.name for it in items]
+        return [self.inputs.content_of(it, prompt_name) for it in items], [it.name for it in items]
 
     def embedder(self, batch_size: int = 32) -> ItemEmbedder:
         """This encoder as an ``Evaluator``'s ``Embedder``, at ``batch_size`` items per forward pass."""

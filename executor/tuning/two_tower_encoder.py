@@ -40,7 +40,9 @@ class TwoTowerEncoder:
             raise ValueError(f'unknown tower {name!r}; this two-tower model has {sorted(self.towers)}')
         return self.towers[name]
 
-    def items(self, items: Sequence[Item], what: str = 'documents') -> tuple[list[Any], list[str]]:
+    def items(
+        self, items: Sequence[Item], what: str = 'documents', prompt_name: str | None = None
+    ) -> tuple[list[Any], list[str]]:
         self.inputs.check_items(items, what)
         captioned = next((it for it in items if it.kind == 'image' and it.text is not None), None)
         if captioned is not None:
@@ -48,7 +50,7 @@ class TwoTowerEncoder:
                 f'{captioned.name} holds both an image and a text: a two-tower model embeds each on its own; send the '
                 'image and its caption as two documents'
             )
-        return [self.inputs.content_of(it) for it in items], [it.name for it in items]
+        return [self.inputs.content_of(it, prompt_name) for it in items], [it.name for it in items]
 
     def encode(self, contents: Sequence[Any], batch_size: int = 32, names: Sequence[str] | None = None) -> np.ndarray:
         """``(N, D)``: sentences (``Text``) through the text tower, the rest through the image tower."""

@@ -9,15 +9,24 @@ import torch
 from torch.utils.data import Dataset
 
 from executor.tuning.data.sources import Item
-from executor.tuning.inputs.base import Batch, Inputs, Transform
+from executor.tuning.inputs.base import DOCUMENT, QUERY, Batch, Inputs, Transform
 
 UNLABELLED = -1
+
+
+def column_prompt(item: Item, column: int) -> str | None:
+    """The prompt role of a pair's column: an unscored pair, triplet or n-tuple is (query, document, document...),
+    as retrieval trains it; a scored pair (STS) is symmetric and takes none."""
+    if item.score is not None:
+        return None
+    return QUERY if column == 0 else DOCUMENT
 
 
 class ItemDataset(Dataset):
     """``__getitem__(i) -> (sample, label index or -1)``, decoded lazily; ``views=2`` gives a tuple of two samples
     (each its own draw of ``transform``), the positive pair of self-supervised training. A pair or triplet item gives
-    a sample per column, and its score (a float) instead of a label index when it is scored."""
+    a sample per column (behind the model's query and document prompts, ``column_prompt``), and its score (a float)
+    instead of a label index when it is scored."""
 
     def __init__(
         self,
@@ -50,7 +59,10 @@ class ItemDataset(Dataset):
         item = self.items[index]
         if item.columns is not None:
             samples = tuple(
-                self.transform(self.inputs.load(c, f'{item.name} column {i + 1}')) for i, c in enumerate(item.columns)
+                self.transform(
+                    self.inputs.load(self.inputs.prompt(c, column_prompt(item, i)), f'{item.name} column {i + 1}')
+                )
+                for i, c in enumerate(item.columns)
             )
             return samples, item.score if item.score is not None else UNLABELLED
         loaded = self.inputs.load(self.inputs.content_of(item), item.name)

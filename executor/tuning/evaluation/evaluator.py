@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 class Embedder(Protocol):
     class_names: list[str] | None
 
-    def embed_items(self, items: Sequence[Item]) -> np.ndarray | torch.Tensor:
-        """``(N, D)`` embeddings of the items."""
+    def embed_items(self, items: Sequence[Item], prompt_name: str | None = None) -> np.ndarray | torch.Tensor:
+        """``(N, D)`` embeddings of the items, behind the model's prompt ``prompt_name`` where it has one."""
 
     def classify_items(self, items: Sequence[Item]) -> np.ndarray | torch.Tensor:
         """``(N, C)`` logits, in the order of ``class_names``."""
@@ -59,6 +59,7 @@ class Evaluator:
         limit: int = 20,
         retrieval: bool = True,
         accuracy: bool = True,
+        prompts: tuple[str | None, str | None] = (None, None),
     ) -> None:
         for item in [*query, *(index or [])]:
             if item.label is None:
@@ -67,6 +68,7 @@ class Evaluator:
                 )
         self.query, self.index = list(query), None if index is None else list(index)
         self.limit, self.retrieval, self.accuracy = limit, retrieval, accuracy
+        self.prompts = prompts  # the prompt names of the queries and the index (the model's prompts, if it has them)
 
     def __call__(self, embedder: Embedder) -> Evaluation:
         result = Evaluation({})
@@ -88,11 +90,11 @@ class Evaluator:
         return result
 
     def retrieve(self, embedder: Embedder) -> Evaluation:
-        query_emb = embedder.embed_items(self.query)  # (Q, D)
+        query_emb = embedder.embed_items(self.query, self.prompts[0])  # (Q, D)
         labels = [it.label for it in self.query]
         if self.index is None:
             return Evaluation(retrieval_metrics(query_emb, labels, limit=self.limit), query_emb, query_emb)
-        index_emb = embedder.embed_items(self.index)  # (I, D)
+        index_emb = embedder.embed_items(self.index, self.prompts[1])  # (I, D)
         metrics = retrieval_metrics(query_emb, labels, index_emb, [it.label for it in self.index], limit=self.limit)
         return Evaluation(metrics, query_emb, index_emb)
 
@@ -105,8 +107,8 @@ class ItemEmbedder:
         self.encoder, self.batch_size = encoder, batch_size
         self.class_names = encoder.class_names
 
-    def embed_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, D)
-        contents, names = self.encoder.items(items)
+    def embed_items(self, items: Sequence[Item], prompt_name: str | None = None) -> np.ndarray:  # -> (N, D)
+        contents, names = self.encoder.items(items, prompt_name=prompt_name)
         return self.encoder.encode(contents, self.batch_size, names)
 
     def classify_items(self, items: Sequence[Item]) -> np.ndarray:  # -> (N, C)
@@ -123,14 +125,14 @@ class ModelEmbedder:
         self.model, self.device, self.batch_size, self.channels_last = model, device, batch_size, channels_last
         self.class_names = model.class_names
 
-    def embed_items(self, items: Sequence[Item]) -> torch.Tensor:  # -> (N, D)
-        return self._run(items, self.model)
+    def embed_items(self, items: Sequence[Item], prompt_name: str | None = None) -> torch.Tensor:  # -> (N, D)
+        return self._run(items, self.model, prompt_name)
 
     def classify_items(self, items: Sequence[Item]) -> torch.Tensor:  # -> (N, C)
         return self._run(items, self.model.classify)
 
     @torch.no_grad()
-    def _run(self, items: Sequence[Item], forward) -> torch.Tensor:
+    def _run(self, items: Sequence[Item], forward, prompt_name: str | None = None) -> torch.Tensor:
         inputs = self.model.inputs
         inputs.check_items(items, 'evaluation items')
         was_training = self.model.training
@@ -139,7 +141,7 @@ class ModelEmbedder:
             out = []
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
-                batch = inputs.batch([inputs.content_of(it) for it in chunk], [it.name for it in chunk])
+                batch = inputs.batch([inputs.content_of(it, prompt_name) for it in chunk], [it.name for it in chunk])
                 out.append(forward(to_device(batch, self.device, self.channels_last)).float().cpu())
             return torch.cat(out)
         finally:

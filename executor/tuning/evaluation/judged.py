@@ -28,6 +28,7 @@ from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
 from executor.tuning.evaluation.evaluator import Embedder, Evaluation
 from executor.tuning.evaluation.knn import knn
+from executor.tuning.inputs.base import DOCUMENT, QUERY
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ class RelevanceEvaluator:
         self.queries, self.corpus, self.ids = judged, list(corpus), ids
 
     def __call__(self, embedder: Embedder) -> Evaluation:
-        queries = embedder.embed_items(self.queries)  # (Q, D)
-        corpus = embedder.embed_items(self.corpus)  # (N, D)
+        queries = embedder.embed_items(self.queries, QUERY)  # (Q, D), behind the model's query prompt if it has one
+        corpus = embedder.embed_items(self.corpus, DOCUMENT)  # (N, D)
         _, indices = knn(_tensor(queries), _tensor(corpus), k=min(DEPTH, len(self.corpus)))
         ranked = [[self.ids[j] for j in row] for row in indices.tolist()]
         metrics = judged_metrics(ranked, [q.relevant for q in self.queries])

@@ -14,6 +14,7 @@ from executor.tuning.data.sources import Item
 from executor.tuning.errors import DataError
 from executor.tuning.evaluation.evaluator import Embedder, Evaluation, Evaluator
 from executor.tuning.evaluation.judged import RelevanceEvaluator
+from executor.tuning.inputs.base import DOCUMENT, QUERY
 from executor.tuning.matryoshka import matryoshka_sizes, truncate
 
 
@@ -56,16 +57,17 @@ def column_items(pairs: Sequence[Item], column: int) -> list[Item]:
 
 
 def pair_retrieval(pairs: Sequence[Item], limit: int) -> Evaluator:
-    """Anchors as queries and positives (and negatives, as distractors) as the index; relevant: the same row."""
+    """Anchors as queries and positives (and negatives, as distractors) as the index; relevant: the same row. The
+    anchors take the query prompt and the rest the document prompt, as in training (``dataset.column_prompt``)."""
     rows = list(enumerate(pairs))
     query = [Item(id=f'q{i}', text=it.columns[0], label=str(i), name=f'{it.name} column 1') for i, it in rows]
     index = [Item(id=f'p{i}', text=it.columns[1], label=str(i), name=f'{it.name} column 2') for i, it in rows]
     index += [
-        Item(id=f'n{i}', text=it.columns[2], label=f'negative {i}', name=f'{it.name} column 3')
-        for i, it in enumerate(pairs)
-        if len(it.columns) > 2
+        Item(id=f'n{i}:{c}', text=it.columns[c], label=f'negative {i}:{c}', name=f'{it.name} column {c + 1}')
+        for i, it in rows
+        for c in range(2, len(it.columns))
     ]
-    return Evaluator(query, index, limit, retrieval=True, accuracy=False)
+    return Evaluator(query, index, limit, retrieval=True, accuracy=False, prompts=(QUERY, DOCUMENT))
 
 
 def evaluator_for(
@@ -121,10 +123,11 @@ class _Memo:
     def __init__(self, embedder: Embedder) -> None:
         self.embedder, self.class_names, self.cache, self.width = embedder, embedder.class_names, {}, 0
 
-    def embed_items(self, items: Sequence[Item]) -> np.ndarray:
-        key = tuple(id(it) for it in items)  # the items are kept with their embeddings, so no id is reused meanwhile
+    def embed_items(self, items: Sequence[Item], prompt_name: str | None = None) -> np.ndarray:
+        # the items are kept with their embeddings, so no id is reused meanwhile
+        key = (prompt_name, *(id(it) for it in items))
         if key not in self.cache:
-            self.cache[key] = (list(items), _numpy(self.embedder.embed_items(items)))
+            self.cache[key] = (list(items), _numpy(self.embedder.embed_items(items, prompt_name)))
             self.width = self.cache[key][1].shape[1]
         return self.cache[key][1]
 
@@ -138,8 +141,8 @@ class _Sliced:
     def __init__(self, embedder: _Memo, dim: int) -> None:
         self.embedder, self.dim, self.class_names = embedder, dim, None
 
-    def embed_items(self, items: Sequence[Item]) -> np.ndarray:
-        return truncate(self.embedder.embed_items(items), self.dim)
+    def embed_items(self, items: Sequence[Item], prompt_name: str | None = None) -> np.ndarray:
+        return truncate(self.embedder.embed_items(items, prompt_name), self.dim)
 
 
 def _numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:

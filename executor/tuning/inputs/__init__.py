@@ -6,12 +6,22 @@ exporter and service go through it and never test for a modality themselves. A n
 that defines an ``Inputs`` subclass decorated with ``@register_inputs``, and one line below.
 """
 
-from executor.tuning.inputs.base import Batch, Inputs, inputs_class, inputs_from_config, register_inputs
+from executor.tuning.inputs.base import (
+    DOCUMENT,
+    QUERY,
+    Batch,
+    Inputs,
+    inputs_class,
+    inputs_from_config,
+    register_inputs,
+)
 from executor.tuning.inputs.image import ImageInputs, calibration_photos, sample_photos
 from executor.tuning.inputs.text import TextInputs
 from executor.tuning.inputs.two_tower import Captioned, Text, TwoTowerInputs
 
 __all__ = [
+    'DOCUMENT',
+    'QUERY',
     'Batch',
     'Captioned',
     'ImageInputs',

@@ -12,6 +12,8 @@ from executor.tuning.errors import DataError
 
 Batch = dict[str, torch.Tensor]  # input name -> (B, ...) tensor; every tensor has the batch on axis 0
 Transform = Callable[[Any], Any]
+#: the two prompt roles of asymmetric search (sentence-transformers' names): what is searched for, what is found
+QUERY, DOCUMENT = 'query', 'document'
 
 _KINDS: dict[str, type[Inputs]] = {}
 T = TypeVar('T', bound='type[Inputs]')
@@ -87,9 +89,35 @@ class Inputs(ABC):
     #: why an item is refused and how to fix it, after the item's name (``{count}`` such among the ``{what}``)
     refusal: ClassVar[str] = 'has no content this model takes ({count} such among the {what})'
 
-    def content_of(self, item: Any) -> Any:
-        """What ``load`` takes of ``item`` (an ``Item``): its content (a two-tower model's inputs mark its kind)."""
-        return item.content
+    def content_of(self, item: Any, prompt_name: str | None = None) -> Any:
+        """What ``load`` takes of ``item`` (an ``Item``): its content (a two-tower model's inputs mark its kind),
+        behind the model's prompt ``prompt_name`` where it has one."""
+        return self.prompt(item.content, prompt_name)
+
+    # --- prompts (sentence-transformers' ``prompts``: a text put before each sentence of a role) ------------------
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """Prompt name -> the text put before a sentence of that role (e5's ``{'query': 'query: ', ...}``)."""
+        return {}
+
+    def prompt(self, content: Any, prompt_name: str | None) -> Any:
+        """``content`` behind the prompt ``prompt_name``; unchanged where the model has no prompt of that name (a
+        role such as ``QUERY`` is asked for everywhere, and most models have no prompts)."""
+        return content
+
+    def prompt_name(self, asked: str | None, default: str | None = None) -> str | None:
+        """The prompt a request uses: ``asked`` (an error unless the model has it), else ``default`` where the model
+        has it, else none."""
+        if asked is None:
+            return default if default in self.prompts else None
+        if asked not in self.prompts:
+            have = f'its prompts are {sorted(self.prompts)}' if self.prompts else 'it has no prompts'
+            raise ValueError(
+                f'prompt_name={asked!r} is not a prompt of this model ({have}); send one of them, or leave '
+                'prompt_name out (prompts are set at training with prompts={"query": ..., "document": ...})'
+            )
+        return asked
 
     @abstractmethod
     def load(self, content: Any, name: str) -> Any:

@@ -15,6 +15,7 @@ from executor.tuning.errors import DataError
 from executor.tuning.inputs.base import Batch, Inputs, Transform, register_inputs
 
 MAX_SEQ_LENGTH = 8192  # past any text encoder's position embeddings
+MAX_PROMPTS, MAX_PROMPT_CHARS = 32, 2000
 IDS, MASK = 'input_ids', 'attention_mask'
 
 
@@ -28,6 +29,8 @@ class TextInputs(Inputs):
 
     ``tokenizer`` is the text of a ``tokenizer.json`` (the fast tokenizer's whole definition, saved with the model,
     so an artifact needs no other file); sentences are cut to ``max_seq_length`` tokens, special tokens included.
+    ``prompts`` (name -> text) are put before the sentences of a role, as sentence-transformers does: e5's
+    ``{'query': 'query: ', 'document': 'passage: '}``; they are saved with the model and its ONNX preprocessing.
     """
 
     kind = 'text'
@@ -35,15 +38,22 @@ class TextInputs(Inputs):
     int8_static = False  # measured on all-MiniLM-L6-v2: static QDQ min cosine 0.10-0.14, dynamic per-channel 0.989
     refusal = 'is an image ({count} such among the {what}), but this model embeds text; send each as text'
 
-    def __init__(self, tokenizer: str, max_seq_length: int = 256, pad_id: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: str,
+        max_seq_length: int = 256,
+        pad_id: int | None = None,
+        prompts: dict[str, str] | None = None,
+    ) -> None:
         if not 1 <= int(max_seq_length) <= MAX_SEQ_LENGTH:
             raise ValueError(f'max_seq_length must be between 1 and {MAX_SEQ_LENGTH}, got {max_seq_length}')
         self.tokenizer_json = tokenizer
         self.max_seq_length = int(max_seq_length)
         self.pad_id = self._pad_id() if pad_id is None else int(pad_id)
+        self._prompts = check_prompts(prompts or {})
 
     def __repr__(self) -> str:
-        return f'TextInputs(max_seq_length={self.max_seq_length}, pad_id={self.pad_id})'
+        return f'TextInputs(max_seq_length={self.max_seq_length}, pad_id={self.pad_id}, prompts={self._prompts})'
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers and deep copies rebuild the tokenizer
         return {k: v for k, v in self.__dict__.items() if k != 'tokenizer'}
@@ -69,18 +79,32 @@ class TextInputs(Inputs):
             'kind': self.kind,
             'max_seq_length': self.max_seq_length,
             'pad_id': self.pad_id,
+            'prompts': dict(self._prompts),
             'tokenizer': self.tokenizer_json,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TextInputs:
-        return cls(config['tokenizer'], config['max_seq_length'], config.get('pad_id'))
+        return cls(config['tokenizer'], config['max_seq_length'], config.get('pad_id'), config.get('prompts'))
 
-    def with_options(self, max_seq_length: int | None = None, **options: Any) -> TextInputs:
+    def with_options(
+        self, max_seq_length: int | None = None, prompts: dict[str, str] | None = None, **options: Any
+    ) -> TextInputs:
+        """``prompts`` replace the model's own (a ``{}`` removes them)."""
         super().with_options(**options)
-        if max_seq_length is None or max_seq_length == self.max_seq_length:
+        length = self.max_seq_length if max_seq_length is None else max_seq_length
+        prompts = self._prompts if prompts is None else prompts
+        if length == self.max_seq_length and prompts == self._prompts:
             return self
-        return TextInputs(self.tokenizer_json, max_seq_length, self.pad_id)
+        return TextInputs(self.tokenizer_json, length, self.pad_id, prompts)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return dict(self._prompts)
+
+    def prompt(self, content: Any, prompt_name: str | None) -> Any:
+        text = self._prompts.get(prompt_name) if prompt_name is not None else None
+        return text + content if text and isinstance(content, str) else content
 
     @classmethod
     def accepts(cls, item: Any) -> bool:
@@ -179,6 +203,26 @@ class TextInputs(Inputs):
         vocab = self.tokenizer.get_vocab_size()
         ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (rows, self.max_seq_length))
         return {IDS: ids, MASK: torch.ones_like(ids)}
+
+
+def check_prompts(prompts: Any) -> dict[str, str]:
+    """``prompts`` as a name -> text dict, or a ``ValueError`` saying what is wrong with it."""
+    if not isinstance(prompts, dict):
+        raise ValueError(
+            f"prompts must be a dict of prompt name -> text, e.g. {{'query': 'query: ', 'document': 'passage: '}}; "
+            f'got {type(prompts).__name__}'
+        )
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f'prompts has {len(prompts)} entries; at most {MAX_PROMPTS} are taken')
+    for name, text in prompts.items():
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise ValueError(f'a prompt name must be a non-empty string of at most 100 characters, got {name!r:.120}')
+        if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f'prompts[{name!r}] must be a string of at most {MAX_PROMPT_CHARS} characters (the text put before '
+                f'each sentence), got {type(text).__name__}'
+            )
+    return dict(prompts)
 
 
 #: sentences of varied length (the export traces the model and checks its parity on them)

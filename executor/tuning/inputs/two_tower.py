@@ -23,7 +23,7 @@ from executor.tuning.inputs.text import TextInputs
 
 IMAGE, TEXT = 'image', 'text'
 ORDER = 'order'
-TEXT_OPTIONS = ('max_seq_length',)
+TEXT_OPTIONS = ('max_seq_length', 'prompts')
 
 
 class Text(str):
@@ -92,10 +92,15 @@ class TwoTowerInputs(Inputs):
         if item.text is not None:
             TextInputs._text(item.text, item.name)
 
-    def content_of(self, item: Any) -> Any:
-        """A captioned image as ``Captioned``, a sentence as ``Text``, an image as its content."""
+    @property
+    def prompts(self) -> dict[str, str]:
+        return self.text.prompts
+
+    def content_of(self, item: Any, prompt_name: str | None = None) -> Any:
+        """A captioned image as ``Captioned``, a sentence as ``Text`` (behind the text tower's prompt
+        ``prompt_name`` where it has one), an image as its content."""
         if item.kind == TEXT:
-            return Text(item.text)
+            return Text(self.text.prompt(item.text, prompt_name))
         return Captioned(item.content, item.text) if item.text is not None else item.content
 
     def load(self, content: Any, name: str) -> tuple[str, Any]:

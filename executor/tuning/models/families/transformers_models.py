@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.tuning.inputs.text import IDS, MASK, TextInputs
+from executor.tuning.inputs.text import IDS, MASK, TextInputs, check_prompts
 from executor.tuning.models import weights as offline
 from executor.tuning.models.family import Backbone, BackboneFamily
 from executor.tuning.models.registry import register_family
@@ -113,7 +113,12 @@ class TransformersFamily(BackboneFamily):
             offline.load_weights(net, name, weights, False, lambda: None)
         pooling = pooler or _folder_pooling(folder)
         positions = getattr(net.config, 'max_position_embeddings', 512)
-        inputs = TextInputs(_read(transformer / 'tokenizer.json'), _max_seq_length(folder, transformer, positions))
+        inputs = TextInputs(
+            _read(transformer / 'tokenizer.json'),
+            _max_seq_length(folder, transformer, positions),
+            None,
+            _prompts(folder),
+        )
         return self._backbone(net, pooling, inputs, net.config.to_dict())
 
     @staticmethod
@@ -193,6 +198,15 @@ def _folder_pooling(folder: Path) -> str:
     config = _json(folder / path / 'config.json') if path else {}
     chosen = [mode for key, mode in ST_POOLING_KEYS.items() if config.get(key)]
     return chosen[0] if chosen else 'mean'
+
+
+def _prompts(folder: Path) -> dict[str, str]:
+    """The prompts a sentence-transformers folder names in ``config_sentence_transformers.json`` (empty ones left
+    out: they change nothing)."""
+    prompts = _json(folder / 'config_sentence_transformers.json').get('prompts') or {}
+    if not isinstance(prompts, dict):
+        raise ValueError(f'{folder / "config_sentence_transformers.json"}: prompts must be a dict of name -> text')
+    return check_prompts({name: text for name, text in prompts.items() if text})
 
 
 def _max_seq_length(folder: Path, transformer: Path, max_positions: int) -> int:
