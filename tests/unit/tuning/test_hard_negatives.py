@@ -28,7 +28,7 @@ class AngleEmbedder:
     def __init__(self, angles: dict[str, float]) -> None:
         self.angles = angles
 
-    def embed_items(self, items):
+    def embed_items(self, items, prompt_name=None):
         return np.array([[math.cos(self.angles[it.text]), math.sin(self.angles[it.text])] for it in items])
 
 

@@ -89,7 +89,7 @@ class Fixed:
     def __init__(self, rows: dict[str, np.ndarray]) -> None:
         self.rows = rows
 
-    def embed_items(self, items):
+    def embed_items(self, items, prompt_name=None):
         return np.stack([self.rows[it.id] for it in items])
 
 
