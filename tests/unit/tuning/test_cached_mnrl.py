@@ -4,12 +4,15 @@ autocast), through the pairs task and a whole run on 7-column n-tuples; bad opti
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from torch import nn
 
 from executor.tuning import TrainConfig, Trainer
-from executor.tuning.data.sources import Item
+from executor.tuning.data.sources import Item, from_csv
+from executor.tuning.errors import DataError
 from executor.tuning.matryoshka import MatryoshkaLoss
 from executor.tuning.models import build_model
 from executor.tuning.pair_losses import (
@@ -234,3 +237,58 @@ def test_bad_options_are_refused_before_a_run_exists(tmp_path, options, message)
     with pytest.raises(ValueError, match=message):
         plan_run(run_config(tmp_path, 'CachedMultipleNegativesRankingLoss', 2, loss_options=options))
     assert not (tmp_path / 'CachedMultipleNegativesRankingLoss').exists()
+
+
+def write_tuples(path, header: list[str], rows: list[tuple[str, ...]]):
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_an_n_tuple_csv_gives_its_numbered_negatives_in_order(tmp_path):
+    order = [0, 1, 3, 2, 4, 5, 6]  # the file holds negative_2 before negative_1
+    header = ['anchor', 'positive', 'negative_2', 'negative_1', 'negative_3', 'negative_4', 'negative_5']
+    path = write_tuples(tmp_path / 'tuples.csv', header, [tuple(row[i] for i in order) for row in ROWS])
+    read = from_csv(path)
+    assert [it.columns for it in read] == ROWS
+    plan = plan_run(TrainConfig(model='all-MiniLM-L6-v2', train_data=str(path), output_dir=tmp_path / 'run'))
+    assert plan.task.views == 7 and plan.config.loss == 'MultipleNegativesRankingLoss'
+
+
+@pytest.mark.parametrize(
+    'header', [['anchor', 'positive', 'negative_1', 'negative_3'], ['anchor', 'positive', 'negative', 'negative_1']]
+)
+def test_an_n_tuple_csv_with_a_gap_or_a_plain_negative_is_refused(tmp_path, header):
+    path = write_tuples(tmp_path / 'bad.csv', header, [ROWS[0][: len(header)]])
+    with pytest.raises(DataError, match=r"bad.csv': an n-tuple CSV has the columns anchor,positive,negative_1"):
+        from_csv(path)
+
+
+def test_a_run_mining_5_negatives_trains_on_7_column_n_tuples(tmp_path):
+    """hard_negatives' default output_format 'n-tuple': query, positive and 5 mined negatives per row, into MNRL."""
+    from tests.helpers import write_beir
+    from tests.unit.tuning.test_hard_negatives import DISTRACTORS, SENTENCES
+
+    corpus = [{'_id': f'p{i}', 'text': p} for i, (_, p) in enumerate(SENTENCES)]
+    corpus += [{'_id': f'x{i}', 'text': t} for i, t in enumerate(DISTRACTORS)]
+    queries = [{'_id': f'q{i}', 'text': q} for i, (q, _) in enumerate(SENTENCES)]
+    qrels = [(f'q{i}', f'p{i}', '1') for i in range(len(SENTENCES))]
+    folder = write_beir(tmp_path / 'beir', corpus, queries, qrels, split='train')
+    config = TrainConfig(
+        model='all-MiniLM-L6-v2',
+        train_data=str(folder),
+        hard_negatives={'num_negatives': 5},
+        batch_size=len(SENTENCES),
+        epochs=1,
+        output_dir=tmp_path / 'run',
+        tensorboard=False,
+        loggers=[],
+    )
+    plan = plan_run(config)
+    assert plan.task.views == 7
+    trainer = Trainer(plan)
+    assert {len(it.columns) for it in trainer.items} == {7}
+    result = trainer.fit()
+    assert result.history[0]['train_loss'] > 0
