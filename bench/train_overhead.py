@@ -8,18 +8,28 @@ A text model (``--model all-MiniLM-L6-v2``) trains on SICK training pairs (real 
 scored pairs with CoSENTLoss, or ``--loss MultipleNegativesRankingLoss`` on the same pairs as anchor,positive; the
 bare loop embeds each batch's 2B sentences in one pass, as the trainer does, at the trainer's learning rate 2e-5.
 
+``--cached``: CachedMultipleNegativesRankingLoss (GradCache) at batch 256 with mini_batch_size 32 against the
+uncached MultipleNegativesRankingLoss at batch 32 (and at 256, whose memory the cached loss is meant to save), the
+trainer's step on SICK training pairs as anchor,positive. Each configuration runs in a fresh process; its memory is
+the peak growth during the timed steps over the process's footprint just before them: resident set size sampled every
+2 ms on CPU (the activations a step holds), ``torch.cuda.max_memory_allocated`` on a GPU.
+
     .venv/bin/python bench/train_overhead.py [--model efficientnet_lite0] [--size 224] [--batch 32] [--rounds 5]
     .venv/bin/python bench/train_overhead.py --model all-MiniLM-L6-v2 [--loss CoSENTLoss] [--batch 32]
+    .venv/bin/python bench/train_overhead.py --cached [--steps 3] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -117,7 +127,143 @@ def text_overhead(args: argparse.Namespace) -> None:
     print(f'trainer / bare step time: {med["trainer"] / med["bare"]:.3f} (target <= 1.05)')
 
 
+# (name, loss, batch, mini_batch_size): what --cached compares, each in a fresh process
+CACHED_RUNS = (
+    ('uncached MNRL', 'MultipleNegativesRankingLoss', 32, None),
+    ('cached MNRL', 'CachedMultipleNegativesRankingLoss', 256, 32),
+    ('uncached MNRL', 'MultipleNegativesRankingLoss', 256, None),
+)
+
+
+def _rss() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+class PeakRSS:
+    """The highest resident set size seen while the block runs, sampled every 2 ms by a thread."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def cached_worker(spec: dict) -> dict:
+    """One configuration of --cached: the trainer's step time (median over the steps after a warm-up one) and the
+    peak memory growth during the steps."""
+    pairs = sick_pairs('train')
+    batch, steps = spec['batch'], spec['steps']
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_csv([(a, b) for a, b, _ in pairs], Path(tmp) / 'pairs.csv', ('anchor', 'positive'))
+        options = {'mini_batch_size': spec['mini']} if spec['mini'] else {}
+        config = TrainConfig(
+            model=spec['model'],
+            train_data=str(data),
+            loss=spec['loss'],
+            loss_options=options,
+            batch_size=batch,
+            epochs=1,
+            tensorboard=False,
+            output_dir=Path(tmp) / 'run',
+            learning_rate=2e-5,
+            device=spec['device'],
+        )
+        trainer = Trainer(config)
+        trainer.sampler.set_epoch(0)
+        batches = [(x, y) for _, (x, y) in zip(range(steps + 1), trainer.loader)]
+        cuda = trainer.device.type == 'cuda'
+        trainer.loader = batches[:1]
+        trainer.train_epoch()  # warm-up (kernels, optimizer state); its memory is part of the baseline
+        times = []
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            for one in batches[1:]:
+                trainer.loader = [one]
+                started = time.perf_counter()
+                trainer.train_epoch()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+        peak = (torch.cuda.max_memory_allocated() - base) if cuda else (rss.peak - rss.start)
+    tokens = statistics.mean(int(b['attention_mask'].shape[1]) for b, _ in batches)
+    return {
+        'step_s': statistics.median(times),
+        'peak_mib': peak / 2**20,
+        'tokens': tokens,
+        'memory': 'CUDA allocated' if cuda else 'RSS',
+        'device': str(trainer.device),
+    }
+
+
+def cached_overhead(args: argparse.Namespace) -> None:
+    """--cached: each configuration in a fresh process, then the ratios."""
+    rows = []
+    for name, loss, batch, mini in CACHED_RUNS:
+        spec = dict(
+            model=args.model if inputs_kind(args.model) == 'text' else 'all-MiniLM-L6-v2',
+            loss=loss,
+            batch=batch,
+            mini=mini,
+            steps=args.steps,
+            device=args.device,
+        )
+        # glibc returns freed blocks above a fixed mmap threshold to the system at once, so that a step's resident
+        # growth is the memory it holds, not what an earlier step left in malloc's free lists
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+        done = subprocess.run(
+            [sys.executable, __file__, '--cached-worker', json.dumps(spec)], capture_output=True, text=True, env=env
+        )
+        if done.returncode != 0:
+            print(f'{name} at batch {batch} failed:\n{done.stderr[-2000:]}')
+            continue
+        rows.append((name, batch, mini, json.loads(done.stdout.strip().splitlines()[-1])))
+    print(
+        f'{rows[0][3]["device"] if rows else args.device}, {torch.get_num_threads()} threads, SICK train pairs as '
+        f'anchor,positive, median of {args.steps} steps after a warm-up one, each configuration in a fresh process'
+    )
+    print(f'{"configuration":<34}{"step s":>9}{"pairs/s":>10}{"tokens":>8}{"peak MiB":>10}  memory')
+    for name, batch, mini, r in rows:
+        label = f'{name} batch {batch}' + (f' (mini {mini})' if mini else '')
+        pairs_s = batch / r['step_s']
+        print(f'{label:<34}{r["step_s"]:>9.3f}{pairs_s:>10.1f}{r["tokens"]:>8.1f}{r["peak_mib"]:>10.1f}  {r["memory"]}')
+    by = {(name, batch): r for name, batch, _, r in rows}
+    small, cached = by.get(('uncached MNRL', 32)), by.get(('cached MNRL', 256))
+    big = by.get(('uncached MNRL', 256))
+    if small and cached:
+        print(
+            f'cached 256 / uncached 32: step time {cached["step_s"] / small["step_s"]:.2f}x (8x the pairs), per pair '
+            f'{cached["step_s"] / 8 / small["step_s"]:.2f}x, peak memory {cached["peak_mib"] / small["peak_mib"]:.2f}x'
+        )
+    if small and big:
+        print(f'uncached 256 / uncached 32: peak memory {big["peak_mib"] / small["peak_mib"]:.2f}x')
+    if cached and big:
+        print(
+            f'cached 256 / uncached 256: step time {cached["step_s"] / big["step_s"]:.2f}x, peak memory '
+            f'{cached["peak_mib"] / big["peak_mib"]:.2f}x'
+        )
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == '--cached-worker':
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(json.dumps(cached_worker(json.loads(sys.argv[2]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='efficientnet_lite0')
     parser.add_argument('--size', type=int, default=224)
@@ -130,8 +276,17 @@ def main() -> None:
         choices=['CoSENTLoss', 'CosineSimilarityLoss', 'MultipleNegativesRankingLoss'],
         help='text models only',
     )
+    parser.add_argument(
+        '--cached',
+        action='store_true',
+        help='CachedMultipleNegativesRankingLoss at batch 256 (mini-batch 32) vs uncached at 32 and 256: time, memory',
+    )
+    parser.add_argument('--device', default='cpu', help='--cached: cpu or cuda')
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.cached:
+        cached_overhead(args)
+        return
     if inputs_kind(args.model) == 'text':
         text_overhead(args)
         return
