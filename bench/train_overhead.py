@@ -12,11 +12,13 @@ bare loop embeds each batch's 2B sentences in one pass, as the trainer does, at 
 uncached MultipleNegativesRankingLoss at batch 32 (and at 256, whose memory the cached loss is meant to save), the
 trainer's step on SICK training pairs as anchor,positive. Each configuration runs in a fresh process; its memory is
 the peak growth during the timed steps over the process's footprint just before them: resident set size sampled every
-2 ms on CPU (the activations a step holds), ``torch.cuda.max_memory_allocated`` on a GPU.
+2 ms on CPU (the activations a step holds), ``torch.cuda.max_memory_allocated`` on a GPU. The step times are then
+measured again in one process, the configurations taking turns (``--rounds``), as the time ratios to trust on a busy
+machine.
 
     .venv/bin/python bench/train_overhead.py [--model efficientnet_lite0] [--size 224] [--batch 32] [--rounds 5]
     .venv/bin/python bench/train_overhead.py --model all-MiniLM-L6-v2 [--loss CoSENTLoss] [--batch 32]
-    .venv/bin/python bench/train_overhead.py --cached [--steps 3] [--device cpu]
+    .venv/bin/python bench/train_overhead.py --cached [--steps 3] [--rounds 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -203,12 +205,40 @@ def cached_worker(spec: dict) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else (rss.peak - rss.start)
     tokens = statistics.mean(int(b['attention_mask'].shape[1]) for b, _ in batches)
     return {
+        'model': spec['model'],
         'step_s': statistics.median(times),
         'peak_mib': peak / 2**20,
         'tokens': tokens,
         'memory': 'CUDA allocated' if cuda else 'RSS',
         'device': str(trainer.device),
     }
+
+
+def interleaved_worker(spec: dict) -> dict:
+    """The step times of every --cached configuration in one process, taking turns (``timed_rounds``), so that a
+    busy machine slows them alike: the time ratios, apart from the fresh processes' memory."""
+    pairs = sick_pairs('train')
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_csv([(a, b) for a, b, _ in pairs], Path(tmp) / 'pairs.csv', ('anchor', 'positive'))
+        for i, (name, loss, batch, mini) in enumerate(CACHED_RUNS):
+            config = TrainConfig(
+                model=spec['model'],
+                train_data=str(data),
+                loss=loss,
+                loss_options={'mini_batch_size': mini} if mini else {},
+                batch_size=batch,
+                epochs=1,
+                tensorboard=False,
+                output_dir=Path(tmp) / f'run{i}',
+                learning_rate=2e-5,
+                device=spec['device'],
+            )
+            trainer = Trainer(config)
+            trainer.sampler.set_epoch(0)
+            trainer.loader = [next(iter(trainer.loader))]  # one step, the same batch each round
+            runs[f'{name} {batch}'] = trainer.train_epoch
+        return timed_rounds(runs, spec['rounds'])
 
 
 def cached_overhead(args: argparse.Namespace) -> None:
@@ -242,6 +272,22 @@ def cached_overhead(args: argparse.Namespace) -> None:
         label = f'{name} batch {batch}' + (f' (mini {mini})' if mini else '')
         pairs_s = batch / r['step_s']
         print(f'{label:<34}{r["step_s"]:>9.3f}{pairs_s:>10.1f}{r["tokens"]:>8.1f}{r["peak_mib"]:>10.1f}  {r["memory"]}')
+    if args.rounds:
+        spec = dict(model=rows[0][3]['model'] if rows else 'all-MiniLM-L6-v2', device=args.device, rounds=args.rounds)
+        done = subprocess.run(
+            [sys.executable, __file__, '--interleaved-worker', json.dumps(spec)], capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            med = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f'one process, the configurations taking turns, median of {args.rounds} rounds (s per step):')
+            print('  ' + ', '.join(f'{name}: {value:.3f}' for name, value in med.items()))
+            small, cached, big = (med[f'{name} {batch}'] for name, _, batch, _ in CACHED_RUNS)
+            print(
+                f'  cached 256 / uncached 32: {cached / small:.2f}x the step time for 8x the pairs; cached 256 / '
+                f'uncached 256: {cached / big:.2f}x'
+            )
+        else:
+            print(f'the interleaved timing failed:\n{done.stderr[-2000:]}')
     by = {(name, batch): r for name, batch, _, r in rows}
     small, cached = by.get(('uncached MNRL', 32)), by.get(('cached MNRL', 256))
     big = by.get(('uncached MNRL', 256))
@@ -260,16 +306,17 @@ def cached_overhead(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == '--cached-worker':
+    if len(sys.argv) == 3 and sys.argv[1] in ('--cached-worker', '--interleaved-worker'):
         torch.set_num_threads(os.cpu_count() or 1)
-        print(json.dumps(cached_worker(json.loads(sys.argv[2]))))
+        worker = cached_worker if sys.argv[1] == '--cached-worker' else interleaved_worker
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='efficientnet_lite0')
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--steps', type=int, default=4, help='batches per timed epoch')
-    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--rounds', type=int, default=None, help='timed rounds (default 5; --cached: 2)')
     parser.add_argument(
         '--loss',
         default='CoSENTLoss',
@@ -283,6 +330,7 @@ def main() -> None:
     )
     parser.add_argument('--device', default='cpu', help='--cached: cpu or cuda')
     args = parser.parse_args()
+    args.rounds = args.rounds if args.rounds is not None else 2 if args.cached else 5
     torch.set_num_threads(os.cpu_count() or 1)
     if args.cached:
         cached_overhead(args)
