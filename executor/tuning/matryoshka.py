@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from executor.tuning.pair_losses import check_pair_data, loss_name
+from executor.tuning.pair_losses import check_pair_data, loss_name, mini_batch_size
 
 Embeddings = TypeVar('Embeddings', Tensor, np.ndarray)
 #: how the checks name the sizes and weights of a run (its config's fields)
@@ -86,8 +86,8 @@ class MatryoshkaLoss(nn.Module):
     """Matryoshka representation loss over a pair loss, as sentence-transformers' MatryoshkaLoss.
 
     ``loss = sum_k w_k * inner([normalize(x[:, :d_k]) for x in columns], scores)`` over dims d_1 > d_2 > ...
-    (sorted descending, weights following their dims; weights default to 1). ``needs_scores`` and ``columns``
-    follow the inner loss.
+    (sorted descending, weights following their dims; weights default to 1). ``needs_scores``, ``columns`` and
+    ``mini_batch_size`` (a cached loss's) follow the inner loss.
     """
 
     def __init__(self, loss: nn.Module, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
@@ -112,8 +112,14 @@ class MatryoshkaLoss(nn.Module):
         return bool(getattr(self.loss, 'needs_scores', False))
 
     @property
-    def columns(self) -> tuple[int, ...]:
-        return tuple(getattr(self.loss, 'columns', ()))
+    def columns(self) -> Any:
+        return getattr(self.loss, 'columns', ())
+
+    @property
+    def mini_batch_size(self) -> int | None:
+        """A cached inner loss's: ``cached_loss`` embeds the batch in mini-batches and this loss slices their
+        embeddings (as sentence-transformers' MatryoshkaLoss over CachedMultipleNegativesRankingLoss)."""
+        return mini_batch_size(self.loss)
 
     def forward(self, columns: Sequence[Tensor], scores: Tensor | None = None) -> Tensor:
         columns = list(columns)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,8 @@ HEADER_WORDS = {'uri', 'text', 'label', 'anchor', 'positive', 'negative', 'sente
 HEADER_WORDS |= {'image', 'caption'}
 ROW_COLUMNS = {'uri', 'text', 'image', 'caption'}  # the columns of single items and captioned images (and label)
 CSV_LAYOUTS = (
-    'uri,label | text,label | image,caption (or uri,text) | anchor,positive[,negative] | sentence1,sentence2,score'
+    'uri,label | text,label | image,caption (or uri,text) | anchor,positive[,negative] | '
+    'anchor,positive,negative_1..negative_n | sentence1,sentence2,score'
 )
 
 
@@ -99,8 +101,9 @@ def from_csv(
     path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None, options: CSVOptions | None = None
 ) -> list[Item]:
     """``uri,label`` or ``text,label`` (``label`` optional), ``image,caption`` or ``uri,text`` (captioned images, an
-    image on as many rows as it has captions), ``anchor,positive[,negative]`` (sentence pairs or triplets), or
-    ``sentence1,sentence2,score`` (scored pairs, any score range), when a header row names the columns.
+    image on as many rows as it has captions), ``anchor,positive[,negative]`` (sentence pairs or triplets),
+    ``anchor,positive,negative_1..negative_n`` (n-tuples, as sentence-transformers' hard-negative mining writes them),
+    or ``sentence1,sentence2,score`` (scored pairs, any score range), when a header row names the columns.
     A file whose first row names none of these is read as Finetuner read its CSVs, without a header, by ``options``
     (``finetuner_csv``). ``options`` also sample the rows (``size``, ``sampling_rate``) and set the dialect and
     encoding; by default the delimiter is told from the file and quoting is RFC 4180's (``finetuner_csv.read_rows``).
@@ -175,7 +178,7 @@ def _rows(rows: list[dict], columns: set[str], path: Path, roots: Sequence | Non
 def _pairs(rows: list[dict], columns: set[str], path: Path) -> list[Item]:
     """Sentence pairs, triplets or scored pairs: every sentence non-empty, every score a number."""
     names = next(c for c in PAIR_COLUMNS if c[0] in columns)
-    names = tuple(c for c in names if c in columns)
+    names = tuple(c for c in names if c in columns) + _numbered_negatives(columns, path)
     scored = 'score' in columns
     items = []
     for row in rows:
@@ -196,6 +199,21 @@ def _pairs(rows: list[dict], columns: set[str], path: Path) -> list[Item]:
                 raise DataError(f'{name}: score {raw!r} is not a finite number')
         items.append(Item(id=name, name=name, columns=texts, score=score))
     return items
+
+
+def _numbered_negatives(columns: set[str], path: Path) -> tuple[str, ...]:
+    """An n-tuple's ``negative_1..negative_n`` columns in order (sentence-transformers' n-tuple names), after checking
+    they are numbered from 1 without a gap and not mixed with a plain ``negative``."""
+    numbered = sorted((c for c in columns if re.fullmatch(r'negative_\d+', c)), key=lambda c: int(c.split('_')[1]))
+    if not numbered:
+        return ()
+    expected = [f'negative_{i}' for i in range(1, len(numbered) + 1)]
+    if numbered != expected or 'negative' in columns or 'anchor' not in columns:
+        raise DataError(
+            f'{str(path)!r}: an n-tuple CSV has the columns anchor,positive,negative_1,...,negative_n (numbered '
+            f'from 1, no gap, no plain negative column); found {", ".join(sorted(columns))}'
+        )
+    return tuple(numbered)
 
 
 def from_folder(root: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> list[Item]:

@@ -1,5 +1,6 @@
-"""Sentence pairs, triplets and scored pairs (sentence-transformers' training data): each item's columns are embedded
-in one batch (every first column, then every second...), and a pair loss compares them."""
+"""Sentence pairs, triplets, n-tuples and scored pairs (sentence-transformers' training data): each item's columns are
+embedded in one batch (every first column, then every second...), and a pair loss compares them; a cached loss
+(``CachedMultipleNegativesRankingLoss``) embeds that batch in mini-batches (``pair_losses.cached_loss``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from executor.tuning.errors import DataError
 from executor.tuning.inputs import Batch
 from executor.tuning.losses import LossSpec, build_loss
 from executor.tuning.matryoshka import MatryoshkaLoss, check_width
-from executor.tuning.pair_losses import PAIR_LOSSES, CosineSimilarityLoss, build_pair_loss, check_pair_data
+from executor.tuning.pair_losses import (
+    PAIR_LOSSES,
+    CosineSimilarityLoss,
+    build_pair_loss,
+    cached_loss,
+    check_pair_data,
+    mini_batch_size,
+)
 from executor.tuning.tasks.base import Task
 
 
@@ -36,8 +44,9 @@ def pair_shape(items: Sequence[Item]) -> tuple[int, bool] | None:
 
 
 class PairTraining(Task):
-    """``MultipleNegativesRankingLoss`` on pairs and triplets, ``CoSENTLoss`` on scored pairs by default (or any
-    pair loss, or a pytorch-metric-learning loss with each row's sentences as one class)."""
+    """``MultipleNegativesRankingLoss`` on pairs, triplets and n-tuples (anchor, positive, negative_1..negative_n),
+    ``CoSENTLoss`` on scored pairs by default (or any pair loss, or a pytorch-metric-learning loss with each row's
+    sentences as one class)."""
 
     name = 'pairs'
     defaults = {'learning_rate': 2e-5, 'epochs': 1, 'batch_size': 32}
@@ -81,9 +90,14 @@ class PairTraining(Task):
         return LossSpec(config.loss, module)
 
     def compute_loss(self, net: nn.Module, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
-        columns = net(batch).float().chunk(self.views)  # each (B, D): the items' first sentences, then second...
         scores = None
         if self.scored:
             low, high = self.score_range
             scores = (labels.float() - low) / (high - low)  # [0, 1] for CosineSimilarityLoss; CoSENT needs order only
+        mini = mini_batch_size(self.loss.module)
+        if mini is not None:  # GradCache: the loss embeds the batch mini-batch by mini-batch, here and in backward
+            chunks = list(model.inputs.split(batch, mini))
+            no_sync = getattr(net, 'no_sync', None)  # a DDP model all-reduces once, after the last mini-batch
+            return cached_loss(self.loss.module, lambda chunk: net(chunk).float(), chunks, self.views, scores, no_sync)
+        columns = net(batch).float().chunk(self.views)  # each (B, D): the items' first sentences, then second...
         return self.loss.module(columns, scores)

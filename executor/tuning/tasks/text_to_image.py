@@ -68,10 +68,14 @@ class TextToImage(Task):
         return {name: head for name, head in heads.items() if head is not None}
 
     def build_loss(self, model: nn.Module, class_names: list[str] | None, world: int) -> LossSpec:
-        if self.config.loss_options:
-            options = sorted(self.config.loss_options)
-            raise ValueError(f'CLIPLoss takes no loss_options (got {options}); its scale is learnt with the model')
-        return LossSpec(CLIP_LOSS, CLIPLoss())
+        options = dict(self.config.loss_options)
+        unknown = sorted(set(options) - {'gather_across_devices'})
+        if unknown:
+            raise ValueError(
+                f"CLIPLoss takes only the loss_option 'gather_across_devices' (got {unknown}); its scale is learnt "
+                'with the model'
+            )
+        return LossSpec(CLIP_LOSS, CLIPLoss(**options))
 
     def compute_loss(self, net: nn.Module, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
         images, texts = net(batch).float().chunk(2)  # the batch's images, then their captions

@@ -16,6 +16,7 @@ from torch import nn
 from executor.tuning.matryoshka import MatryoshkaLoss
 from executor.tuning.pair_losses import (
     PAIR_LOSSES,
+    AtLeast,
     ColumnLoss,
     CoSENTLoss,
     CosineSimilarityLoss,
@@ -290,7 +291,8 @@ def test_matryoshka_follows_the_inner_loss():
 
 
 def test_class_attributes_and_check_pair_data():
-    assert MultipleNegativesRankingLoss.columns == (2, 3) and not MultipleNegativesRankingLoss.needs_scores
+    assert MultipleNegativesRankingLoss.columns == AtLeast(2) and not MultipleNegativesRankingLoss.needs_scores
+    assert 7 in MultipleNegativesRankingLoss.columns and 1 not in MultipleNegativesRankingLoss.columns
     assert CoSENTLoss.columns == (2,) and CoSENTLoss.needs_scores
     check_pair_data(MultipleNegativesRankingLoss(), 3, scored=False)
     with pytest.raises(ValueError, match=r'ColumnLoss\(TripletMarginLoss\) needs anchor,positive'):
@@ -298,7 +300,12 @@ def test_class_attributes_and_check_pair_data():
 
 
 def test_build_pair_loss():
-    assert set(PAIR_LOSSES) == {'MultipleNegativesRankingLoss', 'CoSENTLoss', 'CosineSimilarityLoss'}
+    assert set(PAIR_LOSSES) == {
+        'MultipleNegativesRankingLoss',
+        'CachedMultipleNegativesRankingLoss',
+        'CoSENTLoss',
+        'CosineSimilarityLoss',
+    }
     mnrl = build_pair_loss('MultipleNegativesRankingLoss', {'scale': 10.0, 'symmetric': True})
     assert isinstance(mnrl, MultipleNegativesRankingLoss) and mnrl.scale == 10.0 and mnrl.symmetric
     column = build_pair_loss('TripletMarginLoss', None, pml_loss=TripletMarginLoss())
