@@ -10,7 +10,7 @@ import importlib
 import logging
 import os
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -80,16 +80,25 @@ class ModelDescription:
     options: dict[str, Any]
 
 
-def describe_models(names: Sequence[str] | None = None, local_only: bool = False) -> list[ModelDescription]:
+def describe_models(
+    names: Sequence[str] | None = None, local_only: bool = False, stopped: Callable[[], bool] | None = None
+) -> list[ModelDescription]:
     """Every model ``build_model`` takes (or those in ``names``), the ones whose pretrained weights are on this machine
     first, each group in ``list_models()`` order; ``local_only`` leaves out the others.
 
     ``output_dim`` is measured (a build on the meta device: no weights read, ~0.1 s each) for the models with local
     weights and for every name asked for in ``names``; for the rest of timm's ~1400 names it is ``None``, since
     measuring them all would take minutes. Ask ``describe_models([name])`` for one of those.
+
+    ``stopped`` is asked before each model: once it says so (the client is gone, the service stops), the work ends
+    with ``InterruptedError``.
     """
     described = []
     for name in list_models() if names is None else names:
+        if stopped is not None and stopped():
+            raise InterruptedError(
+                f'/models stopped after {len(described)} models: its client is gone or the service stops'
+            )
         family = family_of(name)
         local = family.weights_local(name)
         if local_only and not local:
