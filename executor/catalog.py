@@ -86,12 +86,23 @@ class CatalogEndpoints(Executor):
     # --- the work, off the event loop ------------------------------------------------------------------------------
 
     def _pack_artifact(self, run_id: str) -> RunArtifact:
-        folder = self.store.model_file(run_id, 'torch').parent  # raises, saying why, unless the run FINISHED
-        data = pack_artifact(folder, f'run {run_id!r}')
+        try:
+            folder = self.store.model_file(run_id, 'torch').parent  # raises, saying why, unless the run FINISHED
+            data = pack_artifact(folder, f'run {run_id!r}')
+        except FileNotFoundError:  # a /runs/delete took its files meanwhile: then the run is unknown (404)
+            self.store.folder(run_id)
+            raise
         digest, text = hashlib.sha256(data).hexdigest(), base64.b64encode(data).decode('ascii')
         return RunArtifact(run_id=run_id, name=f'{run_id}.zip', blob=text, size=len(data), sha256=digest)
 
     def _report(self, run_id: str) -> RunReport:
+        try:
+            return self._read_report(run_id)
+        except FileNotFoundError:  # a /runs/delete took its files meanwhile: then the run is unknown (404)
+            self.store.folder(run_id)
+            raise
+
+    def _read_report(self, run_id: str) -> RunReport:
         reports = self.store.folder(run_id) / REPORTS_DIR
         metrics = _read_json(reports / METRICS_JSON) or {}
         return RunReport(

@@ -18,8 +18,8 @@ from typing import Any, TypeVar, Union
 
 import torch
 
-from executor.tuning.errors import DataError, did_you_mean
-from executor.tuning.files import atomic_torch_save
+from executor.tuning.errors import DataError, did_you_mean, excerpt
+from executor.tuning.files import atomic_torch_save, too_long
 from executor.tuning.inputs import inputs_from_config
 from executor.tuning.models.embedding import ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1, EmbeddingModel
 from executor.tuning.models.family import BackboneFamily, Pooler
@@ -125,6 +125,8 @@ def is_model_file(name: str | os.PathLike) -> bool:
 
 
 def family_of(name: str) -> BackboneFamily:
+    if too_long(name):  # no registry name or model folder is that long, and the folder check would fail on it
+        raise unknown_model(name)
     for family in families():
         if family.owns(name):
             return family
@@ -144,7 +146,7 @@ def unknown_model(name: str) -> ValueError:
     hint = did_you_mean(name, list_models(), n=5, form='clause')
     described = ', '.join(family.hint for family in families() if family.hint)
     return ValueError(
-        f'unknown model {name!r}{hint} Call list_models() for all {len(list_models())} names: {described}'
+        f'unknown model {excerpt(name)}{hint} Call list_models() for all {len(list_models())} names: {described}'
     )
 
 
