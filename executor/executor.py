@@ -20,7 +20,7 @@ from jina import requests
 from executor import rest
 from executor.catalog import CatalogEndpoints
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, drop_content, items_of
-from executor.guards import PrivateTmp, check_parameters, check_request, make_public
+from executor.guards import PrivateTmp, check_parameters, check_request, make_public, watch_parent
 from executor.params import (
     DATA_FIELDS,
     ClassifyParams,
@@ -113,6 +113,7 @@ class FinetunerExecutor(CatalogEndpoints):
             raise
         self.jobs = JobQueue(self.store)
         self.jobs.start()
+        watch_parent(self._stop_long_requests)
         served, root = self.served or self.settings.model, self.store.root
         logger.info('FinetunerExecutor: serving %s, runs in %s, data roots %s', served, root, self.data_roots)
 
@@ -224,9 +225,12 @@ class FinetunerExecutor(CatalogEndpoints):
             return DocList[EvaluationResult]()
         return DocList[EvaluationResult]([await asyncio.to_thread(self._evaluate, docs, params)])
 
-    def close(self) -> None:
+    def _stop_long_requests(self) -> None:
         for stop in list(self.stopping):
             stop.set()
+
+    def close(self) -> None:
+        self._stop_long_requests()
         self.jobs.close()
         super().close()
         self.tmp.close()

@@ -9,11 +9,16 @@ them.
 from __future__ import annotations
 
 import atexit
+import logging
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +27,15 @@ import numpy as np
 from executor.service.store import pid_alive
 from executor.tuning.errors import DataError, excerpt
 
+logger = logging.getLogger(__name__)
+
 # The deepest nesting of lists and objects a request's parameters may have: the deepest that a valid request has is
 # 4 (callbacks[i].options.<key>: [...]); a callback nested 200 deep made pydantic's error a 500.
 MAX_PARAMETER_DEPTH = 16
 # The longest an error message (and so its log line) may be; the longest valid one, the list of losses, is ~1,200.
 MAX_ERROR_CHARS = 4000
+PARENT_POLL = 0.5  # seconds between two looks at whether the process that started this one lives
+PARENT_GRACE = 8.0  # seconds jina's own shutdown gets, once the parent is gone, before the process ends anyway
 
 
 class RequestTooLarge(ValueError):
@@ -72,7 +81,7 @@ def check_request(docs: Sequence[Any] | None, max_docs: int, max_bytes: int) -> 
             if isinstance(value, str) and has_lone_surrogate(value):
                 raise DataError(
                     f'document {excerpt(getattr(doc, "id", None))}: its {name} holds a lone surrogate (a half of a '
-                    'UTF-16 pair, e.g. "\\ud800"), which is no character; send valid Unicode text'
+                    'UTF-16 pair, such as \\ud800), which is no character; send valid Unicode text'
                 )
 
 
@@ -97,8 +106,8 @@ def check_parameters(parameters: Any, max_items: int, max_depth: int = MAX_PARAM
         if isinstance(value, str):
             if has_lone_surrogate(value):
                 raise ParameterError(
-                    f'parameter {where!r}: the text holds a lone surrogate (a half of a UTF-16 pair, e.g. '
-                    '"\\ud800"), which is no character; send valid Unicode text'
+                    f'parameter {where!r}: the text holds a lone surrogate (a half of a UTF-16 pair, such as '
+                    '\\ud800), which is no character; send valid Unicode text'
                 )
             continue
         if not isinstance(value, (dict, list, tuple)):
@@ -120,8 +129,8 @@ def check_parameters(parameters: Any, max_items: int, max_depth: int = MAX_PARAM
                 name = key if isinstance(key, str) else repr(key)
                 if has_lone_surrogate(name):
                     raise ParameterError(
-                        f'a parameter key under {shown!r} holds a lone surrogate (a half of a UTF-16 pair, e.g. '
-                        f'"\\ud800"): {ascii(name)[:200]}; send valid Unicode text'
+                        f'a parameter key under {shown!r} holds a lone surrogate (a half of a UTF-16 pair, such as '
+                        f'\\ud800): {ascii(name)[:200]}; send valid Unicode text'
                     )
                 stack.append((f'{where}.{name}' if where else name, inner, depth + 1))
         else:
@@ -184,3 +193,30 @@ class PrivateTmp:
             previous = self.previous
             tempfile.tempdir = previous if previous is None or Path(previous).is_dir() else None
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def watch_parent(stop: Callable[[], None]) -> threading.Thread | None:
+    """In a worker process that jina started (a Deployment's, ``jina executor``'s), end the process once its parent
+    is gone: ``stop()`` (the executor's long requests give up), then SIGTERM to itself (jina's own shutdown: its
+    servers stop and the executor closes), then, ``PARENT_GRACE`` seconds on, ``os._exit``.
+
+    SIGTERM ends ``jina executor``'s main process at once and left its worker serving the port, alone, for good.
+    A process that jina did not start as a child (``jina executor --native``, the Docker image) has no such parent
+    and is not watched: its death is the service's, as it should be."""
+    if multiprocessing.parent_process() is None:
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        logger.warning('the process that started this worker (%d) is gone: stopping', parent)
+        stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(PARENT_GRACE)
+        logger.warning('the worker did not stop within %.0f s of its parent: exiting', PARENT_GRACE)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name='finetuner-parent-watch', daemon=True)
+    thread.start()
+    return thread

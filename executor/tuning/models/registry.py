@@ -96,6 +96,9 @@ def describe_models(
     described = []
     for name in list_models() if names is None else names:
         if stopped is not None and stopped():
+            logger.info(
+                'describing models stopped after %d of %d: the request was given up', len(described), len(names or [])
+            )
             raise InterruptedError(
                 f'/models stopped after {len(described)} models: its client is gone or the service stops'
             )
