@@ -118,33 +118,31 @@ def _unpack(archive: Path, unpack_dir: Path, limit: int) -> Path:
 
 
 def check_sizes(archive: Path, members: list[zipfile.ZipInfo], limit: int) -> None:
-    """Refuse a zip that would unpack to more than ``limit`` bytes, or holds a member compressed like a bomb."""
+    """Refuse a zip that would unpack to more than ``limit`` bytes, holds more members than an artifact has, or
+    whose members, one by one or all together, compress like a bomb."""
     if len(members) > MAX_MEMBERS:
         raise ValueError(
             f'artifact {archive.name!r} holds {len(members)} files, more than the {MAX_MEMBERS} an artifact of this '
             'project has: it is not one; zip the artifact folder again'
         )
     total = sum(member.file_size for member in members)
-    packed = sum(member.compress_size for member in members)
-    if total > MAX_RATIO * max(1, packed) and total > RATIO_CHECKED_FROM:
-        raise ValueError(
-            f'artifact {archive.name!r} unpacks to {total} bytes from {packed} ({total / max(1, packed):.0f}x; '
-            'model files compress at most a few times): it is not an artifact of this project; zip the artifact '
-            'folder again'
-        )
     if total > limit:
         raise ValueError(
             f'artifact {archive.name!r} would unpack to {_size(total)}, more than the {_size(limit)} allowed '
             f'(max_artifact_bytes={limit}); serve the artifact folder itself instead of a zip of it, or raise '
             'max_artifact_bytes in uses_with'
         )
-    for member in members:
-        ratio = member.file_size / max(1, member.compress_size)
-        if member.file_size > RATIO_CHECKED_FROM and ratio > MAX_RATIO:
+    packed = sum(member.compress_size for member in members)
+    for name, size, compressed in [
+        *((f'member {excerpt(m.filename)}', m.file_size, m.compress_size) for m in members),
+        ('its members together', total, packed),
+    ]:
+        ratio = size / max(1, compressed)
+        if size > RATIO_CHECKED_FROM and ratio > MAX_RATIO:
             raise ValueError(
-                f'artifact {archive.name!r}: member {excerpt(member.filename)} unpacks to {member.file_size} bytes '
-                f'from {member.compress_size} ({ratio:.0f}x; model files compress at most a few '
-                'times): it is not an artifact of this project; zip the artifact folder again'
+                f'artifact {archive.name!r}: {name} unpacks to {size} bytes from {compressed} ({ratio:.0f}x; model '
+                'files compress at most a few times): it is not an artifact of this project; zip the artifact '
+                'folder again'
             )
 
 

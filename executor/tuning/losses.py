@@ -75,12 +75,14 @@ def _construct(kind: str, cls: type, options: dict[str, Any]) -> Any:
 def check_weights(kind: str, cls: type, options: dict[str, Any]) -> None:
     """Refuse a loss whose weights (classes x embedding size x centers per class) would hold more than
     ``MAX_LOSS_WEIGHTS`` values, before they are allocated: the service builds the loss once to check a request."""
-    sizes = [options[key] for key in WEIGHT_SIZES if isinstance(options.get(key), int)]
+    params = signature_parameters(cls)
+    sizes = {key: options.get(key, params[key].default) for key in WEIGHT_SIZES if key in params}
+    sizes = {key: size for key, size in sizes.items() if isinstance(size, int) and not isinstance(size, bool)}
     if len(sizes) < 2:
         return
-    count = math.prod(sizes)
+    count = math.prod(sizes.values())
     if count > MAX_LOSS_WEIGHTS:
-        shown = ' x '.join(f'{key}={options[key]}' for key in WEIGHT_SIZES if isinstance(options.get(key), int))
+        shown = ' x '.join(f'{key}={size}' for key, size in sizes.items())
         raise ValueError(
             f'{kind} {cls.__name__} would hold {count} weights ({shown}), more than the {MAX_LOSS_WEIGHTS} '
             'this service builds; use fewer classes or a smaller output_dim, or a loss without weights '
