@@ -83,7 +83,7 @@ def _checked(where: str, name: str, value: Any, default: Any) -> Any:
             return value
         wanted = 'a number' if absent or name in COUNTS else like
         raise ValueError(f'{where} takes {wanted}, not a string; {got}')
-    if not _is_number(value):
+    if not _is_number(value) or isinstance(default, (list, tuple)):
         raise ValueError(f'{where} takes {like}; {got}')
     if not math.isfinite(value):
         raise ValueError(f'{where} takes a finite number; {got}')
