@@ -351,11 +351,15 @@ def serving_rss(group: int) -> int:
 
 
 def serving_pids(group: int) -> list[int]:
-    """The service's processes (its process group), training processes left out: a restarted worker changes it."""
+    """The service's live processes (its process group; an ended one not yet reaped, a zombie, is no longer one),
+    training processes left out: a restarted worker changes it."""
     pids = []
     for proc in Path('/proc').iterdir():
         try:
-            if proc.name.isdigit() and int((proc / 'stat').read_text().rsplit(')', 1)[1].split()[2]) == group:
+            if not proc.name.isdigit():
+                continue
+            stat = (proc / 'stat').read_text().rsplit(')', 1)[1].split()
+            if stat[0] != 'Z' and int(stat[2]) == group:
                 if b'executor.service.worker' not in (proc / 'cmdline').read_bytes():
                     pids.append(int(proc.name))
         except (OSError, IndexError, ValueError):
