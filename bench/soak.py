@@ -6,10 +6,15 @@ on scikit-learn's digits that outlasts the soak, then runs `--clients` client th
 alternating an /encode of one image (the served default model) and a /runs/status of the training run, and
 `--hostile` threads cycling through issue 21's hostile requests: an oversized batch_size, a decompression bomb
 (a 17 KB PNG of 12000 x 12000), a folder whose class folder links outside the data roots, a /train reusing the
-training run's name, a NUL byte in a uri, bytes that are no image, a CSV naming URLs. Prints the request rate,
+training run's name, a NUL byte in a uri, bytes that are no image, a CSV naming URLs; and issue 32's: /models with
+20,000 names, 65 names, and 64 names given up by the client after 2 s, ArcFace sized beyond the serving process's
+budget (matryoshka_dims of 62.5 million, 100,000 classes of 65,536), a CSV with a byte that is not UTF-8 (checked for
+its contents in the answer), one with 10^5 columns, one naming a column twice, a FIFO, the rot13 encoding, callbacks
+nested 40 deep, a loss option naming os.system, a 200 KB path and a 100 KB model name. Prints the request rate,
 latencies, errors of the good requests (by message), how each hostile kind was answered, whether the worker
 process is the one that started, and the serving processes' RSS at the start and at the end (the training process
-is apart and not counted), then cancels the run and stops the service.
+is apart and not counted), then cancels the run and stops the service with SIGTERM during a /models request,
+printing how long its processes took to end.
 
     .venv/bin/python bench/soak.py                  # 10 minutes, 16 good clients, 4 hostile (the acceptance run)
     .venv/bin/python bench/soak.py --seconds 90     # a short one
@@ -40,11 +45,13 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+PORT = [0]  # the service's port, for stop_service
 sys.path.insert(0, str(REPO))
 
 from executor.client import FinetunerClient, ServiceError  # noqa: E402
 from executor.docs import FinetunerDoc  # noqa: E402
 from executor.tuning.data.digits import digits, write_digits_folder  # noqa: E402
+from executor.tuning.models import list_models  # noqa: E402
 
 
 def main() -> None:
@@ -59,16 +66,34 @@ def main() -> None:
         workspace, data = Path(tmp) / 'ws', Path(tmp) / 'data'
         write_digits_folder(data / 'digits', per_class=20, size=64)
         hostile_data(data, Path(tmp) / 'outside')
-        port = free_port()
+        port = PORT[0] = free_port()
         service = start_service(workspace, data, port)
         try:
             soak(args, port, service)
         finally:
-            os.killpg(service.pid, signal.SIGTERM)
-            try:
-                service.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(service.pid, signal.SIGKILL)
+            stop_service(service)
+
+
+def stop_service(service: subprocess.Popen) -> None:
+    """SIGTERM to the service's process group, while a long /models request is in flight, and the time until every
+    serving process has ended (SIGKILL after 30 s)."""
+    pids = serving_pids(service.pid)
+    thread = threading.Thread(target=given_up, args=(PORT[0], {'names': list_models()[:64]}), daemon=True)
+    thread.start()
+    time.sleep(1)
+    started = time.monotonic()
+    os.killpg(service.pid, signal.SIGTERM)
+    while serving_pids(service.pid) and time.monotonic() - started < 30:
+        time.sleep(0.1)
+    stopped = time.monotonic() - started
+    left = serving_pids(service.pid)
+    if left:
+        os.killpg(service.pid, signal.SIGKILL)
+    service.wait()
+    print(
+        f'SIGTERM during a /models request: {len(pids)} serving processes ended in {stopped:.1f} s'
+        + (f'; {left} still ran and were killed' if left else '')
+    )
 
 
 def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None:
@@ -87,7 +112,7 @@ def soak(args: argparse.Namespace, port: int, service: subprocess.Popen) -> None
         time.sleep(0.5)
     client.encode([FinetunerDoc(tensor=images[0])])  # load the model before the first RSS reading
     warm_up = Stats()
-    for kind, call in hostile_calls(client):  # each kind once before the first RSS reading
+    for kind, call in hostile_calls(client, port):  # each kind once before the first RSS reading
         hostile_call(kind, call, warm_up)
     rss_start = serving_rss(service.pid)
     workers = serving_pids(service.pid)
@@ -176,20 +201,30 @@ def client_loop(port: int, image: np.ndarray, stop: float, stats: Stats) -> None
 
 
 def hostile_data(data: Path, outside: Path) -> None:
-    """A folder whose class folder links outside the data roots, and a CSV naming URLs."""
+    """A folder whose class folder links outside the data roots, a CSV naming URLs, and issue 32's files: a CSV with
+    a byte that is not UTF-8, one with a header of 10^5 columns, one naming a column twice, and a FIFO."""
     write_digits_folder(outside / 'elsewhere', per_class=2, size=32)
     write_digits_folder(data / 'linked', per_class=2, size=32)
     shutil.rmtree(data / 'linked' / '9')
     (data / 'linked' / '9').symlink_to(outside / 'elsewhere' / '9')
     (data / 'urls.csv').write_text('uri,label\nhttp://example.com/a.png,1\nhttp://example.com/b.png,2\n')
+    lines = ''.join(f'secret-{i},x\n' for i in range(5000))
+    (data / 'leak.csv').write_bytes(b'text,label\n' + lines.encode() + b'\xff,y\n')
+    (data / 'wide.csv').write_text(','.join(f'c{i}' for i in range(10**5)) + '\n1,2\n')
+    (data / 'dup.csv').write_text('uri,label,uri\ndigits/0/a.png,0,x\n')
+    os.mkfifo(data / 'fifo.csv')
 
 
-def hostile_calls(client: FinetunerClient) -> list[tuple[str, Callable[[], object]]]:
+def hostile_calls(client: FinetunerClient, port: int) -> list[tuple[str, Callable[[], object]]]:
     buffer = io.BytesIO()
     Image.new('1', (12000, 12000)).save(buffer, format='PNG')
     bomb = buffer.getvalue()
     tiny = np.zeros((3, 3), np.uint8)
     train = {'model': 'resnet18', 'pretrained': False, 'image_size': 32, 'epochs': 1}
+    classes = {'loss_options': {'num_classes': 100_000}}
+    nested: list = []
+    for _ in range(40):
+        nested = [nested]
     return [
         ('batch_size', lambda: client.encode([FinetunerDoc(tensor=tiny)] * 100, batch_size=4096)),
         ('bomb', lambda: client.encode([FinetunerDoc(blob=bomb)] * 4)),
@@ -198,13 +233,54 @@ def hostile_calls(client: FinetunerClient) -> list[tuple[str, Callable[[], objec
         ('nul_uri', lambda: client.encode([FinetunerDoc(uri='digits/\x00.png')])),
         ('not_an_image', lambda: client.encode([FinetunerDoc(blob=b'GIF89a junk')])),
         ('url_csv', lambda: client.fit(train_data='urls.csv', **train)),
+        # issue 32
+        ('names_x20000', lambda: client.post('/models', [], {'names': ['efficientnet_lite0'] * 20_000})),
+        ('names_65', lambda: client.post('/models', [], {'names': list_models()[:65]})),
+        ('models_gone', lambda: given_up(port, {'names': list_models()[:64]})),
+        ('matryoshka', lambda: client.fit(train_data='digits', loss='ArcFaceLoss', matryoshka_dims=[62_500_000])),
+        ('arcface_size', lambda: client.fit(train_data='digits', loss='ArcFaceLoss', output_dim=65536, **classes)),
+        ('bad_byte_csv', lambda: leaked(lambda: client.fit(train_data='leak.csv', **train))),
+        ('wide_csv', lambda: client.fit(train_data='wide.csv', **train)),
+        ('dup_header', lambda: client.fit(train_data='dup.csv', **train)),
+        ('fifo', lambda: client.fit(train_data='fifo.csv', **train)),
+        ('rot13', lambda: client.fit(train_data='urls.csv', csv_options={'encoding': 'rot13'}, **train)),
+        ('nested', lambda: client.fit(train_data='digits', callbacks=nested, **train)),
+        ('os_system', lambda: client.fit(train_data='digits', loss_options={'distance': 'os.system'}, **train)),
+        ('long_path', lambda: client.fit(train_data='a/' * 100_000, **train)),
+        ('long_model', lambda: client.encode([FinetunerDoc(tensor=tiny)], model='m' * 100_000)),
     ]
+
+
+def given_up(port: int, parameters: dict) -> str:
+    """A /models request whose client gives up after 2 s (the service stops measuring then)."""
+    from docarray import DocList
+    from jina import Client
+
+    try:
+        Client(host=f'grpc://127.0.0.1:{port}').post(
+            '/models', inputs=DocList[FinetunerDoc](), parameters=parameters, timeout=2
+        )
+    except ConnectionError as err:
+        if 'DEADLINE_EXCEEDED' in str(err):
+            return 'given up by the client after 2 s'
+        raise
+    return 'answered within 2 s'
+
+
+def leaked(call: Callable[[], object]) -> object:
+    """``call``, its refusal checked for the contents of the file it names."""
+    try:
+        return call()
+    except ServiceError as err:
+        if 'secret' in str(err):
+            return f'LEAKED the file: {str(err)[:100]}'
+        raise
 
 
 def hostile_call(kind: str, call: Callable[[], object], stats: Stats) -> None:
     try:
-        call()
-        answer = 'ACCEPTED (should have been refused)'
+        result = call()
+        answer = result if isinstance(result, str) else 'ACCEPTED (should have been refused)'
     except ServiceError as err:
         answer = f'refused: {str(err)[:120]}'
     except (ConnectionError, OSError) as err:
@@ -214,7 +290,7 @@ def hostile_call(kind: str, call: Callable[[], object], stats: Stats) -> None:
 
 
 def hostile_loop(port: int, offset: int, stop: float, stats: Stats) -> None:
-    calls = hostile_calls(FinetunerClient(f'grpc://127.0.0.1:{port}'))
+    calls = hostile_calls(FinetunerClient(f'grpc://127.0.0.1:{port}'), port)
     i = offset
     while time.monotonic() < stop:
         kind, call = calls[i % len(calls)]
@@ -275,11 +351,15 @@ def serving_rss(group: int) -> int:
 
 
 def serving_pids(group: int) -> list[int]:
-    """The service's processes (its process group), training processes left out: a restarted worker changes it."""
+    """The service's live processes (its process group; an ended one not yet reaped, a zombie, is no longer one),
+    training processes left out: a restarted worker changes it."""
     pids = []
     for proc in Path('/proc').iterdir():
         try:
-            if proc.name.isdigit() and int((proc / 'stat').read_text().rsplit(')', 1)[1].split()[2]) == group:
+            if not proc.name.isdigit():
+                continue
+            stat = (proc / 'stat').read_text().rsplit(')', 1)[1].split()
+            if stat[0] != 'Z' and int(stat[2]) == group:
                 if b'executor.service.worker' not in (proc / 'cmdline').read_bytes():
                     pids.append(int(proc.name))
         except (OSError, IndexError, ValueError):

@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +30,7 @@ from executor.docs import (
     RunInfo,
     RunReport,
 )
-from executor.params import ModelsParams, RunParams, parse
+from executor.params import ModelsParams, ParameterError, RunParams, parse
 from executor.service.artifact_io import pack_artifact
 from executor.service.store import RunState, finite_metrics
 from executor.tuning.artifact import REPORTS_DIR
@@ -44,7 +45,21 @@ class CatalogEndpoints(Executor):
     async def models(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[ModelInfo]:
         """Every model the service can train and serve, those whose pretrained weights are on the server first."""
         params = parse(ModelsParams, parameters, '/models', self.names)
-        described = await asyncio.to_thread(describe_models, params.names, params.local_only)
+        bound = self.settings.max_model_names
+        if params.names is not None and len(params.names) > bound:
+            raise ParameterError(
+                f'invalid parameters for /models: names holds {len(params.names)} distinct models, more than the '
+                f'{bound} one request describes (max_model_names, set in uses_with): each is built to measure its '
+                f'output_dim; ask in requests of at most {bound} names, or leave names out for every model (measured '
+                'where the weights are local)'
+            )
+        stop = threading.Event()  # set when the client is gone or the service stops: the thread ends at the next model
+        self.stopping.append(stop)
+        try:
+            described = await asyncio.to_thread(describe_models, params.names, params.local_only, stop.is_set)
+        finally:
+            stop.set()
+            self.stopping.remove(stop)
         return DocList[ModelInfo]([ModelInfo(**dataclasses.asdict(model)) for model in described])
 
     @requests(on='/runs/artifact')
@@ -71,12 +86,23 @@ class CatalogEndpoints(Executor):
     # --- the work, off the event loop ------------------------------------------------------------------------------
 
     def _pack_artifact(self, run_id: str) -> RunArtifact:
-        folder = self.store.model_file(run_id, 'torch').parent  # raises, saying why, unless the run FINISHED
-        data = pack_artifact(folder, f'run {run_id!r}')
+        try:
+            folder = self.store.model_file(run_id, 'torch').parent  # raises, saying why, unless the run FINISHED
+            data = pack_artifact(folder, f'run {run_id!r}')
+        except FileNotFoundError:  # a /runs/delete took its files meanwhile: then the run is unknown (404)
+            self.store.folder(run_id)
+            raise
         digest, text = hashlib.sha256(data).hexdigest(), base64.b64encode(data).decode('ascii')
         return RunArtifact(run_id=run_id, name=f'{run_id}.zip', blob=text, size=len(data), sha256=digest)
 
     def _report(self, run_id: str) -> RunReport:
+        try:
+            return self._read_report(run_id)
+        except FileNotFoundError:  # a /runs/delete took its files meanwhile: then the run is unknown (404)
+            self.store.folder(run_id)
+            raise
+
+    def _read_report(self, run_id: str) -> RunReport:
         reports = self.store.folder(run_id) / REPORTS_DIR
         metrics = _read_json(reports / METRICS_JSON) or {}
         return RunReport(

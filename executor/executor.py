@@ -9,6 +9,7 @@ documents. Training runs in child processes (``service.jobs``); runs live in ``<
 import asyncio
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -19,7 +20,7 @@ from jina import requests
 from executor import rest
 from executor.catalog import CatalogEndpoints
 from executor.docs import EvaluationResult, FinetunerDoc, RunInfo, RunLogs, drop_content, items_of
-from executor.guards import PrivateTmp, check_request, make_public
+from executor.guards import PrivateTmp, check_parameters, check_request, make_public, watch_parent
 from executor.params import (
     DATA_FIELDS,
     ClassifyParams,
@@ -100,6 +101,7 @@ class FinetunerExecutor(CatalogEndpoints):
         os.environ.setdefault('FINETUNER_EXECUTOR_CACHE', str(self.model_cache))  # where the text default unpacks
         self.encoders = EncoderCache(self.settings.max_cached_models)
         self.batcher = RequestBatcher()
+        self.stopping: list[threading.Event] = []  # long requests' stop flags (/models), all set by close()
         # a two-tower artifact's one tower, served alone (the Hub executor's select_model names)
         self.served_tower = self.settings.select_model if self.settings.select_model in TOWERS else None
         try:
@@ -111,6 +113,7 @@ class FinetunerExecutor(CatalogEndpoints):
             raise
         self.jobs = JobQueue(self.store)
         self.jobs.start()
+        watch_parent(self._stop_long_requests)
         served, root = self.served or self.settings.model, self.store.root
         logger.info('FinetunerExecutor: serving %s, runs in %s, data roots %s', served, root, self.data_roots)
 
@@ -127,10 +130,13 @@ class FinetunerExecutor(CatalogEndpoints):
         """jina's one entry for every request: the request's bounds first, and its error without server paths."""
         try:
             check_request(kwargs.get('docs'), self.settings.max_request_docs, self.settings.max_request_bytes)
+            check_parameters(kwargs.get('parameters'), self.settings.max_parameter_items)
             return await super().__acall__(req_endpoint, **kwargs)
         except Exception as err:
-            make_public(err, self.workspace)
-            raise
+            public = make_public(err, self.workspace)
+            if public is err:
+                raise
+            raise public from None
 
     # --- training and runs -----------------------------------------------------------------------------------------
 
@@ -219,7 +225,12 @@ class FinetunerExecutor(CatalogEndpoints):
             return DocList[EvaluationResult]()
         return DocList[EvaluationResult]([await asyncio.to_thread(self._evaluate, docs, params)])
 
+    def _stop_long_requests(self) -> None:
+        for stop in list(self.stopping):
+            stop.set()
+
     def close(self) -> None:
+        self._stop_long_requests()
         self.jobs.close()
         super().close()
         self.tmp.close()

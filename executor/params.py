@@ -20,19 +20,29 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Optional, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from executor.service.store import RUN_ID_PATTERN
 from executor.tuning.artifact import Runtime
-from executor.tuning.config import DATA_FIELDS, Split, TrainConfig
+from executor.tuning.config import DATA_FIELDS, EmbedDim, Split, TrainConfig
 from executor.tuning.data import check_under_roots
 from executor.tuning.data.finetuner_csv import CSVOptions
-from executor.tuning.errors import close_names, did_you_mean
+from executor.tuning.errors import close_names, did_you_mean, excerpt
 from executor.tuning.finetuner_compat import translate
 from executor.tuning.inputs.base import DOCUMENT, QUERY
 from executor.tuning.matryoshka import truncate
@@ -68,8 +78,34 @@ class EndpointParams(BaseModel):
         for key in data:
             if key not in allowed:
                 hint = did_you_mean(key, allowed)
-                raise ValueError(f'unknown parameter {key!r}{hint}; allowed: {", ".join(allowed) or "none"}')
+                raise ValueError(f'unknown parameter {excerpt(key)}{hint}; allowed: {", ".join(allowed) or "none"}')
         return data
+
+    @field_validator('*', mode='before')
+    @classmethod
+    def _no_boolean_for_integer(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `truncate_dim: true` would keep one dimension
+        field = cls.model_fields.get(info.field_name)
+        if field is not None and _takes_integer_only(field.annotation):
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, bool) for v in values):
+                raise ValueError('takes an integer, not true or false')
+        return value
+
+
+def _takes_integer_only(annotation: Any) -> bool:
+    """Whether a field's type is an integer (or a list of them), maybe Optional, with no bool among its choices."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is int:
+        return True
+    if origin is typing.Annotated:
+        return _takes_integer_only(args[0])
+    if origin is list:
+        return bool(args) and _takes_integer_only(args[0])
+    if origin in (typing.Union, types.UnionType):
+        choices = [a for a in args if a is not type(None)]
+        return bool(choices) and all(_takes_integer_only(a) for a in choices)
+    return False
 
 
 def own_parameters(parameters: dict[str, Any], names: Sequence[str], model: type[BaseModel]) -> dict[str, Any]:
@@ -144,7 +180,7 @@ def describe_errors(err: ValidationError) -> str:
         where = '.'.join(str(part) for part in error['loc'])
         message = error['msg'].removeprefix('Value error, ')
         value = error.get('input')
-        shown = f' (got {value!r})' if where and 'input' in error and not isinstance(value, dict) else ''
+        shown = f' (got {excerpt(value)})' if where and 'input' in error and not isinstance(value, dict) else ''
         problems.append(f"parameter '{where}': {message}{shown}" if where else message)
     return '; '.join(problems)
 
@@ -386,8 +422,8 @@ class EvaluateParams(ModelParams):
     csv_options: Optional[CSVOptions] = Field(
         None, description="how the CSV files are read, as /train's (is_labeled, dialect, delimiter, ...)"
     )
-    matryoshka_dims: Optional[list[int]] = Field(
-        None, min_length=1, description='evaluate at each of these leading slices of the embedding too'
+    matryoshka_dims: Optional[list[EmbedDim]] = Field(
+        None, min_length=1, max_length=64, description='evaluate at each of these leading slices of the embedding too'
     )
     split: Split = Field(
         'test', description='relevance data (a BEIR folder as data): the judgements split, qrels/<split>.tsv'
@@ -405,8 +441,15 @@ class EvaluateParams(ModelParams):
 class ModelsParams(EndpointParams):
     """Parameters of ``/models``: every model, or those in ``names`` (each one's output_dim measured)."""
 
-    names: Optional[list[str]] = Field(None, min_length=1, description='describe these models only')
+    names: Optional[list[str]] = Field(
+        None, min_length=1, description='describe these models only (a name given twice is described once)'
+    )
     local_only: bool = Field(False, description='only the models whose pretrained weights are on the server')
+
+    @field_validator('names')
+    @classmethod
+    def _distinct(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        return None if value is None else list(dict.fromkeys(value))
 
 
 # Every endpoint's parameters, by path: what the endpoints validate with, and what the OpenAPI page shows

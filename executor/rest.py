@@ -93,6 +93,15 @@ def too_large(size: int | None) -> str:
     )
 
 
+def lone_surrogate(exc: UnicodeEncodeError) -> str:
+    """The detail of a request whose text jina could not encode: the text, shown escaped and cut short."""
+    text = exc.object if isinstance(exc.object, str) else ''
+    return (
+        f'DataError: the request holds a lone surrogate (a half of a UTF-16 pair, such as \\ud800), which is no '
+        f'character, in the text {ascii(text)[:200]}; send valid Unicode text'
+    )
+
+
 EMPTY_BODY = (
     'the request arrived with no body; send JSON {"data": [...], "parameters": {...}}. Behind the HTTP port of a jina '
     f'Deployment (its load balancer), a body of more than {LOAD_BALANCER_BODY_LIMIT} bytes, or one that is not JSON, '
@@ -149,6 +158,12 @@ def extend(app: FastAPI, then: Callable[[FastAPI], FastAPI]) -> FastAPI:
         if status is None:
             return await http_exception_handler(request, exc)
         return JSONResponse(status_code=status, content={'detail': exc.detail})
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def lone_surrogate_is_400(request, exc: UnicodeEncodeError):
+        # jina turns a request's parameters into protobuf before any executor sees them, and protobuf takes no
+        # lone surrogate (JSON's "\ud800"): a 500 with no detail otherwise
+        return JSONResponse(status_code=400, content={'detail': lone_surrogate(exc)})
 
     build_openapi = app.openapi
 

@@ -64,6 +64,20 @@ class ServiceConfig(EndpointParams):
         "received first: bound it at the transport with the Deployment's "
         "`grpc_server_options={'grpc.max_receive_message_length': N}`",
     )
+    max_parameter_items: int = Field(
+        10_000,
+        ge=1,
+        description="the most entries any one list (or object) of a request's parameters may hold, at any depth; "
+        'more are refused (413) naming the parameter before an endpoint reads them (so are parameters nested more '
+        'than 16 deep, 422)',
+    )
+    max_model_names: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="the most distinct `names` one `/models` request may describe (each one's `output_dim` is "
+        'measured by building the model, ~0.1-1 s); more are refused (422) naming the bound, duplicates count once',
+    )
     max_artifact_bytes: int = Field(
         MAX_UNPACKED_BYTES,
         ge=1,

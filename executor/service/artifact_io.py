@@ -14,20 +14,25 @@ import io
 import logging
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
 from executor.service.finetuner_import import finetuner_models, rebuild
 from executor.service.store import RUN_ID_PATTERN, STATUS_FILE, RunStore
 from executor.tuning.artifact import MODEL_FILE, ONNX_FILE, Runtime, artifact_files, served_file
+from executor.tuning.errors import excerpt
 
 logger = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 MAX_UNPACKED_BYTES = 8 * 2**30  # a resnet50 artifact with its three ONNX exports is ~0.5 GB
-# Model weights, ONNX graphs and PNG reports compress 1-2x; a member over 1 MB that shrank more than this is a bomb.
+# Model weights, ONNX graphs and PNG reports compress 1-2x, JSON a few times; a member (or the whole zip) that shrank
+# more than this is a bomb, whatever its size: 400 members of 1 MiB of zeros unpacked 413 KB to 400 MiB. Members under
+# RATIO_CHECKED_FROM (a short JSON file of a few repeated keys may shrink that much) count only in the total's ratio.
 MAX_RATIO = 100
-RATIO_CHECKED_FROM = 2**20
+RATIO_CHECKED_FROM = 4096
+MAX_MEMBERS = 10_000  # an artifact holds a few dozen files (reports included)
 # What /runs/artifact sends in one reply. The zip is built in memory and travels as base64 (4/3 of its size); a
 # protobuf message carries at most 2 GiB.
 MAX_PACKED_BYTES = 2**30
@@ -98,10 +103,13 @@ def _unpack(archive: Path, unpack_dir: Path, limit: int) -> Path:
     target = unpack_dir / f'{archive.stem}-{digest}'
     if not target.is_dir():
         tmp = unpack_dir / f'.{target.name}.{os.getpid()}.tmp'
-        with zipfile.ZipFile(archive) as zf:
-            check_sizes(archive, zf.infolist(), limit)
-            zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
-        os.replace(tmp, target)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                check_sizes(archive, zf.infolist(), limit)
+                zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
+            os.replace(tmp, target)
+        finally:  # whatever failed (a bad member, a full disk, another replica's rename first): nothing is left
+            shutil.rmtree(tmp, ignore_errors=True)
     # a zip of a folder holds the folder: serve the one that has the model
     inner = [p for p in target.iterdir() if p.is_dir()]
     if not any(target.glob('model.*')) and len(inner) == 1:
@@ -110,7 +118,13 @@ def _unpack(archive: Path, unpack_dir: Path, limit: int) -> Path:
 
 
 def check_sizes(archive: Path, members: list[zipfile.ZipInfo], limit: int) -> None:
-    """Refuse a zip that would unpack to more than ``limit`` bytes, or holds a member compressed like a bomb."""
+    """Refuse a zip that would unpack to more than ``limit`` bytes, holds more members than an artifact has, or
+    whose members, one by one or all together, compress like a bomb."""
+    if len(members) > MAX_MEMBERS:
+        raise ValueError(
+            f'artifact {archive.name!r} holds {len(members)} files, more than the {MAX_MEMBERS} an artifact of this '
+            'project has: it is not one; zip the artifact folder again'
+        )
     total = sum(member.file_size for member in members)
     if total > limit:
         raise ValueError(
@@ -118,13 +132,17 @@ def check_sizes(archive: Path, members: list[zipfile.ZipInfo], limit: int) -> No
             f'(max_artifact_bytes={limit}); serve the artifact folder itself instead of a zip of it, or raise '
             'max_artifact_bytes in uses_with'
         )
-    for member in members:
-        ratio = member.file_size / max(1, member.compress_size)
-        if member.file_size > RATIO_CHECKED_FROM and ratio > MAX_RATIO:
+    packed = sum(member.compress_size for member in members)
+    for name, size, compressed in [
+        *((f'member {excerpt(m.filename)}', m.file_size, m.compress_size) for m in members),
+        ('its members together', total, packed),
+    ]:
+        ratio = size / max(1, compressed)
+        if size > RATIO_CHECKED_FROM and ratio > MAX_RATIO:
             raise ValueError(
-                f'artifact {archive.name!r}: member {member.filename!r} unpacks to {member.file_size / 2**20:.0f} MiB '
-                f'from {member.compress_size / 2**10:.0f} KiB ({ratio:.0f}x; model files compress at most a few '
-                'times): it is not an artifact of this project; zip the artifact folder again'
+                f'artifact {archive.name!r}: {name} unpacks to {size} bytes from {compressed} ({ratio:.0f}x; model '
+                'files compress at most a few times): it is not an artifact of this project; zip the artifact '
+                'folder again'
             )
 
 

@@ -32,6 +32,9 @@ OPEN_CLIP = 'open_clip/'  # the names of open_clip's CLIP models, which bring bo
 Scheduler = Literal['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 Device = str  # 'auto' | 'cpu' | 'cuda' | 'cuda:N', checked below
 # a judgements split's name (qrels/<split>.tsv): a file name, never a path
+# The widest embedding a run may have (output_dim, matryoshka_dims): the widest model here gives 4096.
+MAX_EMBED_DIM = 65536
+EmbedDim = Annotated[int, Field(ge=1, le=MAX_EMBED_DIM)]
 Split = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r'^[\w.-]+$')]
 MAX_DEVICES = 64  # processes on one machine: past any machine's GPU count, and past what CPU training gains from
 LOGGERS = ('tensorboard', 'wandb', 'mlflow')
@@ -145,7 +148,7 @@ class TrainConfig(BaseModel):
     )
     text_freeze: Union[bool, int, list[str]] = Field(False, description="freeze, for a two-tower model's text tower")
     embedding_layer: Optional[str] = None
-    output_dim: Optional[int] = Field(None, ge=1, le=65536)
+    output_dim: Optional[EmbedDim] = None
     pooler: Optional[Literal['avg', 'gem', 'mean', 'cls', 'max']] = Field(
         None, description="the model's own when left out; images: avg | gem, text: mean | cls | max"
     )
@@ -201,12 +204,15 @@ class TrainConfig(BaseModel):
         ),
     )
     loss_options: dict[str, Any] = Field(default_factory=dict)
-    matryoshka_dims: Optional[list[int]] = Field(
+    matryoshka_dims: Optional[list[EmbedDim]] = Field(
         None,
         min_length=1,
+        max_length=64,
         description='train every leading slice of the embedding too (MatryoshkaLoss), e.g. [384, 256, 128, 64]',
     )
-    matryoshka_weights: Optional[list[float]] = Field(None, min_length=1, description='one weight per matryoshka dim')
+    matryoshka_weights: Optional[list[float]] = Field(
+        None, min_length=1, max_length=64, description='one weight per matryoshka dim'
+    )
     miner: Optional[str] = None
     miner_options: dict[str, Any] = Field(default_factory=dict)
 

@@ -7,6 +7,7 @@ PML objects; losses that hold parameters (ArcFace, CosFace, proxies...) are trai
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -15,9 +16,14 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from torch import nn
 
-from executor.tuning.errors import did_you_mean
+from executor.tuning.errors import did_you_mean, excerpt
+from executor.tuning.options import check_options, signature_parameters
 
 CROSS_ENTROPY = 'CrossEntropyLoss'
+# The most values a loss's own weights may hold (128 MiB as float32): ArcFace with 100,000 classes of 320 dimensions.
+# The service builds the loss in its own process to check a request, so this bounds what a request can make it take.
+MAX_LOSS_WEIGHTS = 2**25
+WEIGHT_SIZES = ('num_classes', 'embedding_size', 'descriptors_dim', 'centers_per_class', 'sub_centers')
 # PML classes that are bases or take no labels (VICReg, Manifold): they need inputs other than (embeddings, labels).
 EXCLUDED_LOSSES = {'BaseMetricLossFunction', 'GenericPairLoss', 'VICRegLoss', 'ManifoldLoss'}
 EXCLUDED_MINERS = {'BaseMiner', 'BaseTupleMiner', 'BaseSubsetBatchMiner', 'EmbeddingsAlreadyPackagedAsTriplets'}
@@ -54,26 +60,34 @@ def unknown_name(kind: str, name: str, valid: list[str]) -> ValueError:
 
 def _accepted(cls: type) -> set[str]:
     """Keyword arguments a PML class takes, through its MRO (subclasses often forward ``**kwargs``)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if klass is object or '__init__' not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters
-        names |= {p for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)} - {'self'}
-        if not any(v.kind == v.VAR_KEYWORD for v in params.values()):
-            break
-    return names
+    return set(signature_parameters(cls))
 
 
 def _construct(kind: str, cls: type, options: dict[str, Any]) -> Any:
-    accepted = _accepted(cls)
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f'{kind} {cls.__name__} has no option {unknown}; it takes {sorted(accepted)}')
+    options = check_options(kind, cls, options)
+    check_weights(kind, cls, options)
     try:
         return cls(**options)
     except (TypeError, ValueError) as err:
-        raise ValueError(f'{kind} {cls.__name__} rejected its options {options}: {err}') from err
+        raise ValueError(f'{kind} {cls.__name__} rejected its options {excerpt(options)}: {err}') from err
+
+
+def check_weights(kind: str, cls: type, options: dict[str, Any]) -> None:
+    """Refuse a loss whose weights (classes x embedding size x centers per class) would hold more than
+    ``MAX_LOSS_WEIGHTS`` values, before they are allocated: the service builds the loss once to check a request."""
+    params = signature_parameters(cls)
+    sizes = {key: options.get(key, params[key].default) for key in WEIGHT_SIZES if key in params}
+    sizes = {key: size for key, size in sizes.items() if isinstance(size, int) and not isinstance(size, bool)}
+    if len(sizes) < 2:
+        return
+    count = math.prod(sizes.values())
+    if count > MAX_LOSS_WEIGHTS:
+        shown = ' x '.join(f'{key}={size}' for key, size in sizes.items())
+        raise ValueError(
+            f'{kind} {cls.__name__} would hold {count} weights ({shown}), more than the {MAX_LOSS_WEIGHTS} '
+            'this service builds; use fewer classes or a smaller output_dim, or a loss without weights '
+            '(TripletMarginLoss, MultiSimilarityLoss...)'
+        )
 
 
 @dataclass

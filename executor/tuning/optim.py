@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.tuning.errors import did_you_mean
+from executor.tuning.errors import did_you_mean, excerpt
+from executor.tuning.options import check_options
 
 # New heads start from random weights: next to a fine-tuned backbone they learn at HEAD_LR_FACTOR x its rate.
 # Measured on digits (full fine-tune from lr 1e-4, 5 epochs): accuracy 0.70 with one rate, 0.72 with this.
@@ -43,13 +44,13 @@ def check_optimizer(name: str, what: str = 'optimizer') -> str:
 def build_optimizer(
     name: str, params: Any, lr: float | None, options: dict[str, Any], what: str
 ) -> torch.optim.Optimizer:
-    options = dict(options)
+    options = check_options(what, OPTIMIZERS[name], options)
     if lr is not None:
         options['lr'] = lr
     try:
         return OPTIMIZERS[name](params, **options)
-    except TypeError as err:
-        raise ValueError(f'{what} {name} rejected its options {options}: {err}') from err
+    except (TypeError, ValueError) as err:
+        raise ValueError(f'{what} {name} rejected its options {excerpt(options)}: {err}') from err
 
 
 def parameter_groups(model: nn.Module, heads: Iterable[nn.Module], lr: float) -> list[dict[str, Any]]:

@@ -256,7 +256,7 @@ def check_objective(task: Task, classes: list[str] | None) -> None:
 
     config = task.config
     stand_in = SimpleNamespace(embed_dim=config.output_dim or max(config.matryoshka_dims or [8]))
-    task.build_loss(stand_in, classes or ['0', '1'], 1)
+    loss = task.build_loss(stand_in, classes or ['0', '1'], 1)  # its weights' size is checked before they are made
     build_optimizer(
         config.optimizer,
         [torch.nn.Parameter(torch.zeros(1))],
@@ -264,6 +264,10 @@ def check_objective(task: Task, classes: list[str] | None) -> None:
         config.optimizer_options,
         'optimizer',
     )
+    if loss.has_parameters:
+        build_optimizer(
+            config.loss_optimizer, loss.module.parameters(), None, config.loss_optimizer_options, 'loss_optimizer'
+        )
 
 
 def config_record(config: TrainConfig) -> dict[str, Any]:

@@ -119,14 +119,15 @@ def hostile_data(root: Path, outside: Path) -> None:
     (root / 'first.txt').write_text(str(first.relative_to(root)))
 
 
-def start_service(base: Path, data: Path, grpc: int, http_port: int) -> Service:
+def start_service(base: Path, data: Path, grpc: int, http_port: int, settings: dict | None = None) -> Service:
     """The Deployment on `data`, in a process group of its own, with its log and TMPDIR in the new folder `base`
-    and its workspace beside it (shared by every start), once it answers a good /encode."""
+    and its workspace beside it (shared by every start), once it answers a good /encode. `settings`: more
+    uses_with."""
     base.mkdir()
     tmp, log = base / 'tmp', base / 'service.log'
     tmp.mkdir()
     workspace = base.parent / 'ws'
-    uses_with = {'data_roots': [str(data)], 'runtime': 'torch', 'max_request_docs': 3000}
+    uses_with = {'data_roots': [str(data)], 'runtime': 'torch', 'max_request_docs': 3000, **(settings or {})}
     script = START.format(uses_with=uses_with, workspace=str(workspace), grpc=grpc, http=http_port)
     env = {**os.environ, 'TMPDIR': str(tmp), 'JINA_OPTOUT_TELEMETRY': '1', 'PYTHONPATH': str(ROOT)}
     with open(log, 'w') as out:
@@ -165,8 +166,8 @@ def stop_service(process: subprocess.Popen) -> None:
 class Services:
     """The module's service, started on first use and again whenever a test finds it stopped."""
 
-    def __init__(self, base: Path, free_port: Callable[[], int]) -> None:
-        self.base, self.free_port = base, free_port
+    def __init__(self, base: Path, free_port: Callable[[], int], settings: dict | None = None) -> None:
+        self.base, self.free_port, self.settings = base, free_port, settings
         self.data = base / 'data'
         hostile_data(self.data, base / 'outside')
         self.current: Service | None = None
@@ -176,7 +177,7 @@ class Services:
         if self.current is None or self.current.process.poll() is not None:
             self.starts += 1
             base = self.base / f'start-{self.starts}'
-            self.current = start_service(base, self.data, self.free_port(), self.free_port())
+            self.current = start_service(base, self.data, self.free_port(), self.free_port(), self.settings)
         return self.current
 
     def close(self) -> None:

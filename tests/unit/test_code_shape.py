@@ -16,8 +16,9 @@ CORE = ('executor.tuning', 'executor.service')
 MAX_FUNCTION_LINES = 60  # a function's body, its docstring left out
 # The core's layers, lowest first: a module (or package) of the core imports from its own layer and those below only.
 LAYERS = [
-    # foundations: errors, files on disk, devices, optimizers and losses by name, the artifact's file names
-    ['errors', 'files', 'devices', 'distributed', 'batch_size', 'wise_ft', 'optim', 'losses', 'artifact'],
+    # foundations: errors, files on disk, devices, constructor options, optimizers and losses by name, the artifact's
+    # file names
+    ['errors', 'files', 'devices', 'distributed', 'batch_size', 'wise_ft', 'options', 'optim', 'losses', 'artifact'],
     ['data', 'inputs'],  # items, and how a model's inputs turn them into batches
     ['models', 'pair_losses', 'matryoshka', 'config', 'quantize', 'evaluation'],  # models, objectives, options
     # what uses models: export and serving, tasks, callbacks and reports, Finetuner's callbacks

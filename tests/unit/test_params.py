@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from executor.params import ParameterError, SearchParams, TrainParams, executor_names, own_parameters, parse
+from executor.params import (
+    EncodeParams,
+    EvaluateParams,
+    ModelsParams,
+    ParameterError,
+    SearchParams,
+    TrainParams,
+    executor_names,
+    own_parameters,
+    parse,
+)
 
 ENCODER = ('encoder', 'FinetunerExecutor')
 
@@ -61,3 +71,21 @@ def test_executor_names_come_from_the_flow_and_the_class():
         runtime_args, metas = Runtime(), Metas()
 
     assert executor_names(Fake()) == ('encoder', 'FinetunerExecutor', 'Fake')
+
+
+def test_integer_parameters_refuse_booleans_and_models_names_count_once():
+    """Issue 32: `truncate_dim: true` was taken as 1 (pydantic's lax mode reads true as an integer)."""
+    with pytest.raises(ParameterError, match=r"parameter 'truncate_dim': takes an integer, not true or false"):
+        parse(EncodeParams, {'truncate_dim': True}, '/encode')
+    with pytest.raises(ParameterError, match=r"parameter 'matryoshka_dims': takes an integer, not true or false"):
+        parse(EvaluateParams, {'matryoshka_dims': [8, True]}, '/evaluate')
+    assert parse(EncodeParams, {'truncate_dim': 3.0}, '/encode').truncate_dim == 3  # gRPC's whole float
+    assert parse(TrainParams, {'freeze': True}, '/train').freeze is True  # a field that takes a boolean too
+    names = parse(ModelsParams, {'names': ['b', 'a', 'b'] * 1000}, '/models').names
+    assert names == ['b', 'a']
+
+
+def test_an_error_quotes_at_most_an_excerpt_of_the_request():
+    with pytest.raises(ParameterError) as err:
+        parse(EncodeParams, {'x' * 100_000: 1}, '/encode')
+    assert len(str(err.value)) < 1000 and '(99802 characters more)' in str(err.value)

@@ -15,22 +15,29 @@ split its row (issue 29).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Optional
+from typing import IO, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from executor.tuning.errors import DataError
+from executor.tuning.errors import DataError, excerpt
+from executor.tuning.files import check_regular_file
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 DELIMITERS = ',\t;|'  # the delimiters 'auto' tells apart
 SAMPLE_CHARS = 64 * 1024  # how much of a file 'auto' reads to tell them apart
 SAMPLE_SEED = 0  # Finetuner sampled rows unseeded; a fixed seed makes a run read the same rows every time
+# The widest row and the longest line a CSV file may have: the widest layout has 3 columns (Finetuner's, 2-3), and a
+# header of 10^6 columns stalled the service for 43 s; a field is bounded by the csv module's 131072 characters.
+MAX_COLUMNS = 1024
+MAX_LINE_CHARS = 2**20
 
 
 class CSVOptions(BaseModel):
@@ -68,10 +75,63 @@ class CSVOptions(BaseModel):
         import codecs
 
         try:
-            codecs.lookup(value)
+            codec = codecs.lookup(value)
         except LookupError:
-            raise ValueError(f'unknown encoding {value!r}; use e.g. utf-8 or latin-1') from None
+            raise ValueError(f'unknown encoding {excerpt(value)}; use e.g. utf-8 or latin-1') from None
+        # rot13, uu_codec, base64...: codecs that turn bytes into bytes or text into text, no text encodings
+        if not getattr(codec, '_is_text_encoding', True):
+            raise ValueError(f'{value!r} is not a text encoding; use e.g. utf-8, utf-16 or latin-1')
         return value
+
+
+def _encoding(options: CSVOptions) -> str:
+    """The encoding a file is opened with: UTF-8's a byte order mark may start (Excel writes one), as BEIR's readers
+    and pandas take it."""
+    return 'utf-8-sig' if codecs.lookup(options.encoding).name == 'utf-8' else options.encoding
+
+
+@contextmanager
+def open_csv(path: Path, options: CSVOptions) -> Iterator[IO[str]]:
+    """``path`` opened as ``options`` say (a regular file only), its decode errors as ``DataError`` naming the file
+    and the line, never the bytes."""
+    check_regular_file(path, 'CSV file')
+    encoding = _encoding(options)
+    try:
+        with open(path, newline='', encoding=encoding) as fh:
+            yield fh
+    except UnicodeError as error:
+        line = _bad_line(path, encoding)
+        reason = getattr(error, 'reason', None) or str(error)
+        raise DataError(
+            f'{path.name} line {line}: not {options.encoding} text ({reason}); save the file as {options.encoding}, '
+            "or give its encoding in csv_options={'encoding': ...}"
+        ) from None
+
+
+def _bad_line(path: Path, encoding: str) -> int:
+    """The line of the first byte of ``path`` that ``encoding`` cannot decode (decoded until there, no further)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    newlines = 0
+    with open(path, 'rb') as fh:
+        for raw in fh:
+            try:
+                newlines += decoder.decode(raw).count('\n')
+            except UnicodeError:
+                break
+    return newlines + 1
+
+
+def _lines(fh: IO[str], path: Path) -> Iterator[str]:
+    """The lines of ``fh``, each at most ``MAX_LINE_CHARS`` long (read no further than that)."""
+    line = 1
+    while text := fh.readline(MAX_LINE_CHARS + 1):
+        if len(text) > MAX_LINE_CHARS and not text.endswith('\n'):
+            raise DataError(
+                f'{path.name} line {line}: longer than the {MAX_LINE_CHARS} characters a line may have; split it, '
+                'or give long texts and images as files'
+            )
+        line += 1
+        yield text
 
 
 def with_delimiter(path: Path, options: CSVOptions) -> CSVOptions:
@@ -79,7 +139,7 @@ def with_delimiter(path: Path, options: CSVOptions) -> CSVOptions:
     for every later read of the file."""
     if options.dialect != 'auto' or options.delimiter is not None:
         return options
-    with open(path, newline='', encoding=options.encoding) as fh:
+    with open_csv(path, options) as fh:
         sample = fh.read(SAMPLE_CHARS)
         complete = not fh.read(1)
     return options.model_copy(update={'delimiter': guess_delimiter(sample, complete, _fmtparams(options))})
@@ -114,13 +174,18 @@ def read_rows(path: Path, options: CSVOptions, skip_header: bool = False) -> Ite
     row left out with ``skip_header``. ``line`` is the line a row starts on (a quoted field may hold newlines)."""
     options = with_delimiter(path, options)
     dialect = 'excel' if options.dialect == 'auto' else options.dialect  # 'excel' is RFC 4180's quoting
-    with open(path, newline='', encoding=options.encoding) as fh:
-        reader = csv.reader(fh, dialect, **_fmtparams(options))
+    with open_csv(path, options) as fh:
+        reader = csv.reader(_lines(fh, path), dialect, **_fmtparams(options))
         rng = random.Random(SAMPLE_SEED)
         kept, line = 0, 1
         try:
             for cells in reader:
                 start, line = line, reader.line_num + 1
+                if len(cells) > MAX_COLUMNS:
+                    raise DataError(
+                        f'{path.name} line {start}: {len(cells)} columns, more than the {MAX_COLUMNS} a row may have '
+                        '(the layouts take 2 or 3); check the delimiter (csv_options delimiter) and the file'
+                    )
                 if skip_header and start == 1:
                     continue
                 if options.size is not None and kept >= options.size:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from executor.tuning.data.finetuner_csv import CSVOptions, read_rows
-from executor.tuning.data.sources import Item, check_under_roots, from_records
+from executor.tuning.data.sources import Item, check_header, check_under_roots, from_records
 from executor.tuning.errors import DataError
 
 QRELS_HEADER = ('query-id', 'corpus-id', 'score')
@@ -261,5 +261,6 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
     if header is None:
         return
     names = [cell.strip() for cell in header[1]]
+    check_header(names, path)
     for line, cells in rows:
         yield line, dict(zip(names, cells))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from executor.tuning.data.finetuner_csv import IMAGE_SUFFIXES, CSVOptions, read_headerless, read_rows, with_delimiter
-from executor.tuning.errors import DataError
+from executor.tuning.errors import DataError, excerpt
+from executor.tuning.files import NAME_MAX, PATH_MAX, check_regular_file, too_long
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,11 @@ def check_under_roots(path: str | os.PathLike, roots: Sequence[str | os.PathLike
     """
     if '\x00' in str(path):
         raise DataError(f'{what}: the path holds a NUL byte, which no file name has; send the path of a file')
+    if too_long(path):
+        raise DataError(
+            f'{what}: the path {excerpt(str(path))} is longer than a file path can be ({PATH_MAX} bytes, {NAME_MAX} '
+            'per name); send the path of a file'
+        )
     given = Path(path).expanduser()
     if roots is None:
         return given.resolve()
@@ -109,8 +116,7 @@ def from_csv(
     encoding; by default the delimiter is told from the file and quoting is RFC 4180's (``finetuner_csv.read_rows``).
     Relative uris are relative to the file."""
     path = check_under_roots(path, roots, 'train/eval data')
-    if not path.is_file():
-        raise DataError(f'CSV file {str(path)!r} does not exist')
+    check_regular_file(path, 'CSV file')
     given = options
     options = with_delimiter(path, options or CSVOptions())
     first = next(read_rows(path, options.model_copy(update={'size': 1, 'sampling_rate': None})), (1, []))[1]
@@ -118,7 +124,8 @@ def from_csv(
     if not _is_header(columns):
         if given is None and (columns & HEADER_WORDS or len(first) not in (2, 3)):
             raise DataError(
-                f'{str(path)!r}: the header must name the columns of one of {CSV_LAYOUTS}; found {sorted(columns)}. '
+                f'{path.name!r}: the header must name the columns of one of {CSV_LAYOUTS}; found '
+                f'{excerpt(sorted(columns))}. '
                 'A file without a header row is read as Finetuner read it: 2 columns (item,label with '
                 "csv_options={'is_labeled': True}, else a pair) or 3 (a scored pair)"
             )
@@ -128,6 +135,7 @@ def from_csv(
 
         return read_headerless(path, options, make_uri, Item)
     header = [c.strip() for c in first]
+    check_header(header, path)
     rows = [dict(zip(header, cells)) | {'__line__': line} for line, cells in read_rows(path, options, True)]
     if {'anchor', 'positive'} <= columns or {'sentence1', 'sentence2'} <= columns:
         items = _pairs(rows, columns, path)
@@ -136,6 +144,15 @@ def from_csv(
     if not items:
         raise DataError(f'{str(path)!r} has a header but no rows')
     return items
+
+
+def check_header(header: list[str], path: Path) -> None:
+    """Refuse a header naming a column twice: which of the two a row's value comes from would be a guess."""
+    twice = sorted(name for name, count in Counter(header).items() if count > 1)
+    if twice:
+        raise DataError(
+            f'{path.name} line 1: the header names {excerpt(twice)} more than once; give each column one name'
+        )
 
 
 def _is_header(columns: set[str]) -> bool:

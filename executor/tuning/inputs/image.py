@@ -80,7 +80,8 @@ def load_image(source: str | Path | bytes | np.ndarray | Any, name: str = 'image
         else:
             path = Path(source)
             if not path.is_file():
-                raise DataError(f'{name}: file {str(path)!r} does not exist or is not a file')
+                state = 'is not a regular file (a folder, a FIFO or a device)' if path.exists() else 'does not exist'
+                raise DataError(f'{name}: file {str(path)!r} {state}')
             image = Image.open(path)
         width, height = image.size
         if width * height > MAX_PIXELS:

@@ -10,7 +10,7 @@ import importlib
 import logging
 import os
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,8 +18,8 @@ from typing import Any, TypeVar, Union
 
 import torch
 
-from executor.tuning.errors import DataError, did_you_mean
-from executor.tuning.files import atomic_torch_save
+from executor.tuning.errors import DataError, did_you_mean, excerpt
+from executor.tuning.files import atomic_torch_save, too_long
 from executor.tuning.inputs import inputs_from_config
 from executor.tuning.models.embedding import ARTIFACT_FORMAT, ARTIFACT_FORMAT_V1, EmbeddingModel
 from executor.tuning.models.family import BackboneFamily, Pooler
@@ -80,16 +80,28 @@ class ModelDescription:
     options: dict[str, Any]
 
 
-def describe_models(names: Sequence[str] | None = None, local_only: bool = False) -> list[ModelDescription]:
+def describe_models(
+    names: Sequence[str] | None = None, local_only: bool = False, stopped: Callable[[], bool] | None = None
+) -> list[ModelDescription]:
     """Every model ``build_model`` takes (or those in ``names``), the ones whose pretrained weights are on this machine
     first, each group in ``list_models()`` order; ``local_only`` leaves out the others.
 
     ``output_dim`` is measured (a build on the meta device: no weights read, ~0.1 s each) for the models with local
     weights and for every name asked for in ``names``; for the rest of timm's ~1400 names it is ``None``, since
     measuring them all would take minutes. Ask ``describe_models([name])`` for one of those.
+
+    ``stopped`` is asked before each model: once it says so (the client is gone, the service stops), the work ends
+    with ``InterruptedError``.
     """
     described = []
     for name in list_models() if names is None else names:
+        if stopped is not None and stopped():
+            logger.info(
+                'describing models stopped after %d of %d: the request was given up', len(described), len(names or [])
+            )
+            raise InterruptedError(
+                f'/models stopped after {len(described)} models: its client is gone or the service stops'
+            )
         family = family_of(name)
         local = family.weights_local(name)
         if local_only and not local:
@@ -116,6 +128,8 @@ def is_model_file(name: str | os.PathLike) -> bool:
 
 
 def family_of(name: str) -> BackboneFamily:
+    if too_long(name):  # no registry name or model folder is that long, and the folder check would fail on it
+        raise unknown_model(name)
     for family in families():
         if family.owns(name):
             return family
@@ -135,7 +149,7 @@ def unknown_model(name: str) -> ValueError:
     hint = did_you_mean(name, list_models(), n=5, form='clause')
     described = ', '.join(family.hint for family in families() if family.hint)
     return ValueError(
-        f'unknown model {name!r}{hint} Call list_models() for all {len(list_models())} names: {described}'
+        f'unknown model {excerpt(name)}{hint} Call list_models() for all {len(list_models())} names: {described}'
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from executor.service.artifact_io import open_artifact, pack_artifact
+from executor.service.artifact_io import MAX_MEMBERS, open_artifact, pack_artifact
 from executor.service.store import RunStore
 from executor.tuning.artifact import served_file
 
@@ -58,7 +58,7 @@ def test_a_zip_bomb_is_refused_before_anything_is_written(store: RunStore, tmp_p
     assert archive.stat().st_size < 2**20
     unpack = tmp_path / 'unpacked'
     unpack.mkdir()
-    with pytest.raises(ValueError, match=r"member 'model.pt' unpacks to 64 MiB from \d+ KiB .*not an artifact"):
+    with pytest.raises(ValueError, match=r"member 'model.pt' unpacks to 67108864 bytes from \d+ \(\d+x; .*not an"):
         open_artifact(archive, store, unpack, 'torch')
     assert list(unpack.iterdir()) == []
     with pytest.raises(
@@ -123,3 +123,33 @@ def test_a_two_tower_artifact_packs_each_towers_export_and_serves_it_from_the_zi
         assert {i.filename: zf.read(i) for i in zf.infolist()} == files
     served = open_artifact(archive, store, tmp_path / 'unpacked', 'onnx')
     assert served_file(served.parent, 'onnx', tower='clip-text').read_bytes() == b'clip-text'
+
+
+def test_the_ratio_is_checked_whatever_the_member_size_and_a_failed_unpack_leaves_nothing(
+    store: RunStore, tmp_path: Path
+):
+    """Issue 32: 400 members of 1 MiB of zeros (413 KB zipped) unpacked to 400 MiB, under the 1 MiB the ratio was
+    checked from; a failed unpack left artifacts/.<name>-<hash>.<pid>.tmp/ behind."""
+    unpack = tmp_path / 'unpacked'
+    unpack.mkdir()
+    small = tmp_path / 'small.zip'
+    with zipfile.ZipFile(small, 'w', compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in range(40):
+            zf.writestr(f'part-{i}.bin', b'\0' * 2**16)  # 64 KiB each: ~100 bytes deflated
+    with pytest.raises(ValueError, match=r"member 'part-0.bin' unpacks to 65536 bytes from \d+ \(\d+x"):
+        open_artifact(small, store, unpack, 'torch')
+    many = tmp_path / 'many.zip'
+    with zipfile.ZipFile(many, 'w') as zf:
+        for i in range(MAX_MEMBERS + 1):
+            zf.writestr(f'{i}', b'')
+    with pytest.raises(ValueError, match=rf'holds {MAX_MEMBERS + 1} files, more than the {MAX_MEMBERS}'):
+        open_artifact(many, store, unpack, 'torch')
+    broken = tmp_path / 'broken.zip'
+    with zipfile.ZipFile(broken, 'w') as zf:
+        zf.writestr('model.pt', b'weights' * 100)
+        zf.writestr('config.json', b'{}')
+    data = broken.read_bytes()
+    broken.write_bytes(data.replace(b'weights' * 100, b'WEIGHTS' * 100, 1))  # the member's CRC no longer matches
+    with pytest.raises(zipfile.BadZipFile):
+        open_artifact(broken, store, unpack, 'torch')
+    assert list(unpack.iterdir()) == []  # no temporary folder left

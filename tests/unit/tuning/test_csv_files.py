@@ -4,13 +4,20 @@ kind of file, with a header row and without; the delimiter told from the file, q
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
 
 from executor.tuning.config import TrainConfig
 from executor.tuning.data import DataError, load_items
-from executor.tuning.data.finetuner_csv import SAMPLE_CHARS, CSVOptions, guess_delimiter
+from executor.tuning.data.finetuner_csv import (
+    MAX_COLUMNS,
+    MAX_LINE_CHARS,
+    SAMPLE_CHARS,
+    CSVOptions,
+    guess_delimiter,
+)
 from executor.tuning.plan import plan_run
 from tests.csv_kinds import KIND, KINDS, TRICKY, WRITERS, build, held, write
 
@@ -134,3 +141,52 @@ def test_an_image_and_a_word_without_a_header_name_both_ways_to_read_them(tmp_pa
     assert [(Path(i.uri).name, i.label) for i in labelled] == [('1.jpg', 'ants'), ('2.jpg', 'ants')]
     path.write_text('image,caption\n' + path.read_text())
     assert [i.text for i in load_items(path, [tmp_path])] == ['ants', 'ants']
+
+
+def test_a_bad_byte_names_the_file_and_line_and_never_its_contents(tmp_path: Path):
+    """Issue 32: a \\xff in leak.csv answered with a UnicodeDecodeError holding 159 lines of the file."""
+    path = tmp_path / 'leak.csv'
+    path.write_bytes(b'text,label\n' + b''.join(b'secret-%d,x\n' % i for i in range(5000)) + b'\xff,y\n')
+    with pytest.raises(DataError, match=r'leak.csv line 5002: not utf-8 text \(invalid start byte\)') as err:
+        load_items(path)
+    assert 'secret' not in str(err.value)
+    (tmp_path / 'u16.csv').write_bytes('text,label\na,x\n'.encode('utf-16-le'))
+    with pytest.raises(DataError, match=r'u16.csv line 1: not utf-16 text \(UTF-16 stream does not start with BOM'):
+        load_items(tmp_path / 'u16.csv', None, CSVOptions(encoding='utf-16'))
+
+
+@pytest.mark.parametrize('encoding', ['rot13', 'uu_codec', 'base64'])
+def test_only_text_encodings_are_taken(encoding: str):
+    with pytest.raises(ValueError, match=rf"'{encoding}' is not a text encoding"):
+        CSVOptions(encoding=encoding)
+    assert CSVOptions(encoding='latin-1').encoding == 'latin-1'
+
+
+def test_rows_and_lines_are_bounded_and_the_error_lists_no_columns(tmp_path: Path):
+    (tmp_path / 'columns.csv').write_text(','.join(f'c{i}' for i in range(MAX_COLUMNS + 1)) + '\n1,2\n')
+    with pytest.raises(DataError, match=rf'columns.csv line 1: {MAX_COLUMNS + 1} columns, more than the') as err:
+        load_items(tmp_path / 'columns.csv')
+    assert 'c1000' not in str(err.value)
+    (tmp_path / 'line.csv').write_text('text,label\n' + 'a,' * MAX_LINE_CHARS + 'x\n')
+    with pytest.raises(DataError, match=rf'line.csv line 2: longer than the {MAX_LINE_CHARS} characters'):
+        load_items(tmp_path / 'line.csv')
+    (tmp_path / 'field.csv').write_text('text,label\n' + 'a' * 200_000 + ',x\nb,y\n')
+    with pytest.raises(DataError, match=r'field.csv line 2: not readable as CSV \(field larger than field limit'):
+        load_items(tmp_path / 'field.csv')
+
+
+def test_a_bom_is_no_column_and_a_column_named_twice_is_refused(tmp_path: Path):
+    with open(tmp_path / 'bom.csv', 'w', encoding='utf-8-sig') as fh:
+        fh.write('text,label\na,x\nb,y\n')
+    assert [(i.text, i.label) for i in load_items(tmp_path / 'bom.csv')] == [('a', 'x'), ('b', 'y')]
+    (tmp_path / 'dup.csv').write_text('text,label,text\na,x,q\nb,y,r\n')
+    with pytest.raises(DataError, match=r"dup.csv line 1: the header names \['text'\] more than once"):
+        load_items(tmp_path / 'dup.csv')
+
+
+def test_a_fifo_is_not_a_regular_file(tmp_path: Path):
+    os.mkfifo(tmp_path / 'fifo.csv')  # opening it to read would block until a writer comes
+    with pytest.raises(DataError, match=r"CSV file 'fifo.csv' is not a regular file \(a folder, a FIFO or a device"):
+        load_items(tmp_path / 'fifo.csv')
+    with pytest.raises(DataError, match=r"CSV file 'missing.csv' does not exist"):
+        load_items(tmp_path / 'missing.csv')

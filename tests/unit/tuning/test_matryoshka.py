@@ -44,8 +44,14 @@ def test_bad_sizes_are_refused_saying_why(dims, weights, embed_dim, message):
 
 
 def test_the_config_refuses_what_the_losses_refuse():
-    for dims, weights, message in (([64, 64], None, 'distinct'), ([8, 4], [1, -0.5], '>= 0'), ([0], None, 'positive')):
-        with pytest.raises(ValueError, match=f'matryoshka_.* {message}'):
+    cases = (
+        ([64, 64], None, 'distinct'),
+        ([8, 4], [1, -0.5], '>= 0'),
+        ([0], None, 'greater than or equal to 1'),
+        ([70_000], None, 'less than or equal to 65536'),  # MAX_EMBED_DIM: no check allocates 4 x 62.5M bytes
+    )
+    for dims, weights, message in cases:
+        with pytest.raises(ValueError, match=f'(?s)matryoshka_.* {message}'):
             TrainConfig(train_data='x.csv', matryoshka_dims=dims, matryoshka_weights=weights)
 
 

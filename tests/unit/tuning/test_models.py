@@ -182,3 +182,16 @@ def test_describe_models_puts_the_models_with_local_weights_first(tmp_path, monk
     assert [m.name for m in describe_models(local_only=True)] == [m.name for m in local]
     with pytest.raises(ValueError, match="unknown model 'resnet5'; did you mean"):
         describe_models(['resnet5'])
+
+
+def test_describing_models_stops_when_asked_between_two_models():
+    """Issue 32: /models kept measuring 2,100 models for minutes after its client had gone."""
+    asked = []
+
+    def stopped() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # after the first model
+
+    with pytest.raises(InterruptedError, match=r'/models stopped after 1 models'):
+        describe_models(['resnet18', 'resnet34', 'resnet50'], stopped=stopped)
+    assert [m.name for m in describe_models(['resnet18'], stopped=lambda: False)] == ['resnet18']
