@@ -4,6 +4,7 @@ naming the key and what is allowed."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
@@ -13,6 +14,7 @@ from executor.params import EndpointParams, describe_errors
 Backend = Literal['hnsw', 'qdrant', 'milvus']
 MilvusIndexType = Literal['FLAT', 'IVF_FLAT', 'IVF_SQ8', 'IVF_PQ', 'HNSW']
 
+UNSET_VARIABLE = re.compile(r'\$([A-Za-z_][A-Za-z0-9_]*)')
 # Which settings each backend reads; the others are refused there, so that a setting never silently does nothing.
 COMMON = ('backend', 'dim', 'connect_timeout', 'request_timeout')
 BACKEND_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -111,6 +113,13 @@ class IndexerConfig(EndpointParams):
     def _backend_settings(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        for key, value in data.items():
+            unset = UNSET_VARIABLE.fullmatch(value) if isinstance(value, str) else None
+            if unset:  # jina leaves `${{ ENV.X }}` of a Flow YAML as '$X' when X is not set
+                raise ValueError(
+                    f'{key}={value!r}: the Flow YAML takes {key} from the environment variable {unset.group(1)}, '
+                    f'which is not set; export {unset.group(1)}=... before starting the Flow'
+                )
         backend = data.get('backend', 'hnsw')
         if backend not in BACKEND_SETTINGS:
             return data  # the field's own check names the allowed backends
