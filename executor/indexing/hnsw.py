@@ -16,7 +16,7 @@ from docarray.index import HnswDocumentIndex
 from docarray.typing import NdArray
 from pydantic import Field, create_model
 
-from executor.indexing.base import Filter, IndexBackend, Match, Stored, as_values
+from executor.indexing.base import Filter, IndexBackend, Match, Stored, as_values, unit
 from executor.indexing.settings import IndexerConfig
 
 logger = logging.getLogger(__name__)
@@ -81,26 +81,22 @@ class HnswBackend(IndexBackend):
     def search(self, queries: np.ndarray, limit: int, where: Optional[Filter]) -> list[list[Match]]:
         for graph in self._index._hnsw_indices.values():
             graph.set_ef(self.ef)  # hnswlib widens it to `limit` where that is larger
-        if where is None:
-            found = self._index.find_batched(queries, search_field='embedding', limit=limit)
-            pairs = zip(found.documents, found.scores)
-        else:
-            # docarray pre-filters on its SQLite table, then hnswlib searches only the ids that passed
+        limit = min(limit, self.count())  # hnswlib refuses a k larger than the documents it holds
+        condition = None
+        if where is not None:
             condition = {
                 '$and': [
                     {'$or': [{field: {'$eq': value}} for value in values]} for field, values in as_values(where).items()
                 ]
             }
-            pairs = []
-            for query in queries:
-                built = (
-                    self._index.build_query()
-                    .filter(filter_query=condition)
-                    .find(query=query, search_field='embedding', limit=limit)
-                )
-                result = self._index.execute_query(built.build())
-                pairs.append((result.documents, result.scores) if len(result.documents) else ([], []))
-        # hnswlib's cosine distance is 1 - cos, up to rounding
+        try:
+            pairs = self._approximate(queries, limit, condition)
+        except RuntimeError:
+            # hnswlib found fewer than k neighbours ("Cannot return the results in a contiguous 2D array"): after
+            # updates and deletes some nodes are no longer reachable through the graph. Asking for nearly every
+            # document, the exact ranking of the stored vectors is the answer, and costs no more than the request.
+            logger.info('hnswlib reached fewer than %d documents; ranking the stored ones exactly', limit)
+            pairs = self._exact(queries, limit, condition)
         return [
             [
                 Match(id=d.id, uri=d.uri, text=d.text, label=d.label, score=float(np.clip(1.0 - distance, -1.0, 1.0)))
@@ -108,6 +104,33 @@ class HnswBackend(IndexBackend):
             ]
             for docs, distances in pairs
         ]
+
+    def _approximate(self, queries: np.ndarray, limit: int, condition: Optional[dict]) -> list[tuple]:
+        """(documents, cosine distances) per query from hnswlib's graph."""
+        if condition is None:
+            found = self._index.find_batched(queries, search_field='embedding', limit=limit)
+            return list(zip(found.documents, found.scores))
+        # docarray pre-filters on its SQLite table, then hnswlib searches only the ids that passed
+        pairs = []
+        for query in queries:
+            built = (
+                self._index.build_query()
+                .filter(filter_query=condition)
+                .find(query=query, search_field='embedding', limit=limit)
+            )
+            result = self._index.execute_query(built.build())
+            pairs.append((result.documents, result.scores) if len(result.documents) else ([], []))
+        return pairs
+
+    def _exact(self, queries: np.ndarray, limit: int, condition: Optional[dict]) -> list[tuple]:
+        """(documents, cosine distances) per query, ranked exactly over the stored documents matching ``condition``."""
+        every = {'$or': [{'label': {'$exists': True}}, {'label': {'$exists': False}}]}
+        stored = self._index.filter(filter_query=condition or every, limit=self.count())
+        if not len(stored):
+            return [([], []) for _ in queries]
+        similarity = unit(queries) @ unit(np.stack([np.asarray(d.embedding) for d in stored])).T  # (queries, stored)
+        order = np.argsort(-similarity, axis=1, kind='stable')[:, :limit]
+        return [([stored[int(i)] for i in row], 1.0 - similarity[q, row]) for q, row in enumerate(order)]
 
     def get(self, ids: Sequence[str]) -> list[Stored]:
         try:
