@@ -5,6 +5,7 @@ naming the key and what is allowed."""
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
@@ -56,56 +57,59 @@ class IndexerConfig(EndpointParams):
         10.0, gt=0, le=300, description='seconds to reach the engine at start before the start fails (qdrant, milvus)'
     )
     request_timeout: float = Field(
-        30.0, gt=0, le=3600, description="seconds an engine call may take before it is answered 503 (qdrant's url)"
+        30.0,
+        gt=0,
+        le=3600,
+        description='seconds a call to a Qdrant server may take; an engine found unreachable (within '
+        'connect_timeout) is answered 503',
     )
     # hnsw
-    index_dir: Optional[str] = Field(None, description='hnsw: folder of the index (default: <workspace>/hnsw)')
-    ef_construction: int = Field(200, ge=1, description="hnsw: hnswlib's build-time candidate list")
-    max_connections: int = Field(16, ge=2, description="hnsw: hnswlib's M, links per node")
+    index_dir: Optional[str] = Field(None, description='folder of the index (default: <workspace>/hnsw)')
+    ef_construction: int = Field(200, ge=1, description="hnswlib's build-time candidate list")
+    max_connections: int = Field(16, ge=2, description="hnswlib's M, links per node")
     ef: Optional[int] = Field(
         None,
         ge=1,
-        description="hnsw, qdrant: candidates kept per query (hnswlib's ef, default 200; Qdrant's hnsw_ef, default "
+        description="candidates kept per query (hnswlib's ef, default 200; Qdrant's hnsw_ef, default "
         "the collection's); widened to `limit` where that is larger",
     )
     # qdrant
-    url: Optional[str] = Field(None, description="qdrant: a Qdrant server or cluster, e.g. 'http://qdrant:6333'")
-    path: Optional[str] = Field(None, description="qdrant: a folder for Qdrant's embedded local mode (no server)")
-    location: Optional[str] = Field(None, description="qdrant: ':memory:' for Qdrant's embedded mode in memory")
-    api_key: Optional[str] = Field(None, description="qdrant: the server's API key")
+    url: Optional[str] = Field(None, description="a Qdrant server or cluster, e.g. 'http://qdrant:6333'")
+    path: Optional[str] = Field(None, description="a folder for Qdrant's embedded local mode (no server)")
+    location: Optional[str] = Field(None, description="':memory:' for Qdrant's embedded mode in memory")
+    api_key: Optional[str] = Field(None, description="the server's API key")
     collection_name: Optional[str] = Field(
-        None, description="qdrant, milvus: the collection (default 'finetuner_<dim>'); created if missing"
+        None,
+        description="the collection (default 'finetuner'); created on the first /index if missing, found again on "
+        'restart',
     )
-    shard_number: Optional[int] = Field(None, ge=1, description='qdrant: shards of a new collection (a server)')
+    shard_number: Optional[int] = Field(None, ge=1, description='shards of a new collection (a server)')
     replication_factor: Optional[int] = Field(
-        None, ge=1, description='qdrant: copies of each shard of a new collection (a cluster)'
+        None, ge=1, description='copies of each shard of a new collection (a cluster)'
     )
     on_disk: Optional[bool] = Field(
-        None, description="qdrant: keep a new collection's vectors and payload on disk (memory-mapped)"
+        None, description="keep a new collection's vectors and payload on disk (memory-mapped)"
     )
     quantization: Optional[Literal['int8', 'binary']] = Field(
         None,
-        description="qdrant: a new collection's quantization: 'int8' (scalar, 4x smaller) or 'binary' (32x); the "
+        description="a new collection's quantization: 'int8' (scalar, 4x smaller) or 'binary' (32x); the "
         "original vectors stay for rescoring. Qdrant's embedded local mode does not quantize (a server does)",
     )
-    quantization_rescore: bool = Field(
-        True, description='qdrant: re-score the quantized candidates with the original vectors'
-    )
+    quantization_rescore: bool = Field(True, description='re-score the quantized candidates with the original vectors')
     quantization_oversampling: Optional[float] = Field(
-        None, ge=1.0, description='qdrant: fetch limit x this many quantized candidates before rescoring'
+        None, ge=1.0, description='fetch limit x this many quantized candidates before rescoring'
     )
     # milvus
-    host: Optional[str] = Field(None, description="milvus: the Milvus server's host (default 'localhost')")
-    port: Optional[int] = Field(None, ge=1, le=65535, description="milvus: the Milvus server's port (default 19530)")
-    token: Optional[str] = Field(None, description="milvus: 'user:password' or an API token")
-    index_type: MilvusIndexType = Field('HNSW', description='milvus: the vector index of a new collection')
+    host: Optional[str] = Field(None, description="the Milvus server's host (default 'localhost')")
+    port: Optional[int] = Field(None, ge=1, le=65535, description="the Milvus server's port (default 19530)")
+    token: Optional[str] = Field(None, description="'user:password' or an API token")
+    index_type: MilvusIndexType = Field('HNSW', description='the vector index of a new collection')
     index_params: Optional[dict[str, Any]] = Field(
         None,
-        description="milvus: the index's build params (default HNSW {'M': 16, 'efConstruction': 200}, IVF_* "
-        "{'nlist': 1024})",
+        description="the index's build params (default HNSW {'M': 16, 'efConstruction': 200}, IVF_* {'nlist': 1024})",
     )
     search_params: Optional[dict[str, Any]] = Field(
-        None, description="milvus: search params (default HNSW {'ef': 200}, IVF_* {'nprobe': 32})"
+        None, description="search params (default HNSW {'ef': 200}, IVF_* {'nprobe': 32})"
     )
 
     @model_validator(mode='before')
@@ -151,3 +155,17 @@ def load_settings(uses_with: dict[str, Any]) -> IndexerConfig:
         return IndexerConfig.model_validate(uses_with)
     except ValidationError as err:
         raise IndexerConfigError(f'invalid VectorIndexer settings (uses_with): {describe_errors(err)}') from None
+
+
+def markdown_table() -> str:
+    """docs/service.md's table of VectorIndexer's ``uses_with``, from the fields above."""
+    rows = ['| name | backend | default | meaning |', '|---|---|---|---|']
+    for name, field in IndexerConfig.model_fields.items():
+        owners = [backend for backend, keys in BACKEND_SETTINGS.items() if name in keys] or ['all']
+        default = field.get_default(call_default_factory=True)
+        rows.append(f'| `{name}` | {", ".join(owners)} | `{default!r}` | {field.description} |')
+    return '\n'.join(rows) + '\n'
+
+
+if __name__ == '__main__':
+    sys.stdout.write(markdown_table())
