@@ -84,6 +84,7 @@ class MilvusBackend(IndexBackend):
             port=self.port,
             token=self.settings.token or '',
             search_params={'params': self.search_params},
+            consistency_level=self.settings.consistency_level,
         )
         logger.info(
             'opened Milvus collection %r at %s:%d (%d-d, %s, inner product of unit vectors, %d documents)',

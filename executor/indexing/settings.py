@@ -34,7 +34,16 @@ BACKEND_SETTINGS: dict[str, tuple[str, ...]] = {
         'quantization_oversampling',
         'ef',
     ),
-    'milvus': ('host', 'port', 'token', 'collection_name', 'index_type', 'index_params', 'search_params'),
+    'milvus': (
+        'host',
+        'port',
+        'token',
+        'collection_name',
+        'index_type',
+        'index_params',
+        'search_params',
+        'consistency_level',
+    ),
 }
 
 
@@ -110,6 +119,11 @@ class IndexerConfig(EndpointParams):
     )
     search_params: Optional[dict[str, Any]] = Field(
         None, description="search params (default HNSW {'ef': 200}, IVF_* {'nprobe': 32})"
+    )
+    consistency_level: Literal['Strong', 'Bounded', 'Session', 'Eventually'] = Field(
+        'Strong',
+        description="Milvus's read consistency; 'Strong' (default) lets every replica of the indexer read what another "
+        "just wrote, 'Session' only the writer itself",
     )
 
     @model_validator(mode='before')
