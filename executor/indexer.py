@@ -86,6 +86,12 @@ class VectorIndexer(Executor):
         self._backend.open(dim)
         self._dim, self._opened = dim, True
 
+    def _ready(self) -> bool:
+        """Whether an index is open; opens the one another replica created in the engine since this one started."""
+        if not self._opened and self.settings.backend != 'hnsw':
+            calling(self._backend, self._open_saved)
+        return self._opened
+
     @requests(on='/index')
     @_on_index_thread
     def index(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
@@ -100,7 +106,7 @@ class VectorIndexer(Executor):
         if duplicates:
             raise ValueError(f'documents {duplicates} appear more than once in the request; send each id once')
         embeddings = self._embeddings(docs, 'document')  # (n, dim)
-        if not self._opened:
+        if not self._ready():
             calling(self._backend, self._open, embeddings.shape[1])
         stored = [
             Stored(id=doc.id, uri=uri_of(doc), text=doc.text, label=label_of(doc), embedding=embedding)
@@ -121,7 +127,7 @@ class VectorIndexer(Executor):
         if not docs:
             return docs
         queries = self._embeddings(docs, 'query')  # (n, dim)
-        if not self._opened or calling(self._backend, self._backend.count) == 0:
+        if not self._ready() or calling(self._backend, self._backend.count) == 0:
             for doc in docs:
                 doc.matches = DocList[MatchDoc]()
             return docs
@@ -137,7 +143,7 @@ class VectorIndexer(Executor):
     def delete(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Deletes the documents with the ids sent (as documents or `ids`); returns those that were in the index."""
         ids = list(dict.fromkeys(docs.id + parse(DeleteParams, parameters, '/delete', self.names).ids))
-        if not ids or not self._opened:
+        if not ids or not self._ready():
             return DocList[FinetunerDoc]()
         stored = calling(self._backend, self._backend.get, ids)
         if stored:
@@ -150,7 +156,7 @@ class VectorIndexer(Executor):
     def count(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[IndexStats]:
         """Returns one `IndexStats` document: the number of indexed documents and the embedding size."""
         parse(EndpointParams, parameters, '/count', self.names)
-        count = calling(self._backend, self._backend.count) if self._opened else 0
+        count = calling(self._backend, self._backend.count) if self._ready() else 0
         return DocList[IndexStats]([IndexStats(count=count, dim=self._dim)])
 
     @requests
