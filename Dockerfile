@@ -19,11 +19,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY requirements.txt requirements-trackers.txt requirements.lock /tmp/
+COPY requirements.txt requirements-trackers.txt requirements-engines.txt requirements.lock /tmp/
+# The engines' clients (backend: qdrant, milvus) are in the image, so that one image serves every flow.
 RUN python -m venv /opt/venv \
     && pip install 'pip>=26' \
     && pip install --extra-index-url "https://download.pytorch.org/whl/${TORCH}" \
-        -r /tmp/requirements.txt -c /tmp/requirements.lock
+        -r /tmp/requirements.txt -r /tmp/requirements-engines.txt -c /tmp/requirements.lock
 
 FROM ${BASE}
 ARG EXECUTOR=config.yml

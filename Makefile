@@ -18,18 +18,19 @@ help:  ## this list
 install: $(STAMP)  ## create or reuse .venv with the pinned requirements
 	@$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'finetuner-executor.pth').write_text('$(CURDIR)\n')"
 
-# The stamp depends on the requirements and the lock: an unchanged .venv is reused as it is.
-$(STAMP): requirements.txt requirements.lock
+# The stamp depends on the requirements and the lock: an unchanged .venv is reused as it is. The engines' clients
+# (requirements-engines.txt) are installed too: make test runs VectorIndexer's contract on Qdrant and Milvus.
+$(STAMP): requirements.txt requirements-engines.txt requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# This machine's pip 23.2 gives up on the pinned set (ResolutionImpossible); pip 26 resolves it.
 	$(PIP) install -q --upgrade 'pip>=26'
-	$(PIP) install -q -r requirements.txt -c requirements.lock
+	$(PIP) install -q -r requirements.txt -r requirements-engines.txt -c requirements.lock
 	@touch $(STAMP)
 	@echo ".venv is ready"
 
 # Re-resolve requirements.txt and record every version (run after editing requirements.txt).
-lock:  ## re-resolve requirements.txt into requirements.lock
-	$(PIP) install -q -r requirements.txt
+lock:  ## re-resolve requirements.txt (and the engines) into requirements.lock
+	$(PIP) install -q -r requirements.txt -r requirements-engines.txt
 	$(PIP) freeze --exclude-editable | grep -v '^-e ' > requirements.lock
 
 # ruff's settings are in pyproject.toml; CI (.ci/run) runs this before the tests.

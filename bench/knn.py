@@ -13,6 +13,14 @@ the ru_maxrss growth, which can under-count).
     .venv/bin/python bench/knn.py                 # the full case
     .venv/bin/python bench/knn.py --n 20000       # a quick one
 
+`--backends` measures VectorIndexer's backends instead (executor/indexing/, the code the indexer runs, without jina
+around it): seeded random unit vectors (default 100k x 384), `--queries` queries, recall@10 against exact search,
+queries per second at batch 1 and 64, index time (upserts of 1000), memory (the process's RSS growth; Milvus: the
+server's RSS) and disk. Milvus runs on a Milvus Lite server the benchmark starts; Qdrant in its embedded local mode,
+which does not quantize: `qdrant-int8` needs `--qdrant-url` of a Qdrant server, and is skipped without one.
+
+    .venv/bin/python bench/knn.py --backends hnsw,qdrant,milvus,milvus-ivf-sq8 --n 100000 --dim 384
+
 faiss is only a yardstick, not a dependency: `.venv/bin/pip install faiss-cpu` (the faiss row is skipped without it).
 """
 
@@ -41,10 +49,16 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=5, help='timed rounds; each runs every method once')
     parser.add_argument('--query-chunk', type=int, default=None, help='knn query_chunk (default: its own)')
     parser.add_argument('--index-chunk', type=int, default=None, help='knn index_chunk (default: its own)')
+    parser.add_argument(
+        '--backends', help=f'measure these VectorIndexer backends instead (comma-separated: {", ".join(BACKENDS)})'
+    )
+    parser.add_argument('--qdrant-url', help='a Qdrant server for the qdrant-int8 row')
     parser.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument('--data', type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
+    if args.backends:
+        bench_backends(args)
+    elif args.worker:
         run_worker(args)
     else:
         run_all(args)
@@ -243,6 +257,140 @@ def _peak_since(baseline: tuple[str, int]) -> float:
     kind, start = baseline
     peak = _proc_status('VmHWM') if kind == 'hwm' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return max(0, peak - start) / 2**20
+
+
+# name -> VectorIndexer settings (besides the folder or server each run gets)
+BACKENDS = {
+    'hnsw': {'backend': 'hnsw'},
+    'qdrant': {'backend': 'qdrant'},
+    'qdrant-int8': {'backend': 'qdrant', 'quantization': 'int8'},
+    'milvus': {'backend': 'milvus', 'index_type': 'HNSW'},
+    'milvus-ivf-sq8': {'backend': 'milvus', 'index_type': 'IVF_SQ8', 'index_params': {'nlist': 256}},
+}
+
+
+def bench_backends(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    names = args.backends.split(',')
+    unknown = sorted(set(names) - set(BACKENDS))
+    if unknown:
+        raise SystemExit(f'unknown backends {unknown}; known: {", ".join(BACKENDS)}')
+    rng = np.random.default_rng(0)
+    index = rng.standard_normal((args.n, args.dim), dtype=np.float32)
+    index /= np.linalg.norm(index, axis=1, keepdims=True)
+    queries = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores = queries @ index.T  # (Q, N) exact cosine
+    truth = np.argsort(-scores, axis=1)[:, : args.k]
+    del scores
+    print(
+        f'VectorIndexer backends: {args.n} x {args.dim} seeded random unit vectors, {args.queries} queries, '
+        f'recall@{args.k} vs exact search; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}'
+    )
+    print(f'{"backend":<15} {"index s":>8} {"recall":>7} {"qps b1":>7} {"qps b64":>8} {"memory MB":>10} {"disk MB":>8}')
+    for name in names:
+        if name == 'qdrant-int8' and not args.qdrant_url:
+            print(f"{name:<15} skipped: Qdrant's embedded local mode does not quantize; give --qdrant-url of a server")
+            continue
+        with tempfile.TemporaryDirectory(prefix=f'bench-{name}-') as tmp:
+            row = _bench_backend(name, args, Path(tmp), index, queries, truth)
+        print(
+            f'{name:<15} {row["index_s"]:>8.1f} {row["recall"]:>7.3f} {row["qps1"]:>7.0f} {row["qps64"]:>8.0f} '
+            f'{row["memory_mb"]:>10.0f} {row["disk_mb"]:>8.0f}',
+            flush=True,
+        )
+
+
+def _bench_backend(name, args, folder: Path, index, queries, truth) -> dict:
+    import numpy as np
+
+    from executor.indexing import create_backend
+    from executor.indexing.base import Stored
+    from executor.indexing.settings import load_settings
+
+    settings = dict(BACKENDS[name])
+    server = None
+    if name.startswith('milvus'):
+        server, port = _milvus_lite(folder / 'milvus')
+        settings.update(host='127.0.0.1', port=port)
+    elif name.startswith('qdrant'):
+        settings.update({'url': args.qdrant_url, 'collection_name': f'bench_{os.getpid()}'} if 'int8' in name else {})
+        settings.setdefault('url', None)
+        if not settings['url']:
+            settings.update(path=str(folder / 'qdrant'))
+    else:
+        settings.update(index_dir=str(folder / 'hnsw'))
+    try:
+        rss_before = _rss(os.getpid())
+        server_before = _rss(server.pid) if server else 0
+        backend = create_backend(load_settings(settings), str(folder))
+        backend.open(args.dim)
+        started = time.perf_counter()
+        for start in range(0, len(index), 1000):
+            backend.upsert(
+                [Stored(f'd{i}', None, None, None, index[i]) for i in range(start, min(start + 1000, len(index)))]
+            )
+        index_s = time.perf_counter() - started
+        found = []
+        started = time.perf_counter()
+        for query in queries:
+            found += backend.search(query[None], args.k, None)
+        qps1 = len(queries) / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for start in range(0, len(queries), 64):
+            backend.search(queries[start : start + 64], args.k, None)
+        qps64 = len(queries) / (time.perf_counter() - started)
+        ids = [[int(m.id[1:]) for m in matches] for matches in found]
+        recall = float(np.mean([len(set(got) & set(want)) / len(want) for got, want in zip(ids, truth.tolist())]))
+        memory = (_rss(server.pid) - server_before) if server else (_rss(os.getpid()) - rss_before)
+        backend.close()
+        disk = sum(f.stat().st_size for f in folder.rglob('*') if f.is_file())
+        return {
+            'index_s': index_s,
+            'recall': recall,
+            'qps1': qps1,
+            'qps64': qps64,
+            'memory_mb': memory / 2**20,
+            'disk_mb': disk / 2**20,
+        }
+    finally:
+        if server:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+
+
+def _milvus_lite(data_dir: Path):
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    command = [str(Path(sys.executable).with_name('milvus-lite')), 'server', '--data-dir', str(data_dir)]
+    server = subprocess.Popen(
+        [*command, '--host', '127.0.0.1', '--port', str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+            return server, port
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise SystemExit('the Milvus Lite server did not start') from None
+            time.sleep(0.2)
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 if __name__ == '__main__':

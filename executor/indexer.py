@@ -1,65 +1,49 @@
-"""VectorIndexer: a persistent nearest-neighbour index executor (docarray's HnswDocumentIndex over hnswlib, cosine).
+"""VectorIndexer: a persistent nearest-neighbour index executor over one of several engines, through docarray's
+document indexes (executor/indexing/): ``backend: hnsw`` (default; hnswlib in this process, the index in the
+workspace), ``qdrant`` (a Qdrant server or cluster, or Qdrant's embedded local mode) or ``milvus`` (a Milvus server or
+cluster). Each backend's own settings are passed by name in ``uses_with`` (executor/indexing/settings.py).
 
-Endpoints: `/index` (upsert by id), `/search` (`limit` matches per query, best first), `/delete` (by id), `/count`.
-The index lives in `index_dir` (default `<workspace>/hnsw`): hnswlib's graph plus docarray's SQLite table of the
-stored fields (`id`, `uri`, `text`, `label`, `embedding`), and `vector_indexer.json` holding the embedding size, which
-hnswlib needs before it can open the graph. A restart on the same folder serves the same index.
+Endpoints, the same on every backend: `/index` (upsert by id), `/search` (`limit` matches per query, best first,
+scored by cosine similarity, optionally only those whose stored fields match `filter`), `/delete` (by id), `/count`.
+The index survives a restart: hnsw keeps it in `index_dir`, the engines in their collection.
 
-Scores are cosine similarities (higher is closer): hnswlib's cosine space returns the distance `1 - cos`.
+An engine that cannot be reached at start stops the start within `connect_timeout`, naming the setting; one that
+stops later answers each request with `EngineUnavailable` (HTTP 503) naming the engine, and the executors beside the
+indexer in the Flow keep serving.
 
-ShardMerger follows a sharded VectorIndexer in a Flow (flows/k8s.yml), or serves as its `uses_after`: it keeps each
-query's best `limit` matches over all shards and sums the shards' counts.
+ShardMerger follows a sharded hnsw VectorIndexer in a Flow (flows/k8s.yml), or serves as its `uses_after`: it keeps
+each query's best `limit` matches over all shards and sums the shards' counts. Qdrant and Milvus shard themselves:
+their flows have no merger.
 """
 
 # No `from __future__ import annotations` here: jina reads the endpoints' annotations (`docs`, `parameters`,
 # the return type) as live objects to build its request schemas, and postponed annotations are only strings.
 import functools
-import json
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from docarray import BaseDoc, DocList
+from docarray import DocList
 from docarray.base_doc import AnyDoc
-from docarray.index import HnswDocumentIndex
-from docarray.typing import NdArray
 from jina import Executor, requests
-from pydantic import Field, create_model
 
 from executor import rest  # noqa: F401  (typed OpenAPI and 4xx answers on the HTTP port)
 from executor.docs import FinetunerDoc, IndexStats, MatchDoc, ensure_ids, label_of, uri_of
+from executor.indexing import create_backend
+from executor.indexing.base import Stored, calling
+from executor.indexing.settings import load_settings
 from executor.params import DeleteParams, EndpointParams, IndexParams, SearchParams, executor_names, parse
 
 logger = logging.getLogger(__name__)
-
-_META_FILE = 'vector_indexer.json'
-# Candidates hnswlib keeps per query (`ef`): docarray sets 10, and a reloaded graph has hnswlib's default (10 too),
-# which misses true neighbours of clustered embeddings. As wide as the graph was built (ef_construction) instead.
-_SEARCH_EF = 200
-
-
-def _stored_doc_schema(dim: int) -> type[BaseDoc]:
-    """The index's schema: the fields of a `FinetunerDoc` worth keeping, with the embedding size fixed."""
-    return create_model(
-        f'StoredDoc{dim}',
-        __base__=BaseDoc,
-        uri=(Optional[str], None),
-        text=(Optional[str], None),
-        label=(Optional[str], None),
-        # With allow_replace_deleted=True (docarray's default) hnswlib refuses to re-add an id that was deleted.
-        embedding=(NdArray[dim], Field(space='cosine', allow_replace_deleted=False)),
-    )
 
 
 def _on_index_thread(method):
     """Runs the method on the executor's own index thread.
 
-    docarray's HnswDocumentIndex keeps a SQLite connection that only the thread that opened it may use, while jina
-    calls synchronous endpoints from a thread pool.
+    docarray's HnswDocumentIndex keeps a SQLite connection that only the thread that opened it may use, Qdrant's
+    embedded mode is not thread-safe either, and jina calls synchronous endpoints from a thread pool.
     """
 
     @functools.wraps(method)
@@ -70,31 +54,43 @@ def _on_index_thread(method):
 
 
 class VectorIndexer(Executor):
-    """Stores embedded documents and finds the nearest ones to query embeddings."""
+    """Stores embedded documents and finds the nearest ones to query embeddings, in the engine `backend` names."""
 
-    def __init__(self, dim: Optional[int] = None, index_dir: Optional[str] = None, **kwargs):
+    def __init__(self, backend: str = 'hnsw', **kwargs):
         """
-        :param dim: embedding size; by default taken from the first indexed documents (or from the saved index).
-        :param index_dir: folder of the index; by default `hnsw` in the executor's workspace.
+        :param backend: 'hnsw' (default), 'qdrant' or 'milvus'; the other keyword arguments the executor does not take
+            itself are that backend's settings (executor/indexing/settings.py, docs/service.md): a misspelt one, or
+            one of another backend, stops the start.
         """
+        own = {name: kwargs.pop(name) for name in list(kwargs) if name not in _EXECUTOR_KWARGS}
         super().__init__(**kwargs)
+        self.settings = load_settings({'backend': backend, **own})
         self.names = executor_names(self)  # what per-executor parameters address it by
-        self._dir = Path(index_dir) if index_dir else Path(self.workspace) / 'hnsw'
-        self._schema: Optional[type[BaseDoc]] = None
-        self._index: Optional[HnswDocumentIndex] = None
-        self._dim: Optional[int] = None
         self._index_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix='vector-index')
-        saved_dim = self._read_saved_dim()
-        if dim is not None and dim < 1:
-            raise ValueError(f'dim must be a positive embedding size, got {dim}')
-        if dim is not None and saved_dim is not None and dim != saved_dim:
+        self._dim: Optional[int] = None
+        self._opened = False
+        self._backend = self._index_thread.submit(create_backend, self.settings, self.workspace).result()
+        self._index_thread.submit(self._open_saved).result()
+
+    def _open_saved(self) -> None:
+        dim, saved = self.settings.dim, self._backend.saved_dim()
+        if dim is not None and saved is not None and dim != saved:
             raise ValueError(
-                f'dim={dim} was given but the index in {self._dir} holds {saved_dim}-d embeddings; '
-                f'pass dim={saved_dim} (or no dim), or point index_dir to another folder'
+                f'dim={dim} was given but the {self.settings.backend} index holds {saved}-d embeddings; '
+                f'pass dim={saved} (or no dim), or point the indexer at another index'
             )
-        dim = saved_dim or dim
-        if dim:
-            self._index_thread.submit(self._open, dim).result()
+        if saved or dim:
+            self._open(saved or dim)
+
+    def _open(self, dim: int) -> None:
+        self._backend.open(dim)
+        self._dim, self._opened = dim, True
+
+    def _ready(self) -> bool:
+        """Whether an index is open; opens the one another replica created in the engine since this one started."""
+        if not self._opened and self.settings.backend != 'hnsw':
+            calling(self._backend, self._open_saved)
+        return self._opened
 
     @requests(on='/index')
     @_on_index_thread
@@ -110,39 +106,35 @@ class VectorIndexer(Executor):
         if duplicates:
             raise ValueError(f'documents {duplicates} appear more than once in the request; send each id once')
         embeddings = self._embeddings(docs, 'document')  # (n, dim)
-        if self._index is None:
-            self._open(embeddings.shape[1])
-        self._index.index(
-            DocList[self._schema](
-                self._schema(id=doc.id, uri=uri_of(doc), text=doc.text, label=label_of(doc), embedding=embedding)
-                for doc, embedding in zip(docs, embeddings)
-            )
-        )
+        if not self._ready():
+            calling(self._backend, self._open, embeddings.shape[1])
+        stored = [
+            Stored(id=doc.id, uri=uri_of(doc), text=doc.text, label=label_of(doc), embedding=embedding)
+            for doc, embedding in zip(docs, embeddings)
+        ]
+        calling(self._backend, self._backend.upsert, stored)
         return docs
 
     @requests(on='/search')
     @_on_index_thread
     def search(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
-        """Sets each query's `matches`: the `limit` nearest documents, best first, scored by cosine similarity.
+        """Sets each query's `matches`: the `limit` nearest documents (those matching `filter`), best first, scored by
+        cosine similarity.
 
         The other parameters choose the model of FinetunerExecutor's `/search`, which embeds the queries before this.
         """
-        limit = parse(SearchParams, parameters, '/search', self.names).limit
+        params = parse(SearchParams, parameters, '/search', self.names)
         if not docs:
             return docs
         queries = self._embeddings(docs, 'query')  # (n, dim)
-        if self._index is None or self._index.num_docs() == 0:
+        if not self._ready() or calling(self._backend, self._backend.count) == 0:
             for doc in docs:
                 doc.matches = DocList[MatchDoc]()
             return docs
-        for graph in self._index._hnsw_indices.values():
-            graph.set_ef(_SEARCH_EF)  # hnswlib widens it to `limit` where that is larger
-        found = self._index.find_batched(queries, search_field='embedding', limit=limit)
-        for doc, neighbours, distances in zip(docs, found.documents, found.scores):
-            scores = np.clip(1.0 - distances, -1.0, 1.0)  # hnswlib's cosine distance is 1 - cos, up to rounding
+        found = calling(self._backend, self._backend.search, queries, params.limit, params.filter)
+        for doc, matches in zip(docs, found):
             doc.matches = DocList[MatchDoc](
-                MatchDoc(id=n.id, uri=n.uri, text=n.text, label=n.label, score=float(score))
-                for n, score in zip(neighbours, scores)
+                MatchDoc(id=m.id, uri=m.uri, text=m.text, label=m.label, score=m.score) for m in matches
             )
         return docs
 
@@ -151,14 +143,11 @@ class VectorIndexer(Executor):
     def delete(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[FinetunerDoc]:
         """Deletes the documents with the ids sent (as documents or `ids`); returns those that were in the index."""
         ids = list(dict.fromkeys(docs.id + parse(DeleteParams, parameters, '/delete', self.names).ids))
-        if not ids or self._index is None:
+        if not ids or not self._ready():
             return DocList[FinetunerDoc]()
-        try:
-            stored = self._index[ids]
-        except KeyError:  # none of them is in the index
-            return DocList[FinetunerDoc]()
-        del self._index[stored.id]
-        self._save_graph()
+        stored = calling(self._backend, self._backend.get, ids)
+        if stored:
+            calling(self._backend, self._backend.delete, [d.id for d in stored])
         logger.info('deleted %d of %d requested documents', len(stored), len(ids))
         return DocList[FinetunerDoc](FinetunerDoc(id=d.id, uri=d.uri, text=d.text, label=d.label) for d in stored)
 
@@ -167,7 +156,8 @@ class VectorIndexer(Executor):
     def count(self, docs: DocList[FinetunerDoc], parameters: dict, **kwargs) -> DocList[IndexStats]:
         """Returns one `IndexStats` document: the number of indexed documents and the embedding size."""
         parse(EndpointParams, parameters, '/count', self.names)
-        return DocList[IndexStats]([IndexStats(count=self._index.num_docs() if self._index else 0, dim=self._dim)])
+        count = calling(self._backend, self._backend.count) if self._ready() else 0
+        return DocList[IndexStats]([IndexStats(count=count, dim=self._dim)])
 
     @requests
     def pass_through(self, docs: DocList[AnyDoc], **kwargs) -> DocList[AnyDoc]:
@@ -179,24 +169,9 @@ class VectorIndexer(Executor):
         return docs
 
     def close(self) -> None:
+        self._index_thread.submit(self._backend.close).result()
         self._index_thread.shutdown()
         super().close()
-
-    def _open(self, dim: int) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
-        meta = self._dir / _META_FILE
-        if not meta.exists():
-            tmp = meta.with_suffix('.tmp')
-            tmp.write_text(json.dumps({'dim': dim}))
-            os.replace(tmp, meta)
-        self._schema = _stored_doc_schema(dim)
-        self._index = HnswDocumentIndex[self._schema](work_dir=str(self._dir))
-        self._dim = dim
-        logger.info('opened a %d-d cosine index with %d documents in %s', dim, self._index.num_docs(), self._dir)
-
-    def _read_saved_dim(self) -> Optional[int]:
-        meta = self._dir / _META_FILE
-        return json.loads(meta.read_text())['dim'] if meta.exists() else None
 
     def _embeddings(self, docs: DocList[FinetunerDoc], role: str) -> np.ndarray:
         """The documents' embeddings as one (n, dim) float32 array; each must be 1-d and of the index's size."""
@@ -216,11 +191,9 @@ class VectorIndexer(Executor):
                 )
         return np.stack([np.asarray(doc.embedding, dtype=np.float32) for doc in docs])
 
-    def _save_graph(self) -> None:
-        # docarray 0.41 saves the hnswlib graph after adding but not after deleting: without this a restart would
-        # bring deleted ids back into the graph (as holes in the results: their rows are gone from SQLite).
-        for column, graph in self._index._hnsw_indices.items():
-            graph.save_index(self._index._hnsw_locations[column])
+
+# jina's own keyword arguments of an Executor; every other one is a backend setting
+_EXECUTOR_KWARGS = ('metas', 'requests', 'runtime_args', 'workspace', 'dynamic_batching')
 
 
 class ShardMerger(Executor):

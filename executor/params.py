@@ -23,7 +23,7 @@ import os
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal, Optional, TypeVar
+from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import numpy as np
 from pydantic import (
@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from executor.indexing.base import FILTER_FIELDS
 from executor.service.store import RUN_ID_PATTERN
 from executor.tuning.artifact import Runtime
 from executor.tuning.config import DATA_FIELDS, EmbedDim, Split, TrainConfig
@@ -394,6 +395,24 @@ class SearchParams(EmbedParams):
     default_prompt: ClassVar[str | None] = QUERY
 
     limit: int = Field(10, ge=1, le=10_000, description='number of matches returned per query')
+    filter: Optional[dict[str, Union[str, list[str]]]] = Field(
+        None,
+        description='only documents whose stored fields match: {"label": "ants"}, or {"label": ["ants", "bees"]} '
+        f'for any of them; several fields must all match. Fields: {", ".join(FILTER_FIELDS)}',
+    )
+
+    @field_validator('filter')
+    @classmethod
+    def _filter_fields(cls, where: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        for field, value in (where or {}).items():
+            if field not in FILTER_FIELDS:
+                raise ValueError(
+                    f'filter on {field!r}{did_you_mean(field, FILTER_FIELDS)}: a filter names stored fields, '
+                    f'one of {", ".join(FILTER_FIELDS)}'
+                )
+            if isinstance(value, list) and not value:
+                raise ValueError(f'filter {field!r} lists no value; give one or more, or leave {field!r} out')
+        return where or None
 
 
 class DeleteParams(EndpointParams):

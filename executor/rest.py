@@ -39,6 +39,7 @@ STATUS_BY_ERROR = {
     'WeightsNotFoundError': 400,  # a model asked for pretrained whose weights are not on the server
     'RunNotFoundError': 404,
     'RequestTooLarge': 413,  # over max_request_docs or max_request_bytes
+    'EngineUnavailable': 503,  # the indexer's engine (Qdrant, Milvus) did not answer; the encoder keeps serving
 }
 # The largest body an HTTP port reads. The executor sets it from its max_request_bytes (its worker's port); a Flow's
 # gateway, which runs no executor, reads FINETUNER_MAX_REQUEST_BYTES (default: the executor's default, 64 MiB).
