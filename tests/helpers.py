@@ -61,6 +61,16 @@ def prompted_folder(root: Path, prompts: dict[str, str]) -> Path:
     return folder
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row (or a single vector) scaled to length 1."""
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def cluster_centers(clusters: int, dim: int) -> np.ndarray:
+    """``(clusters, dim)`` seeded random unit vectors: the centers the indexer tests' documents lie around."""
+    return unit_rows(np.random.default_rng(0).normal(size=(clusters, dim))).astype(np.float32)
+
+
 def captioned_digits(root: Path) -> dict[str, Path]:
     """scikit-learn's digits as PNG files captioned from their labels ('a handwritten seven'): ``train`` (an
     image,caption CSV of digits 0-59), ``query`` (a text,label CSV, one caption per digit) and ``index`` (a uri,label

@@ -25,7 +25,7 @@ from executor.client import ServiceError
 from executor.indexer import VectorIndexer
 from executor.indexing.base import EngineUnavailable
 from executor.indexing.settings import IndexerConfigError
-from tests.helpers import http
+from tests.helpers import cluster_centers, http, unit_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 MILVUS_LITE = str(Path(sys.executable).with_name('milvus-lite'))
@@ -87,13 +87,9 @@ def milvus_port(tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[]
         yield port
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
-
-
 @pytest.fixture(scope='module')
 def centers() -> np.ndarray:
-    return _unit(np.random.default_rng(0).normal(size=(CLUSTERS, DIM))).astype(np.float32)  # (clusters, dim)
+    return cluster_centers(CLUSTERS, DIM)
 
 
 @pytest.fixture(scope='module')
@@ -116,7 +112,7 @@ def corpus(centers: np.ndarray) -> list[dict]:
 def exact(docs: list[dict], query: np.ndarray, k: int, label: str | None = None) -> list[tuple[str, float]]:
     """Brute-force cosine top-k over ``docs`` (with ``label`` only, if given) as (id, similarity), best first."""
     kept = [d for d in docs if label is None or d['label'] == label]
-    similarity = _unit(np.array([d['embedding'] for d in kept])) @ _unit(query)  # (n,)
+    similarity = unit_rows(np.array([d['embedding'] for d in kept])) @ unit_rows(query)  # (n,)
     order = np.argsort(-similarity)[:k]
     return [(kept[i]['id'], float(similarity[i])) for i in order]
 

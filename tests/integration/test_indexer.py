@@ -17,6 +17,7 @@ from jina.excepts import BadServer
 
 from executor.docs import FinetunerDoc, IndexStats, MatchDoc
 from executor.indexer import ShardMerger, VectorIndexer
+from tests.helpers import cluster_centers, unit_rows
 
 DIM = 16
 CLUSTERS = 3
@@ -68,13 +69,9 @@ def serve(protocol: str, workspace: Path, port: int) -> Iterator[Caller]:
         yield Caller(protocol, port)
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
-
-
 @pytest.fixture(scope='module')
 def centers() -> np.ndarray:
-    return _unit(np.random.default_rng(0).normal(size=(CLUSTERS, DIM))).astype(np.float32)  # (clusters, dim)
+    return cluster_centers(CLUSTERS, DIM)
 
 
 @pytest.fixture(scope='module')
@@ -96,8 +93,8 @@ def corpus(centers: np.ndarray) -> list[FinetunerDoc]:
 
 def _exact_neighbours(corpus: list[FinetunerDoc], query: np.ndarray, k: int) -> list[tuple[str, float]]:
     """Brute-force cosine top-k as (id, similarity), best first."""
-    vectors = _unit(np.stack([doc.embedding for doc in corpus]))  # (n, dim)
-    similarity = vectors @ _unit(query)  # (n,)
+    vectors = unit_rows(np.stack([doc.embedding for doc in corpus]))  # (n, dim)
+    similarity = vectors @ unit_rows(query)  # (n,)
     order = np.argsort(-similarity)[:k]
     return [(corpus[i].id, float(similarity[i])) for i in order]
 
