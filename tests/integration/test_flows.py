@@ -387,7 +387,7 @@ def test_dockerfile_runs_jina_as_a_non_root_user_and_copies_only_what_exists():
     assert image['cmd'] == ['--port', '8080', '--workspace', '/workspace']
     assert image['healthcheck'] == ['jina', 'ping', 'executor', 'localhost:8080']
     assert image['copies'] == [
-        (['requirements.txt', 'requirements-trackers.txt', 'requirements.lock'], '/tmp/'),
+        (['requirements.txt', 'requirements-trackers.txt', 'requirements-engines.txt', 'requirements.lock'], '/tmp/'),
         (['executor/'], '/app/executor/'),
         (['config.yml'], '/app/config.yml'),
     ]
