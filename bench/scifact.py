@@ -19,7 +19,8 @@ epochs, seed), all through the service's ``fit`` on a BEIR folder holding only t
 
 Measured (2 cores, load average 3-4; ``--max-seq-length 128``, the learning rate 1e-4 chosen on dev over 2e-5), report
 nDCG@10: pre-trained 0.6366, (i) 0.6432, (ii) 0.6670, (iii) 0.6510, the sentence-transformers loop 0.6683. Row (i)
-trails the loop by 0.025 (0.012 on dev), unexplained as yet: the figure to look into next.
+trails the loop by 0.025 (0.012 on dev); over ``--seed`` 0-2 by 0.006 on report (-0.025 to +0.008) and 0.026 on dev,
+unexplained as yet: the figure to look into next.
 """
 
 from __future__ import annotations
